@@ -1,0 +1,29 @@
+# The CPU path: a virtual environment with the torch build pinned in constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench-loss clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,demo]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/haina demo --workdir runs/demo
+
+test: setup lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench-loss: setup
+	$(PY) -m haina.tools.bench_loss
+
+clean:
+	rm -rf runs build dist *.egg-info

@@ -1,0 +1,1 @@
+"""haina engine: config, model assembly, training loop, checkpoints, metrics, data loading."""

@@ -1,0 +1,269 @@
+"""Typed configuration: YAML files and presets validated into pydantic models, with dotted overrides.
+
+A bad config fails here, before any process group or model exists, with a :class:`ConfigError` whose
+message is one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config; the CLI prints it as one line and exits with status 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_plugin(kind: str, name: str) -> str:
+    import haina.plugins  # noqa: F401  (registers the built-ins)
+    from haina.plugins import registry  # late: plugins import this module for type hints only
+
+    if name not in registry.names(kind):
+        raise ValueError(f"unknown {kind} plugin {name!r}; registered: {', '.join(registry.names(kind))}")
+    return name
+
+
+def swiglu_ffn_size(hidden_size: int) -> int:
+    """Baichuan 2's FFN width: ceil(8/3 * hidden / 128) * 128."""
+    return math.ceil(8 * hidden_size / 3 / 128) * 128
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(125696, gt=0, description="Vocabulary size (rows of the embedding and the head).")
+    hidden_size: int = Field(4096, gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(32, gt=0, description="Number of transformer blocks.")
+    num_heads: int = Field(32, gt=0, description="Attention heads (no grouped-query attention).")
+    ffn_hidden_size: int | None = Field(
+        None, gt=0, description="SwiGLU inner width; default ceil(8/3*hidden/128)*128."
+    )
+    max_seq_len: int = Field(4096, gt=0, description="Longest sequence the position encoding is built for.")
+    norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
+    rope_base: float = Field(10000.0, gt=0, description="RoPE frequency base.")
+    init_std: float = Field(0.02, gt=0, description="Std of the normal initialisation of weight matrices.")
+    position: str = Field("rope", description="position plugin: rope, alibi, or a registered third-party one.")
+    attention: str = Field("sdpa", description="attention kernel plugin.")
+    norm: str = Field("rmsnorm", description="norm plugin.")
+    mlp: str = Field("swiglu", description="mlp plugin.")
+    head: str = Field("normhead", description="output head plugin: normhead (Baichuan 2) or linear.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or swiglu_ffn_size(self.hidden_size)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must divide hidden_size {self.hidden_size}"
+            )
+        return self
+
+    @field_validator("position", "attention", "norm", "mlp", "head")
+    @classmethod
+    def _known_plugin(cls, name: str, info: Any) -> str:
+        return _check_plugin(info.field_name, name)
+
+
+class LossConfig(_Section):
+    terms: dict[str, float] = Field(
+        default_factory=lambda: {"cross_entropy": 1.0, "max_z": 2e-4},
+        description="loss plugins and their coefficients, summed; computed together in sequence chunks.",
+    )
+    chunk_size: int = Field(1024, gt=0, description="Tokens per chunk of the split vocabulary loss.")
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: dict[str, float]) -> dict[str, float]:
+        if not terms:
+            raise ValueError("at least one loss term is needed")
+        for name in terms:
+            _check_plugin("loss", name)
+        return terms
+
+
+class OptimConfig(_Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (7B: 2e-4, 13B: 1.5e-4).")
+    min_lr: float = Field(2e-5, ge=0, description="Floor of the cosine decay (not published; 0.1 x peak).")
+    warmup_steps: int = Field(2000, ge=0, description="Linear warmup steps.")
+    decay_steps: int | None = Field(
+        None, gt=0, description="Steps from the start to the end of the cosine; default train.steps."
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (not published).")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on matrices and embeddings.")
+    clip_grad: float = Field(0.5, gt=0, description="Global gradient-norm clip.")
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} must not exceed lr {self.lr}")
+        return self
+
+
+class DataConfig(_Section):
+    prefixes: list[str] = Field(
+        default_factory=list, description="Megatron indexed datasets (path prefixes of .bin/.idx)."
+    )
+    weights: list[float] | None = Field(None, description="Blend weights, one per prefix; default equal.")
+    blend: str | None = Field(
+        None, description="blend.json from `haina data prepare` (prefixes and weights); instead of prefixes."
+    )
+    tokenizer: str | None = Field(None, description="SentencePiece model file used to make the data.")
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DataConfig:
+        if self.weights is not None and len(self.weights) != len(self.prefixes):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.prefixes)} prefixes")
+        if self.blend is not None and self.prefixes:
+            raise ValueError("give either blend or prefixes, not both")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, gt=0, description="Optimizer steps to train for.")
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    seq_len: int = Field(4096, gt=1, description="Tokens per training sequence.")
+    seed: int = Field(1234, description="Seed of initialisation, data order and dropout.")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16: autocast compute with fp32 master weights; fp32: everything fp32."
+    )
+    log_every: int = Field(10, gt=0, description="Steps between metric records.")
+    save_every: int = Field(1000, gt=0, description="Steps between checkpoints (and one at the end).")
+    run_dir: str = Field("runs/default", description="Run directory: config, metrics, tensorboard, checkpoints.")
+    resume: bool = Field(True, description="Resume from the run directory's latest checkpoint if there is one.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class TokenizerConfig(_Section):
+    vocab_size: int = Field(125696, gt=0, description="Pieces in the SentencePiece BPE model.")
+    character_coverage: float = Field(0.9999, gt=0, le=1, description="Share of characters covered.")
+    max_piece_length: int = Field(32, gt=0, description="Longest piece in characters.")
+    whitespace_pieces: list[int] = Field(
+        default_factory=lambda: [2, 4, 8, 16],
+        description="Run lengths of spaces added as pieces (code indentation), plus tab runs of 1..2.",
+    )
+    user_token: str = Field("<reserved_106>", description="Chat user-role token.")
+    assistant_token: str = Field("<reserved_107>", description="Chat assistant-role token.")
+    input_sentence_size: int = Field(2_000_000, gt=0, description="Sentences sampled for training.")
+    seed: int = Field(1234, description="Seed of sentence sampling.")
+
+
+class HainaConfig(_Section):
+    algorithm: str = Field("pretrain", description="algorithm plugin that turns a batch into a loss.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model shape and components.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        return _check_plugin("algorithm", name)
+
+    @model_validator(mode="after")
+    def _seq_fits(self) -> HainaConfig:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def preset_names() -> list[str]:
+    folder = resources.files("haina.core") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif source in preset_names():
+        text = (resources.files("haina.core") / "presets" / f"{source}.yaml").read_text(encoding="utf-8")
+    else:
+        raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is read as YAML (so 2, 1e-4, true, [1,2])."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = HainaConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        return f"{where}: unknown key; allowed: {', '.join(allowed)}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] not in ("value_error", "assertion_error"):
+        message = f"{message} (got {first.get('input')!r})"
+    return f"{where}: {message}"
+
+
+def build_config(data: dict[str, Any]) -> HainaConfig:
+    try:
+        return HainaConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> HainaConfig:
+    """Read a YAML file or preset, apply dotted overrides, validate."""
+    data = _read_yaml(source) if source else {}
+    for override in overrides:
+        apply_override(data, override)
+    return build_config(data)
+
+
+def dump_config(config: HainaConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,68 @@
+"""Run metrics: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from haina.core.config import ModelConfig
+
+# Dense bf16 peak TFLOPS by device-name fragment, for MFU; unknown devices (CPUs) report no MFU.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x matmul parameters plus the attention score terms."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    matmul_params = layers * (4 * h * h + 3 * h * cfg.ffn_size) + cfg.vocab_size * h
+    attention = 12 * layers * h * seq_len / 2  # causal: half the score matrix
+    return 6 * matmul_params + attention
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+class MetricsWriter:
+    """Appends to metrics.jsonl (kept across resumes) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,137 @@
+"""The Baichuan 2-style decoder, assembled from plugins named in :class:`ModelConfig`.
+
+Parameter names follow the released Baichuan 2 checkpoints (``embed_tokens``, ``layers.N.self_attn.W_pack``,
+``o_proj``, ``mlp.gate_proj`` ...), so weights map one to one. :meth:`Transformer.forward` returns the final
+hidden states, not logits: the loss multiplies them with ``head.effective_weight()`` in chunks so the
+[tokens, 125,696] logits never exist whole.
+
+Big models are built on the meta device and materialized with ``model.to_empty(device=...)`` followed by
+``model.init_weights()`` (which also refills derived buffers such as the ALiBi slopes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from haina.core.config import ModelConfig
+from haina.plugins import registry
+
+# Linear layers that write into the residual stream; their init is scaled down with depth.
+RESIDUAL_OUTPUTS: tuple[str, ...] = ("o_proj", "down_proj")
+
+
+def build_plugin(kind: str, name: str, cfg: ModelConfig) -> nn.Module:
+    """Construct the registered ``kind`` plugin ``name`` as ``Plugin(cfg)``."""
+    module = registry.get(kind, name)(cfg)
+    if not isinstance(module, nn.Module):
+        raise registry.PluginError(f"{kind} plugin {name!r} built a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: packed QKV projection, position plugin, kernel plugin, output projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.hidden_size = cfg.hidden_size
+        # Q;K;V stacked in that order along the output dimension, as in the released checkpoints.
+        self.W_pack = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.kernel = build_plugin("attention", cfg.attention, cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        bias: torch.Tensor | None,
+        position: nn.Module,
+    ) -> torch.Tensor:
+        """x [b, s, hidden] -> [b, s, hidden]; ``position`` is the model's shared position plugin."""
+        b, s, _ = x.shape
+        qkv = self.W_pack(x).view(b, s, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, s, head_dim]
+        q, k = position(q, k, positions)
+        out = self.kernel(q, k, v, bias)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.hidden_size))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = build_plugin("norm", cfg.norm, cfg)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = build_plugin("norm", cfg.norm, cfg)
+        self.mlp = build_plugin("mlp", cfg.mlp, cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        bias: torch.Tensor | None,
+        position: nn.Module,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, bias, position)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """Embedding, ``num_layers`` blocks, final norm, and an (untied) output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # One position module for all layers: it owns the (derived) RoPE/ALiBi state, and the bias is
+        # built once per forward rather than once per layer. Blocks receive it as an argument.
+        self.position = build_plugin("position", cfg.position, cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = build_plugin("norm", cfg.norm, cfg)
+        self.head = build_plugin("head", cfg.head, cfg)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] -> final-normed hidden states [b, s, hidden]; positions default to 0..s-1."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[-1], device=tokens.device)
+        bias = self.position.bias(positions, positions)
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, bias, self.position)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits [b, s, vocab]; for tests and generation (training uses the chunked loss)."""
+        return self.head(hidden)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every weight from the current torch RNG (no seeding here; the caller seeds).
+
+        Linear and embedding weights ~ normal(0, init_std). The residual-output projections (o_proj,
+        down_proj) get std / sqrt(2 * num_layers): the stream is a sum of 2 * num_layers branch outputs, so
+        this keeps its variance at init independent of depth (the GPT-2 / Megatron scaled init). Every
+        other module with ``reset_parameters`` (norms -> ones, heads -> normal, ALiBi slopes) resets itself.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if module is self:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                leaf = name.rsplit(".", 1)[-1]
+                module.weight.normal_(0.0, out_std if leaf in RESIDUAL_OUTPUTS else std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (shared tensors counted once); works on the meta device."""
+    return sum(p.numel() for p in model.parameters())

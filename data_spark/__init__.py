@@ -1,0 +1,1 @@
+"""Data preparation: tokenization to Megatron .bin/.idx (and the Spark job)."""

@@ -1,0 +1,59 @@
+"""The ``pretrain`` algorithm: next-token prediction on packed sequences with the configured loss terms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from haina.plugins.registry import register
+
+if TYPE_CHECKING:
+    from haina.core.config import HainaConfig
+    from haina.core.data import PretrainBatches
+    from haina.plugins.loss import LossOutput
+
+BAICHUAN_EOS_ID = 2
+
+
+def eos_id_of(tokenizer_model: str | None) -> int:
+    """The data's document separator: the tokenizer's eos, or Baichuan's id 2 when none is named."""
+    if tokenizer_model is None:
+        return BAICHUAN_EOS_ID
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=tokenizer_model).eos_id()
+
+
+@register("algorithm", "pretrain")
+class Pretrain:
+    """Causal language modelling; the loss is computed from hidden states in chunks (no full logits)."""
+
+    def __init__(self, cfg: HainaConfig) -> None:
+        self.terms = dict(cfg.loss.terms)
+        self.chunk_size = cfg.loss.chunk_size
+
+    def batches(self, cfg: HainaConfig, run_dir: Path) -> PretrainBatches:
+        from haina.core.data import PretrainBatches
+
+        tcfg = cfg.train
+        return PretrainBatches(
+            cfg.data,
+            seq_len=tcfg.seq_len,
+            micro_batch_size=tcfg.micro_batch_size,
+            num_samples=tcfg.steps * tcfg.grad_accum_steps * tcfg.micro_batch_size,
+            seed=tcfg.seed,
+            eod=eos_id_of(cfg.data.tokenizer),
+            vocab_size=cfg.model.vocab_size,
+            cache_dir=run_dir / "data_cache",
+        )
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> LossOutput:
+        from haina.plugins.loss import chunked_lm_loss
+
+        tokens, labels = (t.to(next(model.parameters()).device) for t in batch)
+        hidden = model(tokens)
+        return chunked_lm_loss(
+            hidden.flatten(0, 1), model.head.effective_weight(), labels.flatten(), self.terms, self.chunk_size
+        )

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny tokenized dataset and configs small enough for one CPU core."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from haina.core.config import HainaConfig, load_config
+
+EOS = 2
+
+
+def write_indexed(prefix: Path, documents: list[list[int]]) -> Path:
+    """Write documents (each followed by eos) with megatron-core's builder, as `haina data tokenize` does."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for doc in documents:
+        builder.add_document(torch.tensor(doc + [EOS], dtype=torch.int64), [len(doc) + 1])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~40k tokens of documents with learnable structure (repeated n-gram patterns), vocab 512."""
+    rng = np.random.default_rng(0)
+    patterns = [rng.integers(3, 512, size=int(rng.integers(4, 12))).tolist() for _ in range(40)]
+    docs = []
+    for _ in range(400):
+        doc: list[int] = []
+        while len(doc) < int(rng.integers(20, 180)):
+            doc += patterns[int(rng.integers(len(patterns)))]
+        docs.append(doc)
+    return write_indexed(tmp_path_factory.mktemp("data") / "tiny", docs)
+
+
+def tiny_config(run_dir: Path, data: Path, *overrides: str) -> HainaConfig:
+    return load_config(
+        "tiny",
+        [f"train.run_dir={json.dumps(str(run_dir))}", f"data.prefixes=[{json.dumps(str(data))}]", *overrides],
+    )

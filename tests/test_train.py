@@ -1,0 +1,121 @@
+"""The single-process training loop: run directory, schedule, accumulation, precision, exact resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from haina.core.checkpoint import latest_checkpoint
+from haina.core.config import OptimConfig, build_config
+from haina.core.metrics import read_metrics
+from haina.core.optim import lr_at
+from haina.core.train import train
+from tests.conftest import tiny_config
+
+
+def test_run_directory_and_metrics(tmp_path: Path, tiny_data: Path) -> None:
+    cfg = tiny_config(tmp_path / "run", tiny_data)
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert build_config(yaml.safe_load((run / "config.yaml").read_text())) == cfg
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert {"step", "loss", "lm_loss", "max_z_loss", "grad_norm", "lr", "tokens_per_s"} <= set(r)
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["max_z_loss"], rel=1e-6)
+        assert r["max_z_loss"] > 0 and math.isfinite(r["grad_norm"])
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert result.final_loss == records[-1]["loss"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_8"
+    assert (run / "checkpoints" / "step_4").is_dir()
+
+
+def test_resume_is_exact(tmp_path: Path, tiny_data: Path) -> None:
+    """2N steps in one run == N steps, a new process state, then N more, bit for bit in fp32."""
+    common = ("optim.decay_steps=8", "train.save_every=4")
+    straight = train(tiny_config(tmp_path / "a", tiny_data, "train.steps=8", *common))
+    train(tiny_config(tmp_path / "b", tiny_data, "train.steps=4", *common))
+    torch.manual_seed(999)  # disturb the global RNG: the checkpoint must restore it
+    resumed = train(tiny_config(tmp_path / "b", tiny_data, "train.steps=8", *common))
+    assert [r["step"] for r in resumed.records] == [5, 6, 7, 8]
+    losses_a = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "a")]
+    losses_b = [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "b")]
+    assert losses_a == losses_b
+    assert straight.final_loss == resumed.final_loss
+
+
+def test_gradient_accumulation_matches_bigger_batch(tmp_path: Path, tiny_data: Path) -> None:
+    big = train(tiny_config(tmp_path / "big", tiny_data, "train.steps=3", "train.micro_batch_size=4"))
+    acc = train(
+        tiny_config(tmp_path / "acc", tiny_data, "train.steps=3", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    )
+    for r_big, r_acc in zip(big.records, acc.records, strict=True):
+        assert r_acc["loss"] == pytest.approx(r_big["loss"], rel=1e-5)
+        assert r_acc["grad_norm"] == pytest.approx(r_big["grad_norm"], rel=1e-4)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path, tiny_data: Path) -> None:
+    from haina.core.checkpoint import load_checkpoint
+    from haina.core.train import build_model
+
+    cfg = tiny_config(tmp_path / "bf16", tiny_data, "train.precision=bf16", "train.steps=3")
+    result = train(cfg)
+    assert all(math.isfinite(r["loss"]) for r in result.records)
+    model = build_model(cfg, torch.device("cpu"))
+    load_checkpoint(latest_checkpoint(tmp_path / "bf16" / "checkpoints"), model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_warmup_then_cosine_to_min() -> None:
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    lrs = [lr_at(s, cfg, total_steps=110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(500, cfg, 110) == pytest.approx(0.1)
+
+
+def test_norm_gains_are_not_decayed() -> None:
+    from haina.core.config import ModelConfig
+    from haina.core.model import Transformer
+    from haina.core.optim import param_groups
+
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, max_seq_len=16))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert any(p is model.embed_tokens.weight for p in decay["params"])
+    assert any(p is model.norm.weight for p in no_decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_blend_file_feeds_the_blended_dataset(tmp_path: Path, tiny_data: Path) -> None:
+    import json
+
+    from haina.core.config import ConfigError
+    from haina.core.data import resolve_blend
+    from tests.conftest import write_indexed
+
+    write_indexed(tmp_path / "shards" / "other", [[7, 8, 9] * 30] * 50)
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"datasets": [
+        {"prefix": "shards/other", "weight": 0.25}, {"prefix": str(tiny_data), "weight": 0.75},
+    ]}))
+    cfg = build_config({"data": {"blend": str(blend)}})
+    prefixes, weights = resolve_blend(cfg.data)
+    assert prefixes == [str(tmp_path / "shards" / "other"), str(tiny_data)] and weights == [0.25, 0.75]
+
+    run = tiny_config(tmp_path / "run", tiny_data, "train.steps=2", "data.prefixes=[]", f"data.blend={blend}")
+    assert train(run).steps == 2
+
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a blend file"):
+        resolve_blend(build_config({"data": {"blend": str(tmp_path / "bad.json")}}).data)
+    with pytest.raises(ConfigError, match="either blend or prefixes"):
+        build_config({"data": {"blend": "x.json", "prefixes": ["y"]}})

@@ -1,0 +1,1 @@
+"""Tools: tokenizer training, benchmarks, demo corpus."""
