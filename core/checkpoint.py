@@ -13,14 +13,22 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from haina.core.distributed import is_main_process
 
@@ -58,21 +66,61 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _gather_state(
+    parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+) -> dict[str, dict[str, Any]]:
+    """One flat, FQN-keyed model and optimizer state over all of this rank's model parts.
+
+    Keys are the full model's parameter names whatever the layout (pipeline stages keep them), so a
+    checkpoint written under one layout loads under another.
+    """
+    model_state: dict[str, Any] = {}
+    optim_state: dict[str, Any] = {}
+    for i, part in enumerate(parts):
+        if optimizers:
+            m, o = get_state_dict(part, optimizers[i], options=_OPTIONS)
+            optim_state.update(o)
+        else:
+            m = get_model_state_dict(part, options=_OPTIONS)
+        model_state.update(m)
+    state: dict[str, dict[str, Any]] = {"model": model_state}
+    if optimizers:
+        state["optim"] = optim_state
+    return state
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def save_checkpoint(
-    checkpoint_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer: TrainerState
+    checkpoint_root: Path,
+    parts: nn.Module | Sequence[nn.Module],
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    trainer: TrainerState,
 ) -> Path:
-    """Write ``step_N`` and then point ``latest`` at it."""
+    """Write ``step_N`` (collectively, every rank) and then point ``latest`` at it."""
     step_dir = checkpoint_root / f"step_{trainer.step}"
     if is_main_process() and step_dir.exists():
         shutil.rmtree(step_dir)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    if dist.is_initialized():
+        dist.barrier()
+    state = _gather_state(_as_list(parts), _as_list(optimizers))
+    state["rng"] = _rng_state()
     with _single_process_quiet():
-        dcp.save({"model": model_state, "optim": optim_state, "rng": _rng_state()}, checkpoint_id=str(step_dir))
+        dcp.save(state, checkpoint_id=str(step_dir))
     if is_main_process():
         (step_dir / TRAINER_STATE).write_text(json.dumps(asdict(trainer)))
         tmp = checkpoint_root / f".{LATEST}.tmp"
         tmp.write_text(step_dir.name)
         os.replace(tmp, checkpoint_root / LATEST)
+    if dist.is_initialized():
+        dist.barrier()
     return step_dir
 
 
@@ -85,19 +133,25 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 
 
 def load_checkpoint(
-    step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    step_dir: Path,
+    parts: nn.Module | Sequence[nn.Module],
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
 ) -> TrainerState:
-    """Load in place (model and, if given, optimizer and RNG) and return the trainer state."""
-    if optimizer is not None:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state, "rng": _rng_state()}
-    else:
-        state = {"model": get_state_dict(model, [])[0]}
+    """Load in place (model parts and, if given, optimizers and RNG); return the trainer state."""
+    parts, optimizers = _as_list(parts), _as_list(optimizers)
+    state = _gather_state(parts, optimizers)
+    if optimizers:
+        state["rng"] = _rng_state()
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(step_dir))
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for i, part in enumerate(parts):
+        if optimizers:
+            set_state_dict(
+                part, optimizers[i], model_state_dict=state["model"], optim_state_dict=state["optim"],
+                options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False),
+            )
+        else:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+    if optimizers:
         _set_rng_state(state["rng"])
-    else:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
     return TrainerState(**json.loads((step_dir / TRAINER_STATE).read_text()))

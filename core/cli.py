@@ -75,12 +75,38 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--nproc-per-node N`` on one machine: check the layout here, then let torchrun start N workers."""
+    import os
+    import subprocess
+
+    from haina.core.parallel.mesh import resolve_layout
+
+    resolve_layout(_config(args), args.nproc_per_node)
+    forwarded = [a for a in argv if not a.startswith("--nproc-per-node")]
+    if "--nproc-per-node" in argv:  # the separate-value form
+        i = list(argv).index("--nproc-per-node")
+        forwarded = list(argv[:i]) + list(argv[i + 2 :])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+        "-m", "haina.core.cli", *forwarded,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(command, env=env).returncode
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args, args.argv)
+    from haina.core.distributed import is_main_process
     from haina.core.train import train
 
     cfg = _config(args)
     result = train(cfg)
-    print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; run directory {result.run_dir}")
+    if is_main_process():
+        print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; run directory {result.run_dir}")
     return 0
 
 
@@ -122,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-key", default="text")
     p.set_defaults(func=cmd_data_tokenize, bad_input=BAD_FILE_INPUT)
 
-    p = sub.add_parser("pretrain", help="pre-train a model")
+    p = sub.add_parser("pretrain", help="pre-train a model (under torchrun, or --nproc-per-node N)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="start torchrun with N workers on this machine")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain, bad_input=BAD_INPUT)
 
@@ -134,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -152,7 +181,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(run)())
 
 
 if __name__ == "__main__":

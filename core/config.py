@@ -135,8 +135,12 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     steps: int = Field(1000, gt=0, description="Optimizer steps to train for.")
-    micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass.")
-    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass on one data-parallel rank.")
+    global_batch_size: int | None = Field(
+        None, gt=0,
+        description="Sequences per optimizer step over all ranks; default micro_batch_size x data-parallel "
+        "size. The rest is gradient accumulation (pipeline microbatches under pp).",
+    )
     seq_len: int = Field(4096, gt=1, description="Tokens per training sequence.")
     seed: int = Field(1234, description="Seed of initialisation, data order and dropout.")
     precision: Literal["bf16", "fp32"] = Field(
@@ -147,6 +151,31 @@ class TrainConfig(_Section):
     run_dir: str = Field("runs/default", description="Run directory: config, metrics, tensorboard, checkpoints.")
     resume: bool = Field(True, description="Resume from the run directory's latest checkpoint if there is one.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(1, gt=0, description="Tensor-parallel size (innermost mesh dimension, inside a node).")
+    pp: int = Field(1, gt=0, description="Pipeline-parallel stages.")
+    dp_replicate: int = Field(1, gt=0, description="Data-parallel replicas (HSDP's outer dimension).")
+    dp_shard: int = Field(-1, description="FSDP2 shard group size; -1 = the rest of the world size.")
+    sequence_parallel: bool = Field(True, description="Shard norms' activations by sequence under tp.")
+    reshard_after_forward: bool = Field(
+        True, description="FSDP2: free gathered parameters after forward (ZeRO-3); false = ZeRO-2-like."
+    )
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "zero_bubble"] = Field(
+        "1f1b", description="Pipeline schedule."
+    )
+    pp_virtual_stages: int = Field(1, gt=0, description="Model chunks per pipeline rank (interleaved).")
+    activation_checkpoint: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute activations: none, every block, or the attention core only."
+    )
+
+    @field_validator("dp_shard")
+    @classmethod
+    def _shard_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError(f"must be -1 (the rest) or a positive size, got {value}")
+        return value
 
 
 class TokenizerConfig(_Section):
@@ -170,6 +199,7 @@ class HainaConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallel layout.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
 
     @field_validator("algorithm")

@@ -17,6 +17,10 @@ import torch
 
 from haina.core.config import ConfigError, DataConfig
 
+# megatron-core announces at import that Transformer Engine and apex are absent; haina uses neither there.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
+
 IGNORE_INDEX = -100
 
 

@@ -34,7 +34,7 @@ class Pretrain:
         self.terms = dict(cfg.loss.terms)
         self.chunk_size = cfg.loss.chunk_size
 
-    def batches(self, cfg: HainaConfig, run_dir: Path) -> PretrainBatches:
+    def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> PretrainBatches:
         from haina.core.data import PretrainBatches
 
         tcfg = cfg.train
@@ -42,7 +42,7 @@ class Pretrain:
             cfg.data,
             seq_len=tcfg.seq_len,
             micro_batch_size=tcfg.micro_batch_size,
-            num_samples=tcfg.steps * tcfg.grad_accum_steps * tcfg.micro_batch_size,
+            num_samples=num_samples,
             seed=tcfg.seed,
             eod=eos_id_of(cfg.data.tokenizer),
             vocab_size=cfg.model.vocab_size,
@@ -50,10 +50,13 @@ class Pretrain:
         )
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> LossOutput:
+        tokens, labels = (t.to(next(model.parameters()).device) for t in batch)
+        return self.loss_from_hidden(model, model(tokens), labels)
+
+    def loss_from_hidden(self, model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """The loss from final hidden states; a pipeline's last stage calls this with its own module."""
         from haina.plugins.loss import chunked_lm_loss
 
-        tokens, labels = (t.to(next(model.parameters()).device) for t in batch)
-        hidden = model(tokens)
         return chunked_lm_loss(
             hidden.flatten(0, 1), model.head.effective_weight(), labels.flatten(), self.terms, self.chunk_size
         )

@@ -52,7 +52,7 @@ def test_resume_is_exact(tmp_path: Path, tiny_data: Path) -> None:
 def test_gradient_accumulation_matches_bigger_batch(tmp_path: Path, tiny_data: Path) -> None:
     big = train(tiny_config(tmp_path / "big", tiny_data, "train.steps=3", "train.micro_batch_size=4"))
     acc = train(
-        tiny_config(tmp_path / "acc", tiny_data, "train.steps=3", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+        tiny_config(tmp_path / "acc", tiny_data, "train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4")
     )
     for r_big, r_acc in zip(big.records, acc.records, strict=True):
         assert r_acc["loss"] == pytest.approx(r_big["loss"], rel=1e-5)

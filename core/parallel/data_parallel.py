@@ -1,0 +1,38 @@
+"""Sharded data parallelism with FSDP2: ZeRO-3, ZeRO-2-like and HSDP, from one function.
+
+Each block is its own FSDP unit (gathered just before it runs, freed after unless
+``reshard_after_forward`` is off); the root unit holds embedding, final norm and head. Parameters stay
+fp32 (the master copy); under bf16 they are gathered in bf16 for compute and gradients are reduced in
+fp32, which is the recipe's "BF16 with FP32 where it matters".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from haina.core.parallel.mesh import Layout
+
+
+def dp_mesh(mesh: DeviceMesh, layout: Layout) -> DeviceMesh | None:
+    """The mesh FSDP2 shards over: 2-D (replicate, shard) for HSDP, 1-D otherwise; None without dp."""
+    if layout.dp == 1:
+        return None
+    if layout.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, bf16: bool, reshard_after_forward: bool) -> None:
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32, output_dtype=None
+    )
+    layers = getattr(model, "layers", None)
+    blocks = layers.values() if isinstance(layers, nn.ModuleDict) else (layers or [])
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root's parameters (embedding, norm, head) are needed again right after the forward by the
+    # loss and at the start of backward, so they are never freed in between.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

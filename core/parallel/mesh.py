@@ -1,0 +1,87 @@
+"""The parallel layout: sizes resolved against the world size, checked, and turned into one DeviceMesh.
+
+Mesh dimensions, outermost first: ``pp``, ``dp_replicate``, ``dp_shard``, ``tp`` — ``tp`` innermost so
+consecutive ranks (one node's GPUs) form a tensor-parallel group, as in Baichuan 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from haina.core.config import ConfigError, HainaConfig
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved sizes; ``grad_accum`` micro-batches per rank and step (the pipeline's microbatches)."""
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    grad_accum: int
+    global_batch_size: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def describe(self) -> str:
+        return " x ".join(f"{name}={getattr(self, name)}" for name in MESH_DIMS)
+
+
+def resolve_layout(cfg: HainaConfig, world_size: int) -> Layout:
+    """Fill in ``dp_shard=-1`` and check that the layout can work, in one line per problem."""
+    p, m = cfg.parallel, cfg.model
+    fixed = p.tp * p.pp * p.dp_replicate
+    if p.dp_shard == -1:
+        if world_size % fixed:
+            raise ConfigError(
+                f"parallel: tp*pp*dp_replicate = {fixed} does not divide the world size {world_size}"
+            )
+        dp_shard = world_size // fixed
+    else:
+        dp_shard = p.dp_shard
+        if fixed * dp_shard != world_size:
+            raise ConfigError(
+                f"parallel: tp*pp*dp_replicate*dp_shard = {fixed * dp_shard} but the world size is {world_size}"
+            )
+    if m.num_heads % p.tp:
+        raise ConfigError(f"parallel.tp: {p.tp} does not divide model.num_heads {m.num_heads}")
+    if m.vocab_size % p.tp:
+        raise ConfigError(f"parallel.tp: {p.tp} does not divide model.vocab_size {m.vocab_size}")
+    stages = p.pp * p.pp_virtual_stages
+    if m.num_layers < stages:
+        raise ConfigError(
+            f"parallel: {stages} pipeline stages (pp x pp_virtual_stages) for only {m.num_layers} layers"
+        )
+    if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
+        raise ConfigError("parallel.pp_virtual_stages: interleaved_1f1b needs at least 2 stages per rank")
+    dp = p.dp_replicate * dp_shard
+    gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp
+    per_step = cfg.train.micro_batch_size * dp
+    if gbs % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {gbs} is not a multiple of micro_batch_size x data-parallel size = {per_step}"
+        )
+    grad_accum = gbs // per_step
+    if p.pp > 1 and grad_accum < p.pp:
+        raise ConfigError(
+            f"train.global_batch_size: {grad_accum} pipeline microbatches per step is fewer than pp={p.pp}; "
+            f"raise global_batch_size to at least {p.pp * per_step}"
+        )
+    return Layout(p.pp, p.dp_replicate, dp_shard, p.tp, grad_accum, gbs)
+
+
+def build_mesh(layout: Layout, device_type: str) -> DeviceMesh:
+    return init_device_mesh(
+        device_type, (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp), mesh_dim_names=MESH_DIMS
+    )
