@@ -91,19 +91,25 @@ class Transformer(nn.Module):
         # One position module for all layers: it owns the (derived) RoPE/ALiBi state, and the bias is
         # built once per forward rather than once per layer. Blocks receive it as an argument.
         self.position = build_plugin("position", cfg.position, cfg)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # A dict keyed "0".."L-1" rather than a list: a pipeline stage deletes the layers it does not own
+        # and the survivors keep their names (layers.N...), so checkpoints reshard across layouts.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
         self.norm = build_plugin("norm", cfg.norm, cfg)
         self.head = build_plugin("head", cfg.head, cfg)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s] -> final-normed hidden states [b, s, hidden]; positions default to 0..s-1."""
+        """tokens [b, s] -> final-normed hidden states [b, s, hidden]; positions default to 0..s-1.
+
+        A pipeline stage without the embedding takes hidden states [b, s, hidden] instead of tokens, and
+        one without the final norm returns its last block's output.
+        """
         if positions is None:
-            positions = torch.arange(tokens.shape[-1], device=tokens.device)
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         bias = self.position.bias(positions, positions)
-        h = self.embed_tokens(tokens)
-        for layer in self.layers:
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        for layer in self.layers.values():
             h = layer(h, positions, bias, self.position)
-        return self.norm(h)
+        return self.norm(h) if self.norm is not None else h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [b, s, vocab]; for tests and generation (training uses the chunked loss)."""

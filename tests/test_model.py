@@ -275,7 +275,7 @@ def test_init_weights_scales_residual_outputs() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights()
-    layer = model.layers[0]
+    layer = model.layers["0"]
     scaled = 0.02 / math.sqrt(2 * 8)
     assert layer.self_attn.W_pack.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert layer.mlp.gate_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)

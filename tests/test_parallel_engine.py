@@ -14,7 +14,10 @@ from haina.core.config import ConfigError, load_config
 from haina.core.parallel.mesh import resolve_layout
 from tests.parallel_helpers import max_rel_diff, run_pretrain
 
-STEPS = ("train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=4")
+STEPS = (
+    "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=4",
+    "model.num_layers=4",
+)
 
 # name -> (processes, overrides)
 LAYOUTS = {
@@ -23,6 +26,9 @@ LAYOUTS = {
     "dp_replicate=2 x dp_shard=2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     "dp_shard=2 full AC": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"]),
     "1 proc selective AC": (1, ["parallel.activation_checkpoint=selective"]),
+    "pp=2 1f1b": (2, ["parallel.pp=2"]),
+    "pp=2 interleaved x2": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
+    "pp=2 x dp_shard=2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),
 }
 
 
@@ -45,7 +51,7 @@ def test_layout_matches_one_process(layout: str, reference, tmp_path: Path, tiny
 
 @pytest.mark.timeout(600)
 def test_checkpoint_reshards_between_layouts(tmp_path: Path, tiny_data: Path) -> None:
-    """Saved under dp_shard=2, resumed in one process (and the reverse): the next steps match."""
+    """Saved under dp_shard=2 / one process / pp=2, resumed under another layout: the next steps match."""
     steps = (*STEPS, "train.save_every=2", "train.log_every=1")
     straight = run_pretrain(tmp_path / "straight", tiny_data, 1, *steps)
 
@@ -54,7 +60,9 @@ def test_checkpoint_reshards_between_layouts(tmp_path: Path, tiny_data: Path) ->
     resumed = run_pretrain(tmp_path / "a", tiny_data, 1, *steps)
     run_pretrain(tmp_path / "b", tiny_data, 1, *steps, *half)
     resumed_sharded = run_pretrain(tmp_path / "b", tiny_data, 2, *steps, "parallel.dp_shard=2")
-    for records in (resumed, resumed_sharded):
+    run_pretrain(tmp_path / "c", tiny_data, 2, *steps, "parallel.pp=2", *half)
+    resumed_from_pipeline = run_pretrain(tmp_path / "c", tiny_data, 2, *steps, "parallel.dp_shard=2")
+    for records in (resumed, resumed_sharded, resumed_from_pipeline):
         assert [r["step"] for r in records] == [1, 2, 3, 4]
         assert max_rel_diff(straight, records, "loss") < 1e-5
 
@@ -81,3 +89,37 @@ def test_layout_fills_dp_shard_and_accumulation() -> None:
     layout = resolve_layout(load_config("tiny", ["parallel.tp=2", "train.global_batch_size=8"]), 8)
     assert (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp) == (1, 1, 4, 2)
     assert layout.grad_accum == 1 and layout.world_size == 8
+
+
+def test_pipeline_stages_keep_full_model_names() -> None:
+    from haina.core.config import ModelConfig
+    from haina.core.model import Transformer
+    from haina.core.parallel.pipeline import stage_indices, stage_layer_ranges, stage_module
+
+    assert stage_layer_ranges(4, 2) == [range(0, 2), range(2, 4)]
+    assert stage_layer_ranges(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert stage_layer_ranges(5, 4)[-1] == range(4, 5)
+    assert stage_indices(1, 2, 2) == [1, 3]
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=2, max_seq_len=16))
+    first = stage_module(model, range(0, 2), first=True, last=False)
+    last = stage_module(model, range(2, 4), first=False, last=True)
+    full = set(model.state_dict())
+    assert set(first.state_dict()) | set(last.state_dict()) == full
+    assert not set(first.state_dict()) & set(last.state_dict())
+    assert "layers.2.mlp.down_proj.weight" in last.state_dict() and last.embed_tokens is None
+    assert first.head is None and first.norm is None
+
+
+def test_zero_bubble_refused_in_one_line(tmp_path: Path, tiny_data: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "haina.core.cli", "pretrain", "--nproc-per-node", "2", "--config", "tiny",
+         "parallel.pp=2", "parallel.pp_schedule=zero_bubble", f"train.run_dir={tmp_path}",
+         f"data.prefixes=[{tiny_data}]", *STEPS],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "zero_bubble splits backward into input and weight passes" in proc.stdout + proc.stderr

@@ -63,6 +63,11 @@ def resolve_layout(cfg: HainaConfig, world_size: int) -> Layout:
         raise ConfigError(
             f"parallel: {stages} pipeline stages (pp x pp_virtual_stages) for only {m.num_layers} layers"
         )
+    if p.pp > 1 and p.pp_schedule == "zero_bubble":
+        raise ConfigError(
+            "parallel.pp_schedule: zero_bubble splits backward into input and weight passes, which the "
+            "chunked loss (gradients computed in forward) does not support; use 1f1b or interleaved_1f1b"
+        )
     if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
         raise ConfigError("parallel.pp_virtual_stages: interleaved_1f1b needs at least 2 stages per rank")
     dp = p.dp_replicate * dp_shard
