@@ -114,7 +114,7 @@ def test_alibi_bias_is_slope_times_distance_with_causal_mask() -> None:
 def test_alibi_bias_reaches_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model(position="alibi")
     seen: list[torch.Tensor | None] = []
-    for layer in model.layers:
+    for layer in model.layers.values():
         kernel = layer.self_attn.kernel
         original = kernel.forward
 
