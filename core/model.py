@@ -12,6 +12,7 @@ Big models are built on the meta device and materialized with ``model.to_empty(d
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,12 +53,34 @@ class Attention(nn.Module):
         position: nn.Module,
     ) -> torch.Tensor:
         """x [b, s, hidden] -> [b, s, hidden]; ``position`` is the model's shared position plugin."""
-        b, s, _ = x.shape
-        qkv = self.W_pack(x).view(b, s, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, s, head_dim]
+        # Head count from the projection's width, not the config: under tensor parallelism W_pack yields
+        # only this rank's heads (Q_r;K_r;V_r) and o_proj takes only their outputs.
+        qkv = self.W_pack(x)
+        b, s, _ = qkv.shape
+        q, k, v = qkv.view(b, s, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, s, d]
         q, k = position(q, k, positions)
         out = self.kernel(q, k, v, bias)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.hidden_size))
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Q;K;V column-parallel by heads, o_proj row-parallel; under SP the input is gathered first and
+        the output reduce-scattered back to sequence shards (see haina.core.parallel.tensor_parallel)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel
+
+        from haina.core.parallel.tensor_parallel import PackedColwiseParallel
+
+        plan: dict[str, Any] = {
+            "W_pack": PackedColwiseParallel(blocks=3),
+            "o_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
+        }
+        if sequence_parallel:
+            plan[""] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
+                use_local_output=True,
+            )
+        return plan
 
 
 class Block(nn.Module):

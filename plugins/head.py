@@ -7,7 +7,7 @@ the full [tokens, vocab] logits never exist at once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,12 @@ class LinearHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.effective_weight())
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Rows split by vocabulary; effective_weight() of a subclass must be row-local (NormHead's is)."""
+        from haina.core.parallel.tensor_parallel import VocabParallelHead
+
+        return {"": VocabParallelHead()}
 
     def extra_repr(self) -> str:
         return f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -35,8 +36,10 @@ __all__ = [
     "MaxZLoss",
     "RowGrad",
     "ZLoss",
+    "VocabShard",
     "chunked_lm_loss",
     "naive_lm_loss",
+    "vocab_shard_of",
 ]
 
 
@@ -174,6 +177,39 @@ def naive_lm_loss(
     return LossOutput(total, parts)
 
 
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows [start, start + rows) of a vocabulary split evenly over the tp ``group``."""
+
+    group: dist.ProcessGroup
+    start: int
+
+
+def vocab_shard_of(weight: Tensor) -> tuple[Tensor, VocabShard | None]:
+    """(local rows, their place) of a head weight: a DTensor Shard(0) on a 1-D tp mesh, or a plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return weight, None
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(
+            f"vocabulary-parallel loss wants the head weight as Shard(0) on a 1-D tp mesh, got "
+            f"{tuple(weight.placements)} on a {mesh.ndim}-D mesh"
+        )
+    local = weight.to_local()
+    if local.shape[0] * mesh.size() != weight.shape[0]:
+        raise ValueError(f"vocabulary {weight.shape[0]} is not split evenly over tp={mesh.size()}")
+    return local, VocabShard(mesh.get_group(), mesh.get_local_rank() * local.shape[0])
+
+
+def _gather_vocab(logits: Tensor, shard: VocabShard) -> Tensor:
+    """Full [n, V] logits of a chunk, for loss terms that have no per-row-statistics form."""
+    pieces = [torch.empty_like(logits) for _ in range(dist.get_world_size(shard.group))]
+    dist.all_gather(pieces, logits.contiguous(), group=shard.group)
+    return torch.cat(pieces, dim=1)
+
+
 def _chunk_terms(
     logits: Tensor,
     targets: Tensor,
@@ -181,6 +217,7 @@ def _chunk_terms(
     row_scale: Tensor,
     terms: Sequence[tuple[float, Any]],
     need_grad: bool,
+    shard: VocabShard | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Evaluate all terms on one chunk and, if asked, d(sum of scaled terms)/d(logits).
 
@@ -189,11 +226,13 @@ def _chunk_terms(
     per-chunk sums add up to the global mean. Returns (per-term sum of row_scale * value, without the
     coefficient) and the gradient including the coefficients.
 
-    This is the one place a vocabulary-parallel variant changes: there ``logits`` is a vocabulary shard,
-    and the row max / exp-sum / target logit / argmax below are reduced across the tensor-parallel group
-    at the marked points before anything else uses them.
+    With ``shard`` (vocabulary parallelism) ``logits`` holds only this rank's vocabulary columns and
+    ``targets`` are global ids: the row max, argmax, exp-sum and target logit are reduced across the tp
+    group (three small all-reduces of [n]) before any term sees them, so every rank gets the same values
+    and the gradient for its own columns. Terms without ``from_stats`` see the chunk's gathered logits.
     """
-    n = logits.shape[0]
+    n, width = logits.shape
+    start = 0 if shard is None else shard.start
     sums: list[Tensor] = []
     extra_grad: Tensor | None = None
 
@@ -201,24 +240,40 @@ def _chunk_terms(
     for coef, term in terms:
         if hasattr(term, "from_stats"):
             continue
+        full = logits if shard is None else _gather_vocab(logits, shard)
         if need_grad:
             with torch.enable_grad():
-                x = logits.detach().requires_grad_(True)
+                x = full.detach().requires_grad_(True)
                 value = term.per_token(x, targets).float()
                 scaled = torch.where(valid, value * row_scale, 0.0).sum()
                 (g,) = torch.autograd.grad(coef * scaled, x)
+            g = g[:, start : start + width]
             extra_grad = g if extra_grad is None else extra_grad.add_(g)
             scaled = scaled.detach()
         else:
-            value = term.per_token(logits, targets).float()
+            value = term.per_token(full, targets).float()
             scaled = torch.where(valid, value * row_scale, 0.0).sum()
         sums.append(scaled)
 
     # Shared statistics, computed in place: logits -> exp(logits - max).
-    row_max, row_argmax = logits.max(dim=-1)  # TP: all-reduce MAX (+ owner of the argmax)
-    target_logit = logits.gather(-1, targets[:, None])[:, 0]  # TP: SUM of the owner's value, 0 elsewhere
+    row_max, row_argmax = logits.max(dim=-1)
+    own_target = (targets >= start) & (targets < start + width)
+    local_target = torch.where(own_target, targets - start, 0)
+    target_logit = torch.where(own_target, logits.gather(-1, local_target[:, None])[:, 0], 0.0)
+    if shard is not None:
+        local_max = row_max
+        row_max = local_max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+        # Global argmax: the lowest global id among the ranks holding the row max.
+        sentinel = torch.iinfo(torch.long).max
+        row_argmax = torch.where(local_max == row_max, row_argmax + start, sentinel)
+        dist.all_reduce(row_argmax, op=dist.ReduceOp.MIN, group=shard.group)
     exp = logits.sub_(row_max[:, None]).exp_()
-    sum_exp = exp.sum(dim=-1)  # TP: all-reduce SUM
+    sum_exp = exp.sum(dim=-1)
+    if shard is not None:
+        both = torch.stack((sum_exp, target_logit))
+        dist.all_reduce(both, group=shard.group)  # SUM; only the owner contributed a target logit
+        sum_exp, target_logit = both.unbind(0)
     stats = LogitStats(row_max, row_argmax, row_max + sum_exp.log(), target_logit)
 
     coef_soft: Tensor | None = None
@@ -256,9 +311,12 @@ def _chunk_terms(
         grad.mul_((torch.where(valid, coef_soft * row_scale, 0.0) / sum_exp)[:, None])
     rows = torch.arange(n, device=logits.device)
     if coef_target is not None:
-        grad.index_put_((rows, targets), torch.where(valid, coef_target * row_scale, 0.0), accumulate=True)
+        scale = torch.where(valid & own_target, coef_target * row_scale, 0.0)
+        grad.index_put_((rows, local_target), scale, accumulate=True)
     if coef_argmax is not None:
-        grad.index_put_((rows, row_argmax), torch.where(valid, coef_argmax * row_scale, 0.0), accumulate=True)
+        own_argmax = (row_argmax >= start) & (row_argmax < start + width)
+        scale = torch.where(valid & own_argmax, coef_argmax * row_scale, 0.0)
+        grad.index_put_((rows, torch.where(own_argmax, row_argmax - start, 0)), scale, accumulate=True)
     if extra_grad is not None:
         grad.add_(extra_grad)
     return term_sums, grad
@@ -290,6 +348,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         ignore_index: int,
         need_hidden: bool,
         need_weight: bool,
+        shard: VocabShard | None,
     ) -> tuple[Tensor, Tensor]:
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
@@ -314,7 +373,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 h = hidden[start:end].to(compute_dtype)
                 logits = torch.mm(h, w.T).float()  # the only [chunk x V] buffer
                 sums, grad = _chunk_terms(
-                    logits, safe[start:end], valid[start:end], row_scale[start:end], resolved, need_grad
+                    logits, safe[start:end], valid[start:end], row_scale[start:end], resolved, need_grad, shard
                 )
                 term_sums += sums
                 del logits
@@ -332,6 +391,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
                     else:  # e.g. fp32 weight under bf16 autocast: low-precision products, added in fp32
                         _add_product_in_blocks(grad_weight, grad, h)
                 del grad
+            if grad_hidden is not None and shard is not None:
+                # Each rank's columns give a partial d(loss)/d(hidden); the hidden states are replicated.
+                dist.all_reduce(grad_hidden, group=shard.group)
         ctx.grads = (grad_hidden, grad_weight)
         coefs = torch.tensor([c for c, _ in resolved], dtype=torch.float32, device=hidden.device)
         parts = term_sums * coefs
@@ -351,7 +413,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
             grad_hidden.mul_(grad_loss)
         if grad_weight is not None:
             grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def chunked_lm_loss(
@@ -361,6 +423,8 @@ def chunked_lm_loss(
     terms: dict[str, float],
     chunk_size: int,
     ignore_index: int = -100,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
 ) -> LossOutput:
     """Sum of ``coef * mean(term)`` over valid positions, never holding more than [chunk x V] logits.
 
@@ -369,6 +433,11 @@ def chunked_lm_loss(
     ambient autocast dtype, the loss math in fp32. When gradients are needed they are computed during
     the forward (one chunk at a time) and backward only scales them; the graph therefore supports a
     single backward.
+
+    Vocabulary parallel: with ``tp_group``, ``weight`` is this rank's rows [vocab_start, vocab_start + V/tp)
+    of the head, ``hidden`` and ``targets`` (global ids) are the same on every rank of the group, and the
+    full logits are never gathered. Every rank returns the same loss; the gradient of ``hidden`` is
+    summed over the group (so it is the full one on every rank) and that of ``weight`` stays local.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
         raise ValueError("chunked_lm_loss wants hidden [N, H], weight [V, H] and targets [N]")
@@ -382,8 +451,9 @@ def chunked_lm_loss(
     grad_on = torch.is_grad_enabled()
     need_hidden = grad_on and hidden.requires_grad
     need_weight = grad_on and weight.requires_grad
+    shard = None if tp_group is None else VocabShard(tp_group, vocab_start)
     loss, parts = _ChunkedLMLoss.apply(
-        hidden, weight, targets, resolved, chunk_size, ignore_index, need_hidden, need_weight
+        hidden, weight, targets, resolved, chunk_size, ignore_index, need_hidden, need_weight, shard
     )
     detached = parts.detach()
     return LossOutput(loss, {term.metric: detached[i] for i, (_, term) in enumerate(resolved)})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,3 +29,20 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Megatron's MLP split: gate/up by columns, down by rows, one reduction per MLP; under SP the
+        input is gathered once for both column matmuls and the output reduce-scattered."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+        plan: dict[str, Any] = {
+            "gate_proj": ColwiseParallel(),
+            "up_proj": ColwiseParallel(),
+            "down_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
+        }
+        if sequence_parallel:
+            plan[""] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
+        return plan

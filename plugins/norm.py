@@ -6,7 +6,7 @@ Also home of :func:`autocast_off`, shared by the plugins that must do their math
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,14 @@ class RMSNorm(nn.Module):
         with autocast_off(x.device):
             out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(x.dtype)
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Per-token math: under SP it runs on this rank's sequence shard, else replicated."""
+        from torch.distributed.tensor.parallel import SequenceParallel
+
+        from haina.core.parallel.tensor_parallel import ReplicatedParallel
+
+        return {"": SequenceParallel(use_local_output=True) if sequence_parallel else ReplicatedParallel()}
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -15,7 +15,7 @@ autocast: bf16 has 8 significant bits and cannot tell positions above 256 apart.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -130,8 +130,10 @@ def alibi_bias(slopes: torch.Tensor, q_positions: torch.Tensor, k_positions: tor
 class ALiBi(nn.Module):
     """Attention with linear biases: q and k untouched, a per-head linear distance penalty as bias.
 
-    ``slopes`` holds all heads' slopes as a non-persistent buffer (derived from the head count, so not
-    checkpointed); :meth:`reset_parameters` refills it after materialization from the meta device.
+    ``slopes`` holds the slopes of this module's heads as a non-persistent buffer (derived from the head
+    count, so not checkpointed): all heads, or under tensor parallelism only heads
+    [head_start, head_start + len(slopes)) of this rank (:meth:`shard_heads`). :meth:`reset_parameters`
+    refills it after materialization from the meta device.
     """
 
     slopes: torch.Tensor
@@ -139,12 +141,30 @@ class ALiBi(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
+        self.head_start = 0
         self.register_buffer("slopes", alibi_slopes(cfg.num_heads), persistent=False)
+
+    def _own_slopes(self) -> torch.Tensor:
+        return alibi_slopes(self.num_heads)[self.head_start : self.head_start + self.slopes.numel()]
 
     def reset_parameters(self) -> None:
         """Recompute the slopes in place (called by the model's init_weights, e.g. after ``to_empty``)."""
         with torch.no_grad():
-            self.slopes.copy_(alibi_slopes(self.num_heads).to(self.slopes.device))
+            self.slopes.copy_(self._own_slopes().to(self.slopes.device))
+
+    def shard_heads(self, rank: int, size: int) -> None:
+        """Keep only the slopes of heads [rank * n / size, (rank + 1) * n / size): tp rank ``rank``'s heads."""
+        if self.num_heads % size:
+            raise ValueError(f"ALiBi: tp={size} does not divide num_heads={self.num_heads}")
+        local = self.num_heads // size
+        self.head_start = rank * local
+        self.slopes = alibi_slopes(self.num_heads)[self.head_start : self.head_start + local].to(self.slopes.device)
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
+        """Each tp rank biases only its own heads."""
+        from haina.core.parallel.tensor_parallel import ShardHeads
+
+        return {"": ShardHeads()}
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor

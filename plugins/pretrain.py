@@ -54,9 +54,20 @@ class Pretrain:
         return self.loss_from_hidden(model, model(tokens), labels)
 
     def loss_from_hidden(self, model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """The loss from final hidden states; a pipeline's last stage calls this with its own module."""
-        from haina.plugins.loss import chunked_lm_loss
+        """The loss from final hidden states; a pipeline's last stage calls this with its own module.
 
+        Under tensor parallelism the head weight is a vocabulary-sharded DTensor: the loss runs on this
+        rank's rows without gathering logits, on full-sequence hidden states (gathered here if they
+        arrive as a sequence-sharded DTensor); ``labels`` must be the same on every tp rank.
+        """
+        from torch.distributed.tensor import DTensor, Replicate
+
+        from haina.plugins.loss import chunked_lm_loss, vocab_shard_of
+
+        weight, shard = vocab_shard_of(model.head.effective_weight())
+        if isinstance(hidden, DTensor):
+            hidden = hidden.redistribute(hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim).to_local()
         return chunked_lm_loss(
-            hidden.flatten(0, 1), model.head.effective_weight(), labels.flatten(), self.terms, self.chunk_size
+            hidden.flatten(0, 1), weight, labels.flatten(), self.terms, self.chunk_size,
+            tp_group=None if shard is None else shard.group, vocab_start=0 if shard is None else shard.start,
         )

@@ -29,6 +29,9 @@ LAYOUTS = {
     "pp=2 1f1b": (2, ["parallel.pp=2"]),
     "pp=2 interleaved x2": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
     "pp=2 x dp_shard=2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),
+    "tp=2": (2, ["parallel.tp=2"]),
+    "tp=2 x pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp=2 sp x dp_shard=2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=2"]),
 }
 
 
@@ -49,20 +52,26 @@ def test_layout_matches_one_process(layout: str, reference, tmp_path: Path, tiny
     assert max_rel_diff(expected, got, "grad_norm") < 1e-4
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_checkpoint_reshards_between_layouts(tmp_path: Path, tiny_data: Path) -> None:
-    """Saved under dp_shard=2 / one process / pp=2, resumed under another layout: the next steps match."""
+    """Saved under one layout, resumed under another: the next steps match an uninterrupted run.
+
+    dp_shard=2 -> one process; tp=2 x pp=2 -> dp_shard=4; dp_shard=4 -> tp=2 x pp=2 (sequence parallel).
+    """
     steps = (*STEPS, "train.save_every=2", "train.log_every=1")
     straight = run_pretrain(tmp_path / "straight", tiny_data, 1, *steps)
 
     half = ("train.steps=2",)  # same schedule (decay_steps fixed), stop at the step-2 checkpoint
+    tp_pp = ("parallel.tp=2", "parallel.pp=2")
     run_pretrain(tmp_path / "a", tiny_data, 2, *steps, "parallel.dp_shard=2", *half)
     resumed = run_pretrain(tmp_path / "a", tiny_data, 1, *steps)
-    run_pretrain(tmp_path / "b", tiny_data, 1, *steps, *half)
-    resumed_sharded = run_pretrain(tmp_path / "b", tiny_data, 2, *steps, "parallel.dp_shard=2")
-    run_pretrain(tmp_path / "c", tiny_data, 2, *steps, "parallel.pp=2", *half)
-    resumed_from_pipeline = run_pretrain(tmp_path / "c", tiny_data, 2, *steps, "parallel.dp_shard=2")
-    for records in (resumed, resumed_sharded, resumed_from_pipeline):
+    run_pretrain(tmp_path / "b", tiny_data, 4, *steps, *tp_pp, *half)
+    resumed_from_tp_pp = run_pretrain(tmp_path / "b", tiny_data, 4, *steps, "parallel.dp_shard=4")
+    run_pretrain(tmp_path / "c", tiny_data, 4, *steps, "parallel.dp_shard=4", *half)
+    resumed_into_tp_pp = run_pretrain(
+        tmp_path / "c", tiny_data, 4, *steps, *tp_pp, "parallel.sequence_parallel=true"
+    )
+    for records in (resumed, resumed_from_tp_pp, resumed_into_tp_pp):
         assert [r["step"] for r in records] == [1, 2, 3, 4]
         assert max_rel_diff(straight, records, "loss") < 1e-5
 
@@ -73,6 +82,8 @@ def test_checkpoint_reshards_between_layouts(tmp_path: Path, tiny_data: Path) ->
         (4, ["parallel.tp=3"], "tp*pp*dp_replicate = 3 does not divide the world size 4"),
         (4, ["parallel.tp=4", "model.num_heads=2", "model.hidden_size=64"], "does not divide model.num_heads 2"),
         (2, ["parallel.tp=2", "model.vocab_size=511"], "does not divide model.vocab_size 511"),
+        (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.seq_len=31"],
+         "does not divide train.seq_len 31"),
         (4, ["parallel.pp=4", "model.num_layers=2"], "4 pipeline stages (pp x pp_virtual_stages) for only 2 layers"),
         (2, ["parallel.dp_shard=4"], "but the world size is 2"),
         (2, ["parallel.dp_shard=2", "train.global_batch_size=3"], "not a multiple of micro_batch_size"),

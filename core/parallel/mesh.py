@@ -58,6 +58,10 @@ def resolve_layout(cfg: HainaConfig, world_size: int) -> Layout:
         raise ConfigError(f"parallel.tp: {p.tp} does not divide model.num_heads {m.num_heads}")
     if m.vocab_size % p.tp:
         raise ConfigError(f"parallel.tp: {p.tp} does not divide model.vocab_size {m.vocab_size}")
+    if p.sequence_parallel and cfg.train.seq_len % p.tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel: tp={p.tp} does not divide train.seq_len {cfg.train.seq_len}"
+        )
     stages = p.pp * p.pp_virtual_stages
     if m.num_layers < stages:
         raise ConfigError(
