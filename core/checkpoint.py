@@ -155,3 +155,44 @@ def load_checkpoint(
     if optimizers:
         _set_rng_state(state["rng"])
     return TrainerState(**json.loads((step_dir / TRAINER_STATE).read_text()))
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A step directory as given, or the latest step of a run directory or of its ``checkpoints`` folder."""
+    path = Path(source)
+    if (path / TRAINER_STATE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{source}: no checkpoint (neither a step directory nor a run with one)")
+
+
+def load_model_weights(source: str | Path, module: nn.Module, prefix: str = "") -> list[str]:
+    """Load the weights a checkpoint has for ``module`` (names under ``prefix``, which the checkpoint lacks).
+
+    Only the model is read, never the optimizer. Parameters the checkpoint lacks or holds with another
+    shape (a value head in the LM head's place) keep their current values and are returned by name, so an
+    algorithm can start a reward model or critic from a language model, or an actor from ``actor.``-less
+    SFT weights.
+    """
+    step_dir = resolve_checkpoint(source)
+    stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    state = get_model_state_dict(module)
+    wanted: dict[str, Any] = {}
+    skipped: list[str] = []
+    for name, tensor in state.items():
+        key = name[len(prefix) :] if name.startswith(prefix) else None
+        meta = stored.get(f"model.{key}") if key is not None else None
+        if meta is None or tuple(getattr(meta, "size", ())) != tuple(tensor.shape):
+            if key is not None:
+                skipped.append(name)
+            continue
+        wanted[key] = tensor
+    with _single_process_quiet():
+        dcp.load({"model": wanted}, checkpoint_id=str(step_dir))
+    set_model_state_dict(
+        module, {prefix + k: v for k, v in wanted.items()}, options=StateDictOptions(strict=False)
+    )
+    return skipped

@@ -75,14 +75,14 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _launch_torchrun(cfg: HainaConfig, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--nproc-per-node N`` on one machine: check the layout here, then let torchrun start N workers."""
     import os
     import subprocess
 
     from haina.core.parallel.mesh import resolve_layout
 
-    resolve_layout(_config(args), args.nproc_per_node)
+    resolve_layout(cfg, args.nproc_per_node)
     forwarded = [a for a in argv if not a.startswith("--nproc-per-node")]
     if "--nproc-per-node" in argv:  # the separate-value form
         i = list(argv).index("--nproc-per-node")
@@ -95,19 +95,39 @@ def _launch_torchrun(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _train_command(cfg: HainaConfig, args: argparse.Namespace) -> int:
     import os
 
     if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args, args.argv)
+        return _launch_torchrun(cfg, args, args.argv)
     from haina.core.distributed import is_main_process
     from haina.core.train import train
 
-    cfg = _config(args)
     result = train(cfg)
     if is_main_process():
         print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; run directory {result.run_dir}")
     return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    return _train_command(_config(args), args)
+
+
+def alignment_config(algorithm: str, source: str | None, config: str | None, overrides: Sequence[str]) -> HainaConfig:
+    """The config of an alignment run: ``--from RUN`` reuses RUN's model, tokenizer and layout, starts from
+    its latest checkpoint and writes to RUN-<algorithm> unless the overrides say otherwise."""
+    base: list[str] = [f"algorithm={algorithm}"]
+    if source is not None:
+        run = Path(source)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--from {source}: not a run directory (no config.yaml)")
+        config = config or str(run / "config.yaml")
+        base += [f"align.init_from={run}", f"train.run_dir={run.parent / f'{run.name}-{algorithm}'}"]
+    return load_config(config, [*base, *overrides])
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    return _train_command(alignment_config(args.command, args.source, args.config, args.overrides), args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -152,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, help="start torchrun with N workers on this machine")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain, bad_input=BAD_INPUT)
+
+    for name, help_text in (
+        ("sft", "supervised fine-tuning on chat conversations (loss on assistant replies)"),
+        ("rm", "train a reward model on preference pairs"),
+        ("ppo", "RLHF with PPO: actor, critic, frozen reference and reward model"),
+        ("dpo", "direct preference optimisation against a frozen reference"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--from", dest="source", help="run directory to start from (its config and latest checkpoint)")
+        p.add_argument("--nproc-per-node", type=int, default=1, help="start torchrun with N workers on this machine")
+        _add_config_args(p)
+        p.set_defaults(func=cmd_align, bad_input=BAD_FILE_INPUT)
 
     p = sub.add_parser("demo", help="end to end on embedded data: corpus, tokenizer, tokenize, pretrain")
     p.add_argument("--workdir", default="runs/demo", help="where the corpus, tokenizer, data and run go")

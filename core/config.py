@@ -192,6 +192,43 @@ class TokenizerConfig(_Section):
     seed: int = Field(1234, description="Seed of sentence sampling.")
 
 
+class SamplingConfig(_Section):
+    max_new_tokens: int = Field(64, gt=0, description="Longest continuation.")
+    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = all).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass.")
+    repetition_penalty: float = Field(1.0, gt=0, description="CTRL-style penalty on seen tokens.")
+
+
+class PPOConfig(_Section):
+    kl_start: float = Field(0.2, ge=0, description="KL coefficient at the first step.")
+    kl_end: float = Field(0.005, ge=0, description="KL coefficient at the last step.")
+    kl_shape: Literal["linear", "cosine", "exponential"] = Field("linear", description="KL schedule.")
+    clip: float = Field(0.1, gt=0, description="PPO ratio clip epsilon.")
+    value_clip: float = Field(0.2, gt=0, description="Critic value clip.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    critic_warmup_steps: int = Field(20, ge=0, description="Steps in which only the critic trains.")
+    epochs: int = Field(2, gt=0, description="Optimizer steps on each rollout batch.")
+    value_coef: float = Field(0.5, ge=0, description="Weight of the critic loss.")
+
+
+class AlignConfig(_Section):
+    """Starting points and data of the alignment algorithms (sft, rm, ppo, dpo)."""
+
+    init_from: str | None = Field(None, description="Checkpoint (run or step dir) the trained model starts from.")
+    reference: str | None = Field(None, description="Frozen reference (ppo, dpo); default: init_from.")
+    reward_model: str | None = Field(None, description="Frozen reward model checkpoint (ppo); also seeds the critic.")
+    data: str | None = Field(None, description="JSONL: conversations (sft), pairs (rm, dpo), prompts (ppo).")
+    eval_data: str | None = Field(None, description="Held-out JSONL scored after training (rm: pairs).")
+    taxonomy: str | None = Field(None, description="YAML prompt taxonomy (three levels); default: built-in.")
+    tokenizer: str | None = Field(None, description="SentencePiece model with the chat role tokens.")
+    margin: bool = Field(False, description="rm: subtract the pair's score gap as a margin.")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the implicit KL constraint.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Rollouts (ppo).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO.")
+
+
 class HainaConfig(_Section):
     algorithm: str = Field("pretrain", description="algorithm plugin that turns a batch into a loss.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model shape and components.")
@@ -201,6 +238,7 @@ class HainaConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallel layout.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
+    align: AlignConfig = Field(default_factory=AlignConfig, description="Alignment algorithms.")
 
     @field_validator("algorithm")
     @classmethod

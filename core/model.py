@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from haina.core.config import ModelConfig
+from haina.core.kv_cache import KVCache, LayerCache, attention_mask
 from haina.plugins import registry
 
 # Linear layers that write into the residual stream; their init is scaled down with depth.
@@ -51,14 +52,20 @@ class Attention(nn.Module):
         positions: torch.Tensor,
         bias: torch.Tensor | None,
         position: nn.Module,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x [b, s, hidden] -> [b, s, hidden]; ``position`` is the model's shared position plugin."""
+        """x [b, s, hidden] -> [b, s, hidden]; ``position`` is the model's shared position plugin.
+
+        With ``cache`` the keys/values of earlier positions come from it and this call's are appended.
+        """
         # Head count from the projection's width, not the config: under tensor parallelism W_pack yields
         # only this rank's heads (Q_r;K_r;V_r) and o_proj takes only their outputs.
         qkv = self.W_pack(x)
         b, s, _ = qkv.shape
         q, k, v = qkv.view(b, s, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, s, d]
         q, k = position(q, k, positions)
+        if cache is not None:
+            k, v = cache.append(k, v)
         out = self.kernel(q, k, v, bias)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -99,8 +106,9 @@ class Block(nn.Module):
         positions: torch.Tensor,
         bias: torch.Tensor | None,
         position: nn.Module,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, bias, position)
+        h = x + self.self_attn(self.input_layernorm(x), positions, bias, position, cache=cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -120,19 +128,45 @@ class Transformer(nn.Module):
         self.norm = build_plugin("norm", cfg.norm, cfg)
         self.head = build_plugin("head", cfg.head, cfg)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s] -> final-normed hidden states [b, s, hidden]; positions default to 0..s-1.
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        segments: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits: slice | None = None,
+    ) -> torch.Tensor:
+        """tokens [b, s] -> final-normed hidden states [b, s, hidden], or with ``logits`` the head's logits
+        of those positions (e.g. ``slice(-1, None)`` for decoding) inside the same forward.
 
-        A pipeline stage without the embedding takes hidden states [b, s, hidden] instead of tokens, and
-        one without the final norm returns its last block's output.
+        ``positions`` [s] or [b, s] default to 0..s-1 (after the cached ones). ``segments`` [b, s] pack
+        several documents in a row (1, 2, ...; 0 = padding): attention stays inside a segment. ``cache``
+        holds earlier positions' keys/values (incremental decoding). A pipeline stage without the
+        embedding takes hidden states [b, s, hidden] instead of tokens, and one without the final norm
+        returns its last block's output.
         """
+        b, s = tokens.shape[0], tokens.shape[1]
+        start = 0 if cache is None else cache.length
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        bias = self.position.bias(positions, positions)
+            positions = torch.arange(start, start + s, device=tokens.device)
+        if segments is None and cache is None:
+            bias = self.position.bias(positions, positions)
+        else:
+            q_pos = positions.expand(b, s)
+            q_seg = torch.ones_like(q_pos) if segments is None else segments
+            k_pos, k_seg = (q_pos, q_seg) if cache is None else cache.keys_of(q_pos, q_seg)
+            allowed = attention_mask(q_seg, k_seg)[:, None]  # [b, 1, q, k]
+            bias = self.position.bias(q_pos, k_pos)
+            bias = torch.zeros(allowed.shape, device=tokens.device) if bias is None else bias
+            bias = bias.masked_fill(~allowed, float("-inf"))
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, positions, bias, self.position)
-        return self.norm(h) if self.norm is not None else h
+        for name, layer in self.layers.items():
+            h = layer(h, positions, bias, self.position, cache=None if cache is None else cache.layer(name))
+        if cache is not None:
+            cache.commit(q_pos, q_seg)
+        h = self.norm(h) if self.norm is not None else h
+        return h if logits is None else self.head(h[:, logits])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [b, s, vocab]; for tests and generation (training uses the chunked loss)."""
@@ -159,6 +193,12 @@ class Transformer(nn.Module):
                     module.bias.zero_()
             elif callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
+
+
+def blocks_of(model: nn.Module) -> list[Block]:
+    """Every decoder block inside ``model`` (one Transformer, a pipeline stage, or several models in a
+    wrapper such as PPO's actor and critic): the units of FSDP sharding and activation checkpointing."""
+    return [m for m in model.modules() if isinstance(m, Block)]
 
 
 def count_parameters(model: nn.Module) -> int:

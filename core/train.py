@@ -1,8 +1,20 @@
 """The training loop: one optimizer step at a time, under any parallel layout.
 
-What a step computes is the algorithm plugin's business (pretrain, and later sft, dpo, ...); this loop
-owns everything around it: process group and mesh, seeding, per-rank data, the schedule, clipping,
+What a step computes is the algorithm plugin's business (pretrain, sft, rm, dpo, ppo, third parties'); this
+loop owns everything around it: process group and mesh, seeding, per-rank data, the schedule, clipping,
 metrics, progress, saving and resuming. One process is a world of one, so there is one code path.
+
+An algorithm plugin is a class built as ``Algorithm(cfg)`` with
+
+- ``batches(cfg, run_dir, num_samples)``: an object whose ``batch(i)`` is micro-batch ``i`` of the run;
+- ``loss(model, batch) -> LossOutput``: the default step backpropagates it over the micro-batches;
+- optionally ``metrics``: the names of ``LossOutput.parts`` to log (default: the configured loss terms);
+- optionally ``build_model(cfg, device) -> nn.Module``: the trained module (default: the Transformer);
+- optionally ``setup(engine, resumed)``: build frozen models and load starting weights
+  (default: load ``align.init_from`` unless resuming);
+- optionally ``train_step(engine, step, micro_batches) -> dict[str, float]``: own the whole step
+  (rollouts, several optimizer updates...) using :class:`Engine`'s helpers;
+- optionally ``finish(engine, run_dir)``: work after the last step (evaluation, reports).
 """
 
 from __future__ import annotations
@@ -19,7 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from haina.core.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from haina.core.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from haina.core.config import HainaConfig, dump_config
 from haina.core.distributed import init_distributed, is_main_process
 from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token
@@ -28,6 +46,42 @@ from haina.core.optim import build_optimizer, lr_at, set_lr
 from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
 from haina.core.parallel.parallelize import clip_grad_norm, parallelize
 from haina.plugins import registry
+
+
+@dataclass
+class Engine:
+    """What an algorithm may use: the layout, the trained parts and their optimizers, frozen helpers."""
+
+    cfg: HainaConfig
+    layout: Layout
+    mesh: Any
+    device: torch.device
+    parts: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+    autocast: Any
+    pp_group: Any = None
+    dp_rank: int = 0
+
+    def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
+        """A model that does not train (reference, reward model): weights, then the same parallel layout."""
+        if source is not None:
+            load_model_weights(source, module)
+        module.requires_grad_(False)
+        parallelize(module, self.mesh, self.layout, self.cfg, frozen=True)
+        return module.eval()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self, max_norm: float | None = None) -> float:
+        """Clip the global gradient norm (``optim.clip_grad`` unless given), step, return the norm."""
+        params = [p for part in self.parts for p in part.parameters()]
+        clip = self.cfg.optim.clip_grad if max_norm is None else max_norm
+        norm = clip_grad_norm(params, clip, self.pp_group)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return float(norm)
 
 
 @dataclass
@@ -83,6 +137,45 @@ def _set_gradient_sync(parts: list[nn.Module], enabled: bool) -> None:
             part.set_requires_gradient_sync(enabled)
 
 
+def _default_step(
+    engine: Engine, algorithm: Any, model: nn.Module, pipeline: Any, micro_batches: list, names: list[str]
+) -> tuple[dict[str, float], float] | None:
+    """Backpropagate the algorithm's loss over this rank's micro-batches; (metrics, grad norm).
+
+    Metrics are None on pipeline ranks that do not hold the last stage (they see no loss).
+    """
+    layout = engine.layout
+    values: dict[str, float] | None = None
+    if pipeline is not None:
+        tokens = torch.cat([b[0] for b in micro_batches]).to(engine.device)
+        labels = torch.cat([b[1] for b in micro_batches]).to(engine.device)
+        with engine.autocast:
+            result = pipeline.step(tokens, labels)
+        if result.loss is not None:
+            values = {"loss": float(result.loss), **{n: float(result.parts[n]) for n in names[1:]}}
+    else:
+        values = dict.fromkeys(names, 0.0)
+        for m, batch in enumerate(micro_batches):
+            _set_gradient_sync(engine.parts, m == len(micro_batches) - 1)
+            with engine.autocast:
+                out = algorithm.loss(model, batch)
+            (out.loss / layout.grad_accum).backward()
+            values["loss"] += out.loss.item() / layout.grad_accum
+            for name in names[1:]:
+                values[name] += float(out.parts[name]) / layout.grad_accum
+    return values, engine.optimizer_step()
+
+
+def _reduce_metrics(values: dict[str, float] | None, names: list[str], device: torch.device) -> list[float]:
+    """Mean over the ranks that have metrics (every dp rank; tp copies count alike)."""
+    local = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+    if values is not None:
+        local[:-1] = torch.tensor([values[n] for n in names], dtype=torch.float64)
+        local[-1] = 1
+    dist.all_reduce(local)
+    return (local[:-1] / local[-1]).tolist()
+
+
 def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     """Train until ``cfg.train.steps``, resuming from the run directory's latest checkpoint if asked."""
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # bad layouts fail before any group
@@ -100,7 +193,8 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
 
     tcfg = cfg.train
     algorithm = registry.get("algorithm", cfg.algorithm)(cfg)
-    model = build_model(cfg, device)
+    torch.manual_seed(tcfg.seed)
+    model = algorithm.build_model(cfg, device) if hasattr(algorithm, "build_model") else build_model(cfg, device)
     pipeline = None
     if layout.pp > 1:
         from haina.core.parallel.pipeline import build_pipeline
@@ -112,20 +206,28 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     for part in parts:
         parallelize(part, mesh, layout, cfg)
     optimizers = [build_optimizer(part, cfg.optim) for part in parts]
-    batches = algorithm.batches(cfg, run_dir, num_samples=tcfg.steps * layout.global_batch_size)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+    pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
+    dp_rank = _dp_rank(mesh, layout)
+    engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)
 
     state = TrainerState()
     latest = latest_checkpoint(checkpoints) if tcfg.resume else None
+    if hasattr(algorithm, "setup"):
+        algorithm.setup(engine, resumed=latest is not None)
+    elif latest is None and cfg.align.init_from is not None:
+        for part in parts:
+            load_model_weights(cfg.align.init_from, part)
     if latest is not None:
         state = load_checkpoint(latest, parts, optimizers)
+    batches = algorithm.batches(cfg, run_dir, num_samples=tcfg.steps * layout.global_batch_size)
 
-    metric_names = ["loss", *(registry.get("loss", name).metric for name in cfg.loss.terms)]
-    dp_rank = _dp_rank(mesh, layout)
-    pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
+    names = ["loss", *(getattr(algorithm, "metrics", None) or [
+        registry.get("loss", name).metric for name in cfg.loss.terms
+    ])]
     tokens_per_step = layout.global_batch_size * tcfg.seq_len
     flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
     peak = peak_tflops(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     metrics = MetricsWriter(run_dir, enabled=main)
     records: list[dict[str, Any]] = []
     last_loss = float("nan")
@@ -137,44 +239,24 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
             lr = lr_at(state.step, cfg.optim, tcfg.steps)
             for optimizer in optimizers:
                 set_lr(optimizer, lr)
-                optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             first = state.consumed_samples // tcfg.micro_batch_size  # in micro-batches of the whole run
-            indices = [first + m * layout.dp + dp_rank for m in range(layout.grad_accum)]
-            local = torch.zeros(len(metric_names) + 1, dtype=torch.float64, device=device)  # sums, count
-            if pipeline is not None:
-                pairs = [batches.batch(i) for i in indices]
-                tokens = torch.cat([p[0] for p in pairs]).to(device)
-                labels = torch.cat([p[1] for p in pairs]).to(device)
-                with autocast:
-                    result = pipeline.step(tokens, labels)
-                if result.loss is not None:
-                    local[0] = result.loss
-                    for j, name in enumerate(metric_names[1:], start=1):
-                        local[j] = float(result.parts[name])
-                    local[-1] = 1
+            micro_batches = [batches.batch(first + m * layout.dp + dp_rank) for m in range(layout.grad_accum)]
+            if hasattr(algorithm, "train_step"):
+                values = algorithm.train_step(engine, state.step, micro_batches)
+                grad_norm = values.pop("grad_norm", float("nan"))
+                names = ["loss", *sorted(k for k in values if k != "loss")]
             else:
-                for m, index in enumerate(indices):
-                    _set_gradient_sync(parts, m == len(indices) - 1)
-                    with autocast:
-                        out = algorithm.loss(model, batches.batch(index))
-                    (out.loss / layout.grad_accum).backward()
-                    local[0] += out.loss.item() / layout.grad_accum
-                    for j, name in enumerate(metric_names[1:], start=1):
-                        local[j] += float(out.parts[name]) / layout.grad_accum
-                local[-1] = 1
-            grad_norm = clip_grad_norm([p for part in parts for p in part.parameters()], cfg.optim.clip_grad, pp_group)
-            for optimizer in optimizers:
-                optimizer.step()
+                values, grad_norm = _default_step(engine, algorithm, model, pipeline, micro_batches, names)
             state.step += 1
             state.consumed_samples += layout.global_batch_size
 
-            dist.all_reduce(local)  # every rank that saw a loss counts once: mean over dp (and tp copies)
-            values = (local[:-1] / local[-1]).tolist()
+            reduced = _reduce_metrics(values, names, device)
             window_tokens += tokens_per_step
             window_steps += 1
-            for name, value in zip(metric_names, values, strict=True):
+            for name, value in zip(names, reduced, strict=True):
                 window[name] = window.get(name, 0.0) + value
-            last_loss = values[0]
+            last_loss = reduced[0]
 
             if state.step % tcfg.log_every == 0 or state.step == tcfg.steps:
                 elapsed = time.perf_counter() - window_start
@@ -195,4 +277,6 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
             if progress is not None:
                 progress.update(progress.task_ids[0], completed=state.step, status=f"loss {last_loss:.4f}")
     metrics.close()
+    if hasattr(algorithm, "finish"):
+        algorithm.finish(engine, run_dir)
     return TrainResult(run_dir=run_dir, steps=state.step, final_loss=last_loss, records=records)

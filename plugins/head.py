@@ -1,4 +1,4 @@
-"""Output-head plugins (``head`` kind): Baichuan 2's NormHead and a plain linear head.
+"""Output-head plugins (``head`` kind): Baichuan 2's NormHead, a plain linear head, and a scalar value head.
 
 A head holds ``weight`` [vocab, hidden] and exposes :meth:`effective_weight`, the matrix logits are really
 computed with; the chunked loss calls it once per step and multiplies chunks of hidden states itself, so
@@ -61,3 +61,35 @@ class NormHead(LinearHead):
 
     def effective_weight(self) -> torch.Tensor:
         return F.normalize(self.weight, dim=1)
+
+
+@register("head", "value")
+class ValueHead(nn.Module):
+    """One scalar per position in the LM head's place: the reward model's score and PPO's critic.
+
+    Keeps the head's name (``head.weight``, now [1, hidden]) so a reward model or critic starts from a
+    language-model checkpoint with every other weight loaded and this one freshly initialised.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, cfg.hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 1/sqrt(hidden)): unit-variance scores from unit-RMS normed hidden states."""
+        with torch.no_grad():
+            self.weight.normal_(0.0, self.weight.shape[1] ** -0.5)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> [..., 1]"""
+        return F.linear(h, self.weight)
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
+        """A single output row: replicated on every tp rank."""
+        from haina.core.parallel.tensor_parallel import ReplicatedParallel
+
+        return {"": ReplicatedParallel()}

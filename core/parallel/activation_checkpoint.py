@@ -9,12 +9,7 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        return []
-    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+from haina.core.model import blocks_of
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
@@ -22,7 +17,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     if mode == "none":
         return 0
     targets = []
-    for block in _blocks(model):
+    for block in blocks_of(model):
         if mode == "full":
             targets.append(block)
         elif mode == "selective":

@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from haina.core.model import Transformer, blocks_of
 from haina.core.parallel.mesh import Layout
 
 
@@ -29,10 +30,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, bf16: bool, reshard_after_
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32, output_dtype=None
     )
-    layers = getattr(model, "layers", None)
-    blocks = layers.values() if isinstance(layers, nn.ModuleDict) else (layers or [])
-    for block in blocks:
+    for block in blocks_of(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # A wrapper of several models (PPO's actor and critic) calls each on its own, past the root's hooks:
+    # every inner Transformer gets its own unit for its embedding, norm and head.
+    for sub in model.modules():
+        if sub is not model and isinstance(sub, Transformer):
+            fully_shard(sub, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters (embedding, norm, head) are needed again right after the forward by the
     # loss and at the start of backward, so they are never freed in between.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -22,12 +22,16 @@ from haina.core.parallel.data_parallel import apply_fsdp, dp_mesh
 from haina.core.parallel.mesh import Layout
 
 
-def parallelize(part: nn.Module, mesh: DeviceMesh, layout: Layout, cfg: HainaConfig) -> None:
+def parallelize(
+    part: nn.Module, mesh: DeviceMesh, layout: Layout, cfg: HainaConfig, frozen: bool = False
+) -> None:
+    """Apply the layout to ``part`` in place; a ``frozen`` model (no backward) skips checkpointing."""
     if layout.tp > 1:
         from haina.core.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
-    apply_activation_checkpointing(part, cfg.parallel.activation_checkpoint)
+    if not frozen:
+        apply_activation_checkpointing(part, cfg.parallel.activation_checkpoint)
     data_mesh = dp_mesh(mesh, layout)
     if data_mesh is not None:
         apply_fsdp(

@@ -1,0 +1,77 @@
+"""CPU (gloo) step time of the tiny preset under each parallel layout: ``python -m haina.tools.bench_layouts``.
+
+Each layout is a real ``haina pretrain --nproc-per-node N`` run; the step time is the median over the
+logged steps after the first (which includes start-up work). Informational: on a 2-core machine, four
+processes share two cores, so multi-process layouts measure communication and oversubscription more
+than parallel speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "1 process": (1, []),
+    "dp_shard=2": (2, ["parallel.dp_shard=2"]),
+    "dp_replicate=2 x dp_shard=2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "tp=2": (2, ["parallel.tp=2"]),
+    "tp=2 sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp=2 1f1b": (2, ["parallel.pp=2"]),
+    "pp=2 interleaved x2": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
+    "tp=2 x pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp=2 x dp_shard=2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
+}
+
+
+def _data(folder: Path) -> Path:
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    prefix = folder / "bench"
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for _ in range(300):
+        doc = rng.integers(3, 512, size=int(rng.integers(40, 200))).tolist() + [2]
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+def step_time(folder: Path, data: Path, nproc: int, overrides: list[str], steps: int) -> float:
+    run = folder / f"run{len(list(folder.iterdir()))}"
+    command = [
+        sys.executable, "-m", "haina.core.cli", "pretrain", "--nproc-per-node", str(nproc), "--config", "tiny",
+        f"train.run_dir={run}", f"data.prefixes=[{data}]", f"train.steps={steps}", "train.save_every=1000",
+        "train.micro_batch_size=1", "train.global_batch_size=4", "model.num_layers=4", *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(command, check=True, capture_output=True, env=env, timeout=600)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = 4 * 64
+    times = [tokens_per_step / (r["tokens_per_s"] * nproc) for r in records[1:]]
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = _data(folder)
+        print(f"{'layout':<30} {'procs':>5} {'step ms':>9}")
+        for name, (nproc, overrides) in LAYOUTS.items():
+            ms = 1000 * step_time(folder, data, nproc, overrides, args.steps)
+            print(f"{name:<30} {nproc:>5} {ms:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
