@@ -169,8 +169,11 @@ def resolve_checkpoint(source: str | Path) -> Path:
     raise FileNotFoundError(f"{source}: no checkpoint (neither a step directory nor a run with one)")
 
 
-def load_model_weights(source: str | Path, module: nn.Module, prefix: str = "") -> list[str]:
-    """Load the weights a checkpoint has for ``module`` (names under ``prefix``, which the checkpoint lacks).
+def load_model_weights(
+    source: str | Path, module: nn.Module, prefix: str = "", source_prefix: str = ""
+) -> list[str]:
+    """Load the weights a checkpoint has for ``module``: its parameter ``prefix + name`` reads the
+    checkpoint's ``source_prefix + name`` (PPO's actor is ``actor.*`` in a PPO run, plain in an SFT run).
 
     Only the model is read, never the optimizer. Parameters the checkpoint lacks or holds with another
     shape (a value head in the LM head's place) keep their current values and are returned by name, so an
@@ -184,15 +187,14 @@ def load_model_weights(source: str | Path, module: nn.Module, prefix: str = "") 
     skipped: list[str] = []
     for name, tensor in state.items():
         key = name[len(prefix) :] if name.startswith(prefix) else None
-        meta = stored.get(f"model.{key}") if key is not None else None
+        meta = stored.get(f"model.{source_prefix}{key}") if key is not None else None
         if meta is None or tuple(getattr(meta, "size", ())) != tuple(tensor.shape):
             if key is not None:
                 skipped.append(name)
             continue
-        wanted[key] = tensor
+        wanted[source_prefix + key] = tensor
     with _single_process_quiet():
         dcp.load({"model": wanted}, checkpoint_id=str(step_dir))
-    set_model_state_dict(
-        module, {prefix + k: v for k, v in wanted.items()}, options=StateDictOptions(strict=False)
-    )
+    loaded = {prefix + k[len(source_prefix) :]: v for k, v in wanted.items()}
+    set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))
     return skipped

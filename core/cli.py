@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from haina.core.config import ConfigError, HainaConfig, load_config
+from haina.core.config import ConfigError, HainaConfig, alignment_config, load_config
 from haina.plugins.registry import PluginError
 
 BAD_INPUT: tuple[type[BaseException], ...] = (ConfigError, PluginError)
@@ -81,7 +81,9 @@ def _launch_torchrun(cfg: HainaConfig, args: argparse.Namespace, argv: Sequence[
     import subprocess
 
     from haina.core.parallel.mesh import resolve_layout
+    from haina.core.train import check_algorithm
 
+    check_algorithm(cfg)
     resolve_layout(cfg, args.nproc_per_node)
     forwarded = [a for a in argv if not a.startswith("--nproc-per-node")]
     if "--nproc-per-node" in argv:  # the separate-value form
@@ -111,19 +113,6 @@ def _train_command(cfg: HainaConfig, args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     return _train_command(_config(args), args)
-
-
-def alignment_config(algorithm: str, source: str | None, config: str | None, overrides: Sequence[str]) -> HainaConfig:
-    """The config of an alignment run: ``--from RUN`` reuses RUN's model, tokenizer and layout, starts from
-    its latest checkpoint and writes to RUN-<algorithm> unless the overrides say otherwise."""
-    base: list[str] = [f"algorithm={algorithm}"]
-    if source is not None:
-        run = Path(source)
-        if not (run / "config.yaml").is_file():
-            raise ConfigError(f"--from {source}: not a run directory (no config.yaml)")
-        config = config or str(run / "config.yaml")
-        base += [f"align.init_from={run}", f"train.run_dir={run.parent / f'{run.name}-{algorithm}'}"]
-    return load_config(config, [*base, *overrides])
 
 
 def cmd_align(args: argparse.Namespace) -> int:

@@ -222,6 +222,9 @@ class AlignConfig(_Section):
     data: str | None = Field(None, description="JSONL: conversations (sft), pairs (rm, dpo), prompts (ppo).")
     eval_data: str | None = Field(None, description="Held-out JSONL scored after training (rm: pairs).")
     taxonomy: str | None = Field(None, description="YAML prompt taxonomy (three levels); default: built-in.")
+    gate_reviews: str | None = Field(None, description="sft: reviewer verdicts (JSONL id/accept) for the gate.")
+    gate_sample: int = Field(5, gt=0, description="sft gate: items spot-checked per annotation batch.")
+    gate_threshold: float = Field(0.8, ge=0, le=1, description="sft gate: lowest acceptance rate kept.")
     tokenizer: str | None = Field(None, description="SentencePiece model with the chat role tokens.")
     margin: bool = Field(False, description="rm: subtract the pair's score gap as a margin.")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the implicit KL constraint.")
@@ -335,3 +338,18 @@ def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...
 
 def dump_config(config: HainaConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def alignment_config(
+    algorithm: str, source: str | None, config: str | None, overrides: list[str] | tuple[str, ...]
+) -> HainaConfig:
+    """The config of an alignment run: ``--from RUN`` reuses RUN's model, tokenizer and layout, starts from
+    its latest checkpoint and writes to RUN-<algorithm> unless the overrides say otherwise."""
+    base: list[str] = [f"algorithm={algorithm}"]
+    if source is not None:
+        run = Path(source)
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"--from {source}: not a run directory (no config.yaml)")
+        config = config or str(run / "config.yaml")
+        base += [f"align.init_from={run}", f"train.run_dir={run.parent / f'{run.name}-{algorithm}'}"]
+    return load_config(config, [*base, *overrides])

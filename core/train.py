@@ -137,6 +137,13 @@ def _set_gradient_sync(parts: list[nn.Module], enabled: bool) -> None:
             part.set_requires_gradient_sync(enabled)
 
 
+def check_algorithm(cfg: HainaConfig) -> None:
+    """The algorithm's own refusals (layouts, missing inputs), before any process group or model."""
+    check = getattr(registry.get("algorithm", cfg.algorithm), "check_config", None)
+    if check is not None:
+        check(cfg)
+
+
 def _default_step(
     engine: Engine, algorithm: Any, model: nn.Module, pipeline: Any, micro_batches: list, names: list[str]
 ) -> tuple[dict[str, float], float] | None:
@@ -178,6 +185,7 @@ def _reduce_metrics(values: dict[str, float] | None, names: list[str], device: t
 
 def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     """Train until ``cfg.train.steps``, resuming from the run directory's latest checkpoint if asked."""
+    check_algorithm(cfg)
     layout = resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # bad layouts fail before any group
     device = device or default_device()
     if device.type == "cuda":

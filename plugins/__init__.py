@@ -4,7 +4,19 @@ Importing this package registers the built-ins; third-party plugins arrive throu
 ``haina.plugins`` entry-point group the first time the registry is queried.
 """
 
-from haina.plugins import attention, head, loss, mlp, norm, position, pretrain  # noqa: F401  (register built-ins)
+from haina.plugins import (  # noqa: F401  (register built-ins)
+    attention,
+    dpo,
+    head,
+    loss,
+    mlp,
+    norm,
+    position,
+    ppo,
+    pretrain,
+    reward,
+    sft,
+)
 from haina.plugins.registry import (
     KINDS,
     PluginEntry,

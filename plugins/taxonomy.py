@@ -1,0 +1,83 @@
+"""A three-level prompt taxonomy (the report organises RM prompts as 6 / 30 / 200+ categories) and the
+coverage of a prompt set over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Taxonomy = dict[str, dict[str, list[str]]]
+
+DEFAULT_TAXONOMY: Taxonomy = {
+    "math": {"arithmetic": ["addition", "subtraction", "multiplication"], "word_problems": ["money", "time"]},
+    "text": {"transform": ["reverse", "uppercase", "count_letters"], "writing": ["summary", "rewrite"]},
+    "knowledge": {"science": ["physics", "biology"], "history": ["ancient", "modern"]},
+    "code": {"python": ["debugging", "explanation"], "sql": ["queries"]},
+    "safety": {"harmful": ["violence", "illegal"], "privacy": ["personal_data"]},
+    "chat": {"daily": ["greeting", "advice"], "roleplay": ["characters"]},
+}
+
+
+def load_taxonomy(path: str | Path | None) -> Taxonomy:
+    """The YAML taxonomy at ``path`` ({top: {middle: [leaf, ...]}}) or the built-in default."""
+    if path is None:
+        return DEFAULT_TAXONOMY
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not all(
+        isinstance(mid, dict) and all(isinstance(leaves, list) for leaves in mid.values()) for mid in data.values()
+    ):
+        raise ValueError(f"{path}: a taxonomy is a mapping top -> mapping middle -> list of leaf categories")
+    return data
+
+
+def category_path(item: dict[str, Any]) -> list[str]:
+    path = item.get("category") or []
+    return path.split("/") if isinstance(path, str) else list(path)
+
+
+def validate_path(path: list[str], taxonomy: Taxonomy) -> bool:
+    """Whether the path names an existing top / middle / leaf chain (prefixes count)."""
+    if not path or path[0] not in taxonomy:
+        return False
+    if len(path) > 1 and path[1] not in taxonomy[path[0]]:
+        return False
+    return len(path) <= 2 or path[2] in taxonomy[path[0]][path[1]]
+
+
+def coverage_report(items: list[dict[str, Any]], taxonomy: Taxonomy) -> dict[str, Any]:
+    """Prompts per category at each level, the categories no prompt covers, and unknown paths."""
+    levels: list[dict[str, int]] = [{}, {}, {}]
+    unknown = 0
+    for item in items:
+        path = category_path(item)
+        if not validate_path(path, taxonomy):
+            unknown += 1
+            continue
+        for level in range(min(3, len(path))):
+            key = "/".join(path[: level + 1])
+            levels[level][key] = levels[level].get(key, 0) + 1
+    every = [
+        [top for top in taxonomy],
+        [f"{top}/{mid}" for top, mids in taxonomy.items() for mid in mids],
+        [f"{top}/{mid}/{leaf}" for top, mids in taxonomy.items() for mid, leaves in mids.items() for leaf in leaves],
+    ]
+    total = max(1, len(items) - unknown)
+    return {
+        "prompts": len(items),
+        "unknown_category": unknown,
+        "top_share": {top: levels[0].get(top, 0) / total for top in taxonomy},
+        "counts": [dict(sorted(level.items())) for level in levels],
+        "uncovered": [[key for key in keys if key not in levels[i]] for i, keys in enumerate(every)],
+        "categories": [len(keys) for keys in every],
+    }
+
+
+def format_coverage(report: dict[str, Any]) -> str:
+    lines = [f"{'top category':<14} {'share':>6}"]
+    lines += [f"{top:<14} {share:>6.1%}" for top, share in report["top_share"].items()]
+    covered = [n - len(u) for n, u in zip(report["categories"], report["uncovered"], strict=True)]
+    lines.append("covered categories per level: " + " / ".join(
+        f"{c}/{n}" for c, n in zip(covered, report["categories"], strict=True)))
+    return "\n".join(lines)
