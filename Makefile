@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench-loss clean
+.PHONY: setup demo test lint bench-loss bench-dedup bench-layouts clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ lint: setup
 
 bench-loss: setup
 	$(PY) -m haina.tools.bench_loss
+
+bench-dedup: setup
+	$(PY) -m haina.tools.bench_dedup
+
+bench-layouts: setup
+	$(PY) -m haina.tools.bench_layouts
 
 clean:
 	rm -rf runs build dist *.egg-info

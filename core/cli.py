@@ -65,7 +65,32 @@ def cmd_tokenizer_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from haina.data_spark.prepare import prepare_main
+
+    report = prepare_main(
+        [Path(p) for p in args.input], Path(args.output), Path(args.config) if args.config else None,
+        args.master, args.overrides,
+    )
+    kept = report["kept"]
+    print(f"kept {kept['documents']:,} documents ({kept['share_of_raw_tokens']:.1%} of raw tokens); "
+          f"report {Path(report['output']) / 'report.json'}")
+    if args.print_report:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
 def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    if args.prepared:
+        from haina.data_spark.prepare import tokenize_main
+
+        summary = tokenize_main(Path(args.prepared), Path(args.tokenizer), master=args.master)
+        print(f"{summary['tokens']:,} tokens in {summary['parts']} parts; blend {summary['blend']}")
+        return 0
+    if not args.input or not args.output:
+        raise ValueError("data tokenize: give --prepared DIR, or --input FILE... and --output PREFIX")
     from haina.data_spark.tokenize import tokenize_to_indexed
 
     stats = tokenize_to_indexed(
@@ -122,7 +147,51 @@ def cmd_align(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from haina.tools.demo import run_demo
 
-    run_demo(Path(args.workdir), overrides=args.overrides)
+    run_demo(Path(args.workdir), overrides=args.overrides, align=not args.no_align)
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from haina.tools.hf_export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, args.format, dtype=args.dtype, config=args.config, tokenizer=args.tokenizer)
+    print(f"{args.format} model written to {out}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from haina.tools.hf_import import import_hf
+
+    step_dir = import_hf(args.model, args.out, args.format, base=args.config, overrides=args.overrides)
+    print(f"haina checkpoint written to {step_dir}; continue with: haina pretrain --config {Path(args.out) / 'config.yaml'}")
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from haina.tools.perplexity import evaluate_perplexity, format_table
+
+    report = evaluate_perplexity(
+        args.checkpoint, args.data, tokenizer=args.tokenizer, out=args.out, batch_size=args.batch_size,
+        seq_len=args.seq_len, text_key=args.text_key,
+    )
+    print(format_table(report))
+    return 0
+
+
+def cmd_scaling_sweep(args: argparse.Namespace) -> int:
+    from haina.tools.scaling_law import sweep
+
+    result = sweep(args.ladder, args.out, base=args.config, overrides=args.overrides, budget_scale=args.budget_scale,
+                   eval_data=args.eval_data)
+    print(f"{len(result['points'])} runs recorded in {Path(args.out) / 'sweep.json'}")
+    return 0
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    from haina.tools.scaling_law import fit_command
+
+    print(fit_command(args.sweep, args.out, holdout_largest=args.holdout_largest, target_flops=args.target_flops,
+                      target_params=args.target_params, target_tokens=args.target_tokens))
     return 0
 
 
@@ -150,9 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer_report, bad_input=BAD_FILE_INPUT)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="action", required=True)
-    p = data.add_parser("tokenize", help="JSONL/Parquet text to Megatron .bin/.idx")
-    p.add_argument("--input", nargs="+", required=True)
-    p.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    p = data.add_parser("prepare", help="Spark job: dedup, quality, safety, categories, sampling weights")
+    p.add_argument("--input", nargs="+", required=True, help="JSONL (optionally .gz) or Parquet files/folders")
+    p.add_argument("--output", required=True, help="output folder (kept/, removed/, quarantine/, report.json)")
+    p.add_argument("--config", help="YAML of the job's settings (see haina.data_spark.config)")
+    p.add_argument("--master", help="Spark master URL (default: local[*], or spark-submit's)")
+    p.add_argument("--print-report", action="store_true", help="print report.json when done")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the job's config")
+    p.set_defaults(func=cmd_data_prepare, bad_input=BAD_FILE_INPUT)
+    p = data.add_parser("tokenize", help="text to Megatron .bin/.idx; a prepared output to weighted shards + blend.json")
+    p.add_argument("--prepared", help="a `haina data prepare` output: tokenize its kept documents in Spark")
+    p.add_argument("--master", help="Spark master URL for --prepared")
+    p.add_argument("--input", nargs="+", help="JSONL/Parquet files (without --prepared)")
+    p.add_argument("--output", help="output prefix (writes PREFIX.bin and PREFIX.idx)")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--text-key", default="text")
     p.set_defaults(func=cmd_data_tokenize, bad_input=BAD_FILE_INPUT)
@@ -174,8 +253,55 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(func=cmd_align, bad_input=BAD_FILE_INPUT)
 
-    p = sub.add_parser("demo", help="end to end on embedded data: corpus, tokenizer, tokenize, pretrain")
+    export = sub.add_parser("export", help="export a checkpoint").add_subparsers(dest="action", required=True)
+    p = export.add_parser("hf", help="checkpoint (any parallel layout) -> Hugging Face safetensors + config")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--format", default="llama", choices=("llama", "baichuan"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--tokenizer", help="SentencePiece model to ship (default: the run's data.tokenizer)")
+    p.add_argument("--config", help="config of the run, if its config.yaml is not above the checkpoint")
+    p.set_defaults(func=cmd_export_hf, bad_input=BAD_FILE_INPUT)
+
+    imp = sub.add_parser("import", help="import weights").add_subparsers(dest="action", required=True)
+    p = imp.add_parser("hf", help="Hugging Face Llama / Baichuan 2 directory -> haina run directory to train on")
+    p.add_argument("--model", required=True, help="model directory (config.json + safetensors or .bin)")
+    p.add_argument("--out", required=True, help="new run directory (config.yaml + checkpoints/step_0)")
+    p.add_argument("--format", choices=("llama", "baichuan"), help="default: config.json's model_type")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_import_hf, bad_input=BAD_FILE_INPUT)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
+    p = ev.add_parser("ppl", help="perplexity per source and overall on JSONL or .bin/.idx data")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints/step_N, or an HF export")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files (text, optional source) or .bin/.idx prefixes")
+    p.add_argument("--tokenizer", help="SentencePiece model for JSONL (default: the run's data.tokenizer)")
+    p.add_argument("--out", help="JSON report (default: ppl.json in the checkpoint directory)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--text-key", default="text")
+    p.set_defaults(func=cmd_eval_ppl, bad_input=BAD_FILE_INPUT)
+
+    sl = sub.add_parser("scaling-law", help="scaling-law ladder and fit").add_subparsers(dest="action", required=True)
+    p = sl.add_parser("sweep", help="train a ladder of model sizes for a FLOP budget each; record (compute, loss)")
+    p.add_argument("--ladder", default="cpu", help="cpu (five small sizes), baichuan2 (the report's seven), or a YAML file")
+    p.add_argument("--out", required=True, help="sweep directory (runs and sweep.json)")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every rung's FLOP budget")
+    p.add_argument("--eval-data", help=".bin/.idx prefix: score each run on it (default: the last steps' training loss)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_scaling_sweep, bad_input=BAD_FILE_INPUT)
+    p = sl.add_parser("fit", help="fit L(C) = a*C^b + L_inf to a sweep; plot and predict")
+    p.add_argument("--sweep", required=True, help="sweep.json of `haina scaling-law sweep`")
+    p.add_argument("--out", help="output prefix (default: fit beside sweep.json) -> PREFIX.json, PREFIX.png")
+    p.add_argument("--holdout-largest", action="store_true", help="fit without the largest run and predict it")
+    p.add_argument("--target-flops", type=float, help="predict the loss at this training compute")
+    p.add_argument("--target-params", type=float, help="with --target-tokens: compute = 6 * params * tokens")
+    p.add_argument("--target-tokens", type=float)
+    p.set_defaults(func=cmd_scaling_fit, bad_input=BAD_FILE_INPUT)
+
+    p = sub.add_parser("demo", help="end to end on embedded data: corpus, Spark prep, tokenizer, pretrain, SFT, RM, PPO")
     p.add_argument("--workdir", default="runs/demo", help="where the corpus, tokenizer, data and run go")
+    p.add_argument("--no-align", action="store_true", help="stop after pretraining (skip SFT, RM and PPO)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo preset")
     p.set_defaults(func=cmd_demo, bad_input=BAD_INPUT)
     return parser

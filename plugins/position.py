@@ -64,7 +64,7 @@ class RotaryEmbedding(nn.Module):
             return angles.cos(), angles.sin()
 
     @staticmethod
-    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if cos.dim() == 3:  # batched positions [b, s, d] -> broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
         return x * cos + rotate_half(x) * sin
@@ -73,15 +73,15 @@ class RotaryEmbedding(nn.Module):
         """x [b, h, s, d] rotated, returned in fp32 (before any cast back to the compute dtype)."""
         with autocast_off(x.device):
             cos, sin = self.cos_sin(positions)
-            return self._apply(x.float(), cos, sin)
+            return self._rotate(x.float(), cos, sin)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast_off(q.device):
             cos, sin = self.cos_sin(positions)
-            q_rot = self._apply(q.float(), cos, sin)
-            k_rot = self._apply(k.float(), cos, sin)
+            q_rot = self._rotate(q.float(), cos, sin)
+            k_rot = self._rotate(k.float(), cos, sin)
         return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
     def bias(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> None:

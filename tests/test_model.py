@@ -167,13 +167,13 @@ def test_rope_math_is_fp32_under_bf16_autocast(monkeypatch: pytest.MonkeyPatch) 
     x = torch.randn(1, 2, 3, 128).to(torch.bfloat16)
 
     applied_dtypes: list[torch.dtype] = []
-    original_apply = RotaryEmbedding._apply
+    original_rotate = RotaryEmbedding._rotate
 
     def spy(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         applied_dtypes.extend([t.dtype, cos.dtype, sin.dtype])
-        return original_apply(t, cos, sin)
+        return original_rotate(t, cos, sin)
 
-    monkeypatch.setattr(RotaryEmbedding, "_apply", staticmethod(spy))
+    monkeypatch.setattr(RotaryEmbedding, "_rotate", staticmethod(spy))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cos, sin = rope.cos_sin(positions)
         rotated = rope.rotate(x, positions)
@@ -329,3 +329,17 @@ def test_tiny_model_overfits_one_batch(position: str, one_thread: None) -> None:
         opt.step()
     assert first > 5.0  # started near log(512) = 6.2
     assert loss.item() < 0.1
+
+
+def test_model_moves_between_dtypes_and_from_meta() -> None:
+    """nn.Module machinery (.to, to_empty) works for every position plugin: no plugin shadows it."""
+    from haina.core.config import load_config
+
+    for position in ("rope", "alibi"):
+        cfg = load_config("tiny", [f"model.position={position}"]).model
+        assert next(Transformer(cfg).to(torch.float64).parameters()).dtype == torch.float64
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()

@@ -24,6 +24,9 @@ def test_wheel_contents(tmp_path: Path) -> None:
         assert f"haina/{package}/__init__.py" in names
     assert "haina/core/presets/baichuan2-7b.yaml" in names
     assert "haina/plugins/registry.py" in names
+    for module in ("core/parallel/tensor_parallel.py", "data_spark/stages/near_dedup.py",
+                   "data_spark/resources/quality_seed.tsv", "data_spark/resources/demo.yaml"):
+        assert f"haina/{module}" in names, module  # subpackages and data files ship too
     assert not any(name.startswith("haina/tests") or name.startswith("tests/") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "haina = haina.core.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

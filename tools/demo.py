@@ -1,4 +1,5 @@
-"""The end-to-end demo on embedded data: corpus -> tokenizer -> .bin/.idx -> pretraining -> loss plot.
+"""The end-to-end demo on embedded data: corpus -> Spark data preparation -> tokenizer -> weighted
+.bin/.idx shards -> pretraining -> loss plot -> SFT, reward model, PPO.
 
 Everything it reads ships with Python or with installed packages, so it runs on a machine with no
 network; it is sized for a few minutes on two CPU cores.
@@ -40,16 +41,19 @@ def plot_loss(records: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
     return out
 
 
-def run_demo(workdir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -> dict[str, Any]:
+    from importlib import resources
+
     from haina.core.metrics import read_metrics
     from haina.core.train import train
-    from haina.data_spark.tokenize import tokenize_to_indexed
+    from haina.data_spark.prepare import kept_files, prepare_main, tokenize_main
     from haina.tools.demo_corpus import build_corpus
     from haina.tools.tokenizer import compression_report, format_report, train_tokenizer
 
     console = Console()
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(workdir / "run", ignore_errors=True)  # a demo starts over rather than resuming
+    for old in ("run", "run-sft", "run-rm", "run-ppo"):
+        shutil.rmtree(workdir / old, ignore_errors=True)  # a demo starts over rather than resuming
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -60,25 +64,33 @@ def run_demo(workdir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     corpus = build_corpus(workdir / "corpus")
     phase("corpus")
 
-    console.rule("[bold]2. tokenizer (SentencePiece BPE, Baichuan 2 settings)")
+    console.rule("[bold]2. data preparation on Spark (dedup, quality, safety, categories, weights)")
+    job_config = resources.files("haina.data_spark") / "resources" / "demo.yaml"
+    with resources.as_file(job_config) as job_yaml:
+        prepared = workdir / "prepared"
+        report = prepare_main([corpus["train"]], prepared, job_yaml, overrides=["overwrite=true"])
+    console.print(_stage_table(report))
+    phase("prepare")
+
+    console.rule("[bold]3. tokenizer (SentencePiece BPE, Baichuan 2 settings) on the kept documents")
     base = load_config("demo", overrides)
-    tokenizer = train_tokenizer([corpus["train"]], workdir / "tokenizer" / "haina", base.tokenizer)
-    report = compression_report(tokenizer, corpus["heldout"])
-    console.print(format_report(report))
+    tokenizer = train_tokenizer(kept_files(prepared), workdir / "tokenizer" / "haina", base.tokenizer)
+    compression = compression_report(tokenizer, corpus["heldout"])
+    console.print(format_report(compression))
     phase("tokenizer")
 
-    console.rule("[bold]3. tokenize to Megatron .bin/.idx")
-    prefix = workdir / "data" / "train"
-    stats = tokenize_to_indexed([corpus["train"]], prefix, tokenizer)
+    console.rule("[bold]4. tokenize in Spark into weighted shards + blend.json")
+    with resources.as_file(job_config) as job_yaml:
+        stats = tokenize_main(prepared, tokenizer, job_yaml)
     console.print(stats)
     phase("tokenize")
 
-    console.rule("[bold]4. pretrain")
+    console.rule("[bold]5. pretrain from the blend")
     cfg = load_config(
         "demo",
         [
             *overrides,
-            f"data.prefixes=[{json.dumps(str(prefix))}]",
+            f"data.blend={json.dumps(stats['blend'])}",
             f"data.tokenizer={json.dumps(str(tokenizer))}",
             f"train.run_dir={json.dumps(str(workdir / 'run'))}",
         ],
@@ -93,7 +105,7 @@ def run_demo(workdir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     table.add_column("value", justify="right")
     table.add_row("first logged loss", f"{records[0]['loss']:.3f} (step {records[0]['step']})")
     table.add_row("final loss", f"{records[-1]['loss']:.3f} (step {records[-1]['step']})")
-    table.add_row("tokenizer tokens/byte (heldout)", f"{report['tokens_per_byte']:.3f}")
+    table.add_row("tokenizer tokens/byte (heldout)", f"{compression['tokens_per_byte']:.3f}")
     for name, seconds in timings.items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     table.add_row("loss plot", str(plot))
@@ -102,7 +114,8 @@ def run_demo(workdir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     summary = {
         "first_loss": records[0]["loss"],
         "final_loss": records[-1]["loss"],
-        "tokens_per_byte": report["tokens_per_byte"],
+        "tokens_per_byte": compression["tokens_per_byte"],
+        "kept_documents": report["kept"]["documents"],
         "timings_s": timings,
         "loss_plot": str(plot),
         "run_dir": str(result.run_dir),
@@ -110,4 +123,23 @@ def run_demo(workdir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     if not records[-1]["loss"] < records[0]["loss"]:
         raise RuntimeError("the demo's loss did not fall")
+    if align:
+        from haina.tools.demo_align import run_alignment_demo
+
+        summary["alignment"] = run_alignment_demo(workdir, result.run_dir, console)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _stage_table(report: dict[str, Any]) -> Table:
+    """The job's report as a table: documents and (approximate) tokens in and out of every stage."""
+    table = Table(title=f"data preparation ({report['ingest']['quarantined']} lines quarantined)")
+    for column in ("stage", "docs in", "docs out", "tokens in", "tokens out", "seconds"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in report["stages"]:
+        if row.get("skipped"):
+            table.add_row(row["stage"], "skipped", "", "", "", "")
+            continue
+        table.add_row(row["stage"], f"{row['docs_in']:,}", f"{row['docs_out']:,}", f"{row['tokens_in']:,}",
+                      f"{row['tokens_out']:,}", f"{row['seconds']:.1f}")
+    return table

@@ -1,0 +1,50 @@
+"""Per-Arrow-batch Python work on a DataFrame: the only place the job runs Python over rows.
+
+Every stage that needs Python (parsing, rules, signatures, classifiers) goes through
+:func:`map_columns`, which runs inside ``mapInArrow`` on each executor; grouping, joins and
+connected components stay on native Spark columns, so no Python runs in a shuffle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql.types import StructField, StructType
+
+BatchFn = Callable[[pa.RecordBatch], dict[str, pa.Array | list]]
+
+
+def _arrow_type(field: StructField) -> pa.DataType:
+    from pyspark.sql.pandas.types import to_arrow_type
+
+    return to_arrow_type(field.dataType)
+
+
+def map_columns(df: DataFrame, fn: BatchFn, fields: list[StructField], drop: tuple[str, ...] = ()) -> DataFrame:
+    """Apply ``fn(batch) -> {column: values}`` per Arrow batch; new columns are appended, same names replaced."""
+    new_names = {f.name for f in fields}
+    kept = [f for f in df.schema.fields if f.name not in new_names and f.name not in drop]
+    schema = StructType([*kept, *fields])
+    types = {f.name: _arrow_type(f) for f in fields}
+    names = schema.fieldNames()
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            new = fn(batch)
+            columns = []
+            for name in names:
+                if name in new:
+                    values = new[name]
+                    array = values if isinstance(values, pa.Array) else pa.array(values, type=types[name])
+                    columns.append(array.cast(types[name]) if array.type != types[name] else array)
+                else:
+                    columns.append(batch.column(name))
+            yield pa.RecordBatch.from_arrays(columns, names=names)
+
+    return df.mapInArrow(run, schema)
+
+
+def texts(batch: pa.RecordBatch, name: str = "text") -> list[str]:
+    return batch.column(name).to_pylist()

@@ -1,0 +1,35 @@
+"""The Spark session: embedded local mode by default, a cluster when --master or spark-submit says so."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark import SparkConf
+from pyspark.sql import SparkSession
+
+from haina.data_spark.config import SparkConfig
+
+
+def get_session(cfg: SparkConfig, master: str | None = None) -> SparkSession:
+    """Create (or reuse) the session; spark-submit's own ``spark.master`` wins over the config default."""
+    submitted = SparkConf().contains("spark.master")
+    chosen = master or (None if submitted else cfg.master)
+    if chosen and chosen.startswith("local"):
+        # Local workers must run this interpreter (with pyarrow, numpy, haina), not whatever python3 is first.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.app_name)
+    if chosen:
+        builder = builder.master(chosen)
+    settings = {
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.driver.memory": cfg.driver_memory,
+        "spark.ui.showConsoleProgress": "false",  # rich reports per-stage progress instead
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        **cfg.conf,
+    }
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

@@ -1,0 +1,39 @@
+"""What every stage receives and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from haina.data_spark.config import PrepareConfig
+
+REMOVED_COLUMNS = ["row_id", "doc_id", "source", "kind", "ntok", "text", "reason", "dup_of"]
+
+
+@dataclass
+class StageContext:
+    """Spark, the config, and a private folder (under the temporary output) for models a stage trains."""
+
+    spark: SparkSession
+    cfg: PrepareConfig
+    workdir: Path
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    kept: DataFrame
+    removed: DataFrame | None = None
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+def removed_rows(df: DataFrame, reason: Column, dup_of: Column | None = None) -> DataFrame:
+    """Project removed documents onto the removed-table schema (stage is added by the runner)."""
+    return df.select(
+        "row_id", "doc_id", "source", "kind", "ntok", "text",
+        reason.cast("string").alias("reason"),
+        (dup_of if dup_of is not None else F.lit(None)).cast("long").alias("dup_of"),
+    )

@@ -1,0 +1,75 @@
+"""Stage 7: content safety from a phrase list and a line classifier trained on the packaged seed set.
+
+A line is unsafe when it contains a listed phrase or the model's probability reaches the threshold.
+``drop_document`` removes the whole document (the default: the rest of a text that carries a threat is
+rarely worth keeping); ``drop_lines`` removes only the unsafe lines. The maximum line probability is
+kept as ``safety_score`` either way.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from haina.data_spark.batches import map_columns, texts
+from haina.data_spark.config import SafetyConfig
+from haina.data_spark.linear_model import LinearModel, evaluate, read_seed, train
+from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
+from haina.data_spark.text import approx_tokens
+
+FIELDS = [
+    T.StructField("text", T.StringType()),
+    T.StructField("ntok", T.LongType()),
+    T.StructField("safety_score", T.DoubleType()),
+    T.StructField("_reason", T.StringType()),
+]
+
+
+def judge(text: str, model: LinearModel, cfg: SafetyConfig) -> tuple[str, float, str | None]:
+    """(text without unsafe lines, max line probability, reason of the first unsafe line or None)."""
+    phrases = [p.lower() for p in cfg.blocklist]
+    kept, worst, reason = [], 0.0, None
+    for line in text.split("\n"):
+        lowered = line.lower()
+        hit = next((p for p in phrases if p in lowered), None)
+        prob = 1.0 if hit else model.score(line) if len(line.strip()) >= cfg.min_line_chars else 0.0
+        worst = max(worst, prob)
+        if prob >= cfg.threshold:
+            reason = reason or (f"safety: blocklist {hit!r}" if hit else f"safety: model {prob:.2f}")
+            continue
+        kept.append(line)
+    return "\n".join(kept), worst, reason
+
+
+def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
+    rows = read_seed("safety_seed.tsv", cfg.model.seed_file)
+    if cfg.model.seed_file is None:  # clean prose and spam are both "safe" examples
+        rows += [(0.0, text) for _, text in read_seed("quality_seed.tsv")]
+    model = train(ctx.spark, rows, cfg.model)
+    (ctx.workdir / "models").mkdir(parents=True, exist_ok=True)
+    model.save(ctx.workdir / "models" / "safety.npz")
+    ctx.notes["safety_model"] = evaluate(model, rows)
+    return model
+
+
+def run(df, ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.safety
+    bc = ctx.spark.sparkContext.broadcast(fit(ctx, cfg))
+
+    def apply(batch: pa.RecordBatch) -> dict[str, list]:
+        out: dict[str, list] = {f.name: [] for f in FIELDS}
+        for text, ntok in zip(texts(batch), texts(batch, "ntok"), strict=True):
+            new_text, score, reason = judge(text, bc.value, cfg)
+            if reason and cfg.action == "drop_lines" and new_text.strip():
+                text, ntok, reason = new_text, approx_tokens(new_text), None
+            out["text"].append(text)
+            out["ntok"].append(ntok)
+            out["safety_score"].append(round(score, 6))
+            out["_reason"].append(reason)
+        return out
+
+    judged = map_columns(df, apply, FIELDS).cache()
+    kept = judged.filter(F.col("_reason").isNull()).drop("_reason")
+    removed = removed_rows(judged.filter(F.col("_reason").isNotNull()), F.col("_reason"))
+    return StageResult(kept, removed, {"model": ctx.notes["safety_model"]})

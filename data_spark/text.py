@@ -1,0 +1,73 @@
+"""Script-aware text helpers shared by the stages: kind detection, words, sentences, shingle tokens.
+
+Chinese has no spaces between words, so every measure that Latin text takes over words is taken over
+characters for CJK text; mixed text yields words for its Latin runs and characters for its CJK runs.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
+_CJK = re.compile(f"[{CJK_RANGES}]")
+# A token is a CJK character or a run of letters/digits (Unicode-aware, underscore excluded).
+_TOKEN = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s+|(?<=[。！？])")
+_CODE_HINTS = re.compile(
+    r"^\s*(def |class |import |from \S+ import|return\b|#include|function |public |private |var |let |const |"
+    r"if \(|for \(|while \(|\}|@\w+)",
+    re.M,
+)
+_LETTER_CATEGORIES = ("Lu", "Ll", "Lt", "Lm", "Lo")
+
+
+def is_cjk(char: str) -> bool:
+    return bool(_CJK.match(char))
+
+
+def cjk_fraction(text: str) -> float:
+    """Share of CJK characters among letters (0 when there are no letters)."""
+    letters = sum(1 for c in text if unicodedata.category(c) in _LETTER_CATEGORIES)
+    return len(_CJK.findall(text)) / letters if letters else 0.0
+
+
+def detect_kind(text: str) -> str:
+    """``"zh"``, ``"code"`` or ``"en"`` (Latin-script prose) from the text alone; cheap and deterministic."""
+    if cjk_fraction(text[:20_000]) >= 0.3:
+        return "zh"
+    lines = [line for line in text[:20_000].splitlines() if line.strip()]
+    if not lines:
+        return "en"
+    hinted = len(_CODE_HINTS.findall(text[:20_000]))
+    symbolic = sum(1 for line in lines if line.rstrip().endswith((":", "{", "}", ";", ")", ",")))
+    if (hinted + symbolic) / len(lines) >= 0.4:
+        return "code"
+    return "en"
+
+
+def words(text: str) -> list[str]:
+    """Latin-style words (letters/digits with inner apostrophes); CJK characters are not words here."""
+    return _WORD.findall(_CJK.sub(" ", text))
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased word tokens with every CJK character its own token: the unit of shingles and n-grams."""
+    return _TOKEN.findall(text.lower())
+
+
+def approx_tokens(text: str) -> int:
+    """Tokens in the report's sense before a tokenizer exists: words + CJK characters + symbols."""
+    return len(_TOKEN.findall(text)) + sum(1 for c in text if not c.isspace() and not c.isalnum() and c != "_")
+
+
+def sentences(line: str) -> list[str]:
+    """Split one line into sentences at . ! ? and CJK full stops; the pieces keep their punctuation."""
+    return [piece for piece in _SENTENCE_END.split(line) if piece and piece.strip()]
+
+
+def normalize(text: str) -> str:
+    """NFKC, lower case, punctuation dropped, whitespace collapsed: the key of exact and line dedup."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text).split())

@@ -1,0 +1,154 @@
+"""The whole job end to end: stage outcomes, report, quarantine, atomic output, determinism, blend."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from haina.data_spark.config import load_prepare_config
+from haina.data_spark.pipeline import run_pipeline
+from haina.data_spark.prepare import kept_files, prepare_main
+from tests.data_helpers import (
+    BAD_LINES,
+    TEST_OVERRIDES,
+    known_corpus,
+    spark,  # noqa: F401  (session fixture)
+    tiny_tokenizer,
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def job(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+    root = tmp_path_factory.mktemp("job")
+    inputs = [write_jsonl(root / "a.jsonl", known_corpus()[:6]), write_jsonl(root / "b.jsonl", known_corpus()[6:], BAD_LINES)]
+    model = tiny_tokenizer(root / "tok")
+    overrides = [*TEST_OVERRIDES, f"tokenize.model={model}", "safety.blocklist=['[unsafe-demo]']"]
+    cfg = load_prepare_config(None, overrides)
+    first = run_pipeline(spark, inputs, root / "out1", cfg, progress=False)
+    second = run_pipeline(spark, inputs, root / "out2", cfg, progress=False)
+    return {"root": root, "inputs": inputs, "cfg": cfg, "reports": (first, second), "model": model}
+
+
+def _removed(out: Path) -> dict[str, str]:
+    table = ds.dataset(out / "removed", format="parquet", partitioning="hive").to_table()
+    return dict(zip(table.column("doc_id").to_pylist(), table.column("stage").to_pylist(), strict=True))
+
+
+def test_every_document_meets_its_fate(job: dict) -> None:
+    out = job["root"] / "out1"
+    removed = _removed(out)
+    kept = set(pq.read_table(out / "kept").column("doc_id").to_pylist())
+    for record in known_corpus():
+        if record["expect"] == "kept":
+            assert record["id"] in kept, record["id"]
+        else:
+            assert removed.get(record["id"]) == record["expect"], (record["id"], removed.get(record["id"]))
+    columns = set(pq.read_schema(kept_files(out)[0]).names)
+    assert {"quality_score", "near_dup_size", "emb_cluster", "emb_density", "safety_score", "category",
+            "weight", "bucket"} <= columns
+    assert not any(c.startswith("_") for c in columns)
+
+
+def test_report_counts_and_quarantine(job: dict) -> None:
+    report = job["reports"][0]
+    on_disk = json.loads((job["root"] / "out1" / "report.json").read_text())
+    assert on_disk["stages"] == report["stages"]
+    assert report["ingest"]["documents"] == len(known_corpus())
+    assert report["ingest"]["quarantined"] == len(BAD_LINES)
+    quarantine = pq.read_table(job["root"] / "out1" / "quarantine").to_pylist()
+    assert len(quarantine) == len(BAD_LINES) and all(r["reason"] and r["file"].endswith("b.jsonl") for r in quarantine)
+    docs = report["ingest"]["documents"]
+    for row in report["stages"]:
+        assert row["docs_in"] == docs and row["docs_out"] == docs - row["docs_removed"]
+        assert row["tokens_out"] <= row["tokens_in"]
+        docs = row["docs_out"]
+    assert report["kept"]["documents"] == docs
+    assert (job["root"] / "out1" / "config.yaml").is_file()
+
+
+def test_two_runs_are_identical(job: dict) -> None:
+    def snapshot(out: Path) -> list:
+        rows = pq.read_table(out / "kept").to_pylist()
+        return sorted((r["row_id"], r["text"], r["weight"], r["bucket"], r["emb_cluster"]) for r in rows)
+
+    assert snapshot(job["root"] / "out1") == snapshot(job["root"] / "out2")
+    assert _removed(job["root"] / "out1") == _removed(job["root"] / "out2")
+    blend1 = json.loads((job["root"] / "out1" / "blend.json").read_text())
+    blend2 = json.loads((job["root"] / "out2" / "blend.json").read_text())
+    assert blend1 == blend2
+
+
+def test_output_is_atomic(job: dict, spark, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match="output exists"):
+        run_pipeline(spark, job["inputs"], job["root"] / "out1", job["cfg"], progress=False)
+    from haina.data_spark import pipeline
+
+    def boom(df, ctx):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(pipeline, "STAGES", [*pipeline.STAGES[:2], ("boom", boom, None)])
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(spark, job["inputs"], job["root"] / "out3", job["cfg"], progress=False)
+    assert not (job["root"] / "out3").exists()
+    assert not [p for p in job["root"].iterdir() if p.name.startswith(".out3")]
+
+
+def test_bad_user_input_is_one_line_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="input not found"):
+        prepare_main([tmp_path / "nope.jsonl"], tmp_path / "out")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported input"):
+        prepare_main([tmp_path / "x.csv"], tmp_path / "out")
+    with pytest.raises(ValueError, match="near_dedup.num_perm"):
+        prepare_main([tmp_path / "x.csv"], tmp_path / "out", overrides=["near_dedup.num_perm=0"])
+
+
+def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
+    """Realised sampling frequencies of megatron-core's blended dataset follow blend.json within 2%."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    import torch
+
+    from haina.core.distributed import init_distributed
+    from haina.tools.tokenizer import Tokenizer
+
+    init_distributed(torch.device("cpu"))  # megatron's builders expect a process group (a world of one)
+    out = job["root"] / "out1"
+    blend = json.loads((out / "blend.json").read_text())
+    entries = blend["datasets"]
+    assert len(entries) >= 3 and sum(e["weight"] for e in entries) == pytest.approx(1.0)
+    assert {e["category"] for e in entries} == {"en", "zh", "code"}
+    for entry in entries:
+        assert (out / f"{entry['prefix']}.bin").is_file() and (out / f"{entry['prefix']}.idx").is_file()
+    tokenizer = Tokenizer(job["model"])
+
+    class TokenInfo:
+        eod = tokenizer.eos_id
+        vocab_size = tokenizer.vocab_size
+        unique_identifiers = {"class": "test", "eod": eod, "vocab_size": vocab_size}
+
+    n = 20_000
+    config = GPTDatasetConfig(
+        random_seed=1, sequence_length=16, split="100,0,0", path_to_cache=str(tmp_path / "cache"),
+        blend=([str(out / e["prefix"]) for e in entries], [e["weight"] for e in entries]),
+        tokenizer=TokenInfo(), reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    dataset = BlendedMegatronDatasetBuilder(GPTDataset, [n, 0, 0], lambda: True, config).build()[0]
+    counts = Counter(np.asarray(dataset.dataset_index).tolist())
+    for index, entry in enumerate(entries):
+        realised = counts[index] / len(dataset)
+        assert abs(realised - entry["weight"]) <= 0.02 * entry["weight"] + 1 / n, (entry, realised)

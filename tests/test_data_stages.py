@@ -1,0 +1,182 @@
+"""Every stage on small inputs with known answers, in a shared local[2] Spark session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+
+from haina.data_spark.components import connected_components
+from haina.data_spark.config import load_prepare_config
+from haina.data_spark.ingest import documents, quarantined, read_inputs
+from haina.data_spark.minhash import shingles
+from haina.data_spark.stages import (
+    category,
+    embedding,
+    exact_dedup,
+    heuristics,
+    line_dedup,
+    near_dedup,
+    quality,
+    safety,
+    weighting,
+)
+from haina.data_spark.stages.base import StageContext
+from tests.data_helpers import (
+    BAD_LINES,
+    SPAM_LINE,
+    TEST_OVERRIDES,
+    UNSAFE_LINE,
+    known_corpus,
+    spark,  # noqa: F401  (session fixture)
+    write_jsonl,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _ctx(spark, tmp_path: Path, *overrides: str) -> StageContext:  # noqa: F811
+    return StageContext(spark, load_prepare_config(None, [*TEST_OVERRIDES, *overrides]), tmp_path)
+
+
+def _docs(spark, tmp_path: Path, records: list[dict], ctx: StageContext):  # noqa: F811
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    return documents(read_inputs(spark, [path], ctx.cfg)).cache()
+
+
+def _ids(df) -> set[str]:
+    return {r["doc_id"] for r in df.select("doc_id").collect()}
+
+
+def test_quarantine_reasons(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    path = write_jsonl(tmp_path / "in.jsonl", known_corpus()[:2], BAD_LINES)
+    parsed = read_inputs(spark, [path], ctx.cfg).cache()
+    assert _ids(documents(parsed)) == {"en-a", "en-b"}
+    reasons = sorted(r["reason"] for r in quarantined(parsed).collect())
+    assert len(reasons) == len(BAD_LINES)
+    for expected in ("malformed JSON", "invalid UTF-8", "missing field", "empty document", "is int",
+                     "not a JSON object", "huge document"):
+        assert any(expected in r for r in reasons), (expected, reasons)
+
+
+def test_exact_dedup_keeps_first(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    docs = _docs(spark, tmp_path, known_corpus(), ctx)
+    result = exact_dedup.run(docs, ctx)
+    removed = result.removed.collect()
+    assert [r["doc_id"] for r in removed] == ["en-a-copy"]
+    first = docs.filter("doc_id = 'en-a'").first()["row_id"]
+    assert removed[0]["dup_of"] == first
+
+
+def test_heuristics_spam_and_chinese(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    records = known_corpus() + [{"id": "boiler", "text": "Subscribe to our newsletter!\n" + known_corpus()[1]["text"]}]
+    result = heuristics.run(_docs(spark, tmp_path, records, ctx), ctx)
+    assert _ids(result.removed) == {"spam"}  # zh documents survive: no English word rules on them
+    boiler = result.kept.filter("doc_id = 'boiler'").first()
+    assert boiler["lines_removed"] == 1 and "newsletter" not in boiler["text"]
+
+
+def test_quality_removes_spam_sentence(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    result = quality.run(_docs(spark, tmp_path, known_corpus(), ctx), ctx)
+    rows = {r["doc_id"]: r for r in result.kept.collect()}
+    assert SPAM_LINE not in rows["en-d"]["text"] and rows["en-d"]["sentences_removed"] >= 1
+    assert rows["en-a"]["sentences_removed"] == 0 and rows["en-a"]["quality_score"] > 0.5
+    assert rows["code-a"]["quality_score"] == 1.0  # code is not judged by a prose classifier
+    assert (ctx.workdir / "models" / "quality.npz").is_file()
+
+
+def test_line_dedup_first_occurrence(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    shared = "This paragraph is repeated verbatim in two different documents of the corpus."
+    records = [
+        {"id": "first", "text": f"Opening words of the first one.\n\n{shared}"},
+        {"id": "second", "text": f"{shared}\n\nClosing words that belong to the second document only."},
+        {"id": "only-shared", "text": shared},
+    ]
+    result = line_dedup.run(_docs(spark, tmp_path, records, ctx), ctx)
+    kept = {r["doc_id"]: r["text"] for r in result.kept.collect()}
+    assert kept["first"].endswith(shared)
+    assert kept["second"] == "Closing words that belong to the second document only."
+    assert _ids(result.removed) == {"only-shared"}
+
+
+def test_near_dedup_pair_and_short_documents(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    records = known_corpus() + [{"id": f"short-{i}", "text": f"tiny {i}"} for i in range(3)]
+    result = near_dedup.run(_docs(spark, tmp_path, records, ctx), ctx)
+    removed = result.removed.collect()
+    # en-a-copy is an exact duplicate (exact dedup would have taken it first); en-b-near is the near copy.
+    assert {r["doc_id"] for r in removed} == {"en-a-copy", "en-b-near"}
+    sizes = {r["doc_id"]: r["near_dup_size"] for r in result.kept.collect()}
+    assert sizes["en-b"] == 2 and sizes["short-0"] == sizes["short-1"] == 1
+
+
+def test_spark_signatures_equal_datasketch(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    records = known_corpus()
+    signed, _, _ = near_dedup.signatures(_docs(spark, tmp_path, records, ctx), ctx.cfg.near_dedup)
+    cfg = ctx.cfg.near_dedup
+    texts = {r["id"]: r["text"] for r in records}
+    for row in signed.select("doc_id", "_sig").collect():
+        reference = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=cfg.scheme)
+        reference.update_batch(shingles(texts[row["doc_id"]], cfg.shingle_size))
+        ours = np.array(row["_sig"], dtype=np.int32).view(np.uint32)
+        assert np.array_equal(ours, reference.hashvalues.astype(np.uint32)), row["doc_id"]
+
+
+def test_connected_components_chain_and_star(spark) -> None:  # noqa: F811
+    chain = [(i, i + 1) for i in range(100, 140)]  # one path of 41 nodes, listed in order
+    star = [(7, leaf) for leaf in (90, 3, 55, 12)]  # centre 7, smallest member 3
+    pair = [(500, 400)]
+    edges = spark.createDataFrame(chain[::-1] + star + pair, "src long, dst long")
+    labels = {r["id"]: r["component"] for r in connected_components(edges).collect()}
+    assert all(labels[n] == 100 for n in range(100, 141))
+    assert all(labels[n] == 3 for n in (7, 90, 3, 55, 12))
+    assert labels[400] == labels[500] == 400
+    assert len(labels) == 41 + 5 + 2
+
+
+def test_embedding_clusters_and_density(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path)
+    result = embedding.run(_docs(spark, tmp_path, known_corpus(), ctx), ctx)
+    rows = result.kept.collect()
+    assert len({r["emb_cluster"] for r in rows}) == 3
+    sizes: dict[int, int] = {}
+    for r in rows:
+        sizes[r["emb_cluster"]] = sizes.get(r["emb_cluster"], 0) + 1
+    for r in rows:
+        assert r["emb_density"] == pytest.approx(sizes[r["emb_cluster"]] / (len(rows) / 3))
+
+
+def test_safety_model_and_blocklist(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path, "safety.blocklist=['[unsafe-demo]']")
+    records = known_corpus() + [{"id": "marked", "text": known_corpus()[2]["text"] + "\n[unsafe-demo] placeholder"}]
+    result = safety.run(_docs(spark, tmp_path, records, ctx), ctx)
+    removed = {r["doc_id"]: r["reason"] for r in result.removed.collect()}
+    assert set(removed) == {"unsafe", "marked"}
+    assert "model" in removed["unsafe"] and "blocklist" in removed["marked"]
+    ctx = _ctx(spark, tmp_path, "safety.action=drop_lines")
+    kept = {r["doc_id"]: r["text"] for r in safety.run(_docs(spark, tmp_path, records, ctx), ctx).kept.collect()}
+    assert UNSAFE_LINE not in kept["unsafe"] and kept["unsafe"].startswith("Mountain villages")
+
+
+def test_category_and_weighting(spark, tmp_path: Path) -> None:  # noqa: F811
+    ctx = _ctx(spark, tmp_path, "category.targets={code: 0.5}", "safety.upsample_sources={books: 3.0}")
+    docs = _docs(spark, tmp_path, known_corpus(), ctx)
+    categorised = category.run(docs, ctx).kept
+    rows = {r["doc_id"]: r["category"] for r in categorised.collect()}
+    assert rows["code-a"] == "code" and rows["zh-a"] == "zh" and rows["en-a"] == "en"
+    result = weighting.run(categorised, ctx)
+    weighted = result.kept.collect()
+    tokens = sum(r["ntok"] for r in weighted)
+    code_mass = sum(r["weight"] * r["ntok"] for r in weighted if r["category"] == "code")
+    assert code_mass / sum(r["weight"] * r["ntok"] for r in weighted) == pytest.approx(0.5)
+    assert sum(r["weight"] * r["ntok"] for r in weighted) == pytest.approx(tokens)
+    by_id = {r["doc_id"]: r["weight"] for r in weighted}
+    assert by_id["en-c"] == pytest.approx(3 * by_id["en-a"])  # books up-sampled, same other factors

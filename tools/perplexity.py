@@ -1,0 +1,181 @@
+"""``haina eval ppl``: perplexity of a checkpoint (or HF export) per data source and overall.
+
+Each document is scored on its own (no context from the document before it, unlike packed training
+sequences), in windows of ``seq_len`` predictions; documents longer than that restart their context at
+each window. Losses are summed over tokens, so the overall figure weights sources by their token counts.
+The head is applied in chunks of positions, as in training, so the full [tokens, vocab] logits of a
+125,696-token vocabulary never exist at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from haina.core.config import HainaConfig
+from haina.core.data import IGNORE_INDEX
+from haina.core.model import Transformer
+
+CHUNK = 1024
+
+
+def load_any(checkpoint: str | Path) -> tuple[HainaConfig, Transformer]:
+    """A haina run/step directory or a Hugging Face model directory (one with config.json)."""
+    path = Path(checkpoint)
+    if (path / "config.json").is_file():
+        from haina.tools.hf_import import load_hf_model
+
+        return load_hf_model(path)
+    from haina.tools.hf_export import load_full_model
+
+    cfg, model, _ = load_full_model(path)
+    return cfg, model
+
+
+def _jsonl_documents(path: Path, tokenizer: Any, text_key: str) -> Iterator[tuple[str, list[int]]]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{number}: not a JSON object with a {text_key!r} field") from None
+            source = str(record.get("source") or path.stem)
+            yield source, tokenizer.encode(text) + [tokenizer.eos_id]
+
+
+def _indexed_documents(prefix: str) -> Iterator[tuple[str, list[int]]]:
+    """Documents of a .bin/.idx set (eos already appended by `haina data tokenize`)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    name = Path(prefix).name
+    for i in range(len(dataset)):
+        yield name, [int(t) for t in dataset[i]]
+
+
+def read_documents(
+    data: Sequence[str], tokenizer_model: str | None, text_key: str = "text"
+) -> dict[str, list[list[int]]]:
+    """{source: [token ids of each document]} from JSONL files and .bin/.idx prefixes."""
+    by_source: dict[str, list[list[int]]] = {}
+    tokenizer = None
+    for item in data:
+        path = Path(item)
+        if path.is_file():
+            if tokenizer is None:
+                if tokenizer_model is None:
+                    raise ValueError(f"{item}: JSONL needs a tokenizer (--tokenizer, or data.tokenizer in the run)")
+                from haina.tools.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer(tokenizer_model)
+            documents: Iterator[tuple[str, list[int]]] = _jsonl_documents(path, tokenizer, text_key)
+        elif Path(item + ".bin").is_file() and Path(item + ".idx").is_file():
+            documents = _indexed_documents(item)
+        else:
+            raise FileNotFoundError(f"--data {item}: neither a JSONL file nor a .bin/.idx prefix")
+        for source, ids in documents:
+            by_source.setdefault(source, []).append(ids)
+    if not any(len(d) > 1 for docs in by_source.values() for d in docs):
+        raise ValueError("--data holds no document of two or more tokens")
+    return by_source
+
+
+def windows(documents: list[list[int]], seq_len: int) -> list[list[int]]:
+    """Each document cut into pieces of seq_len + 1 tokens overlapping by one (seq_len predictions each)."""
+    out = []
+    for doc in documents:
+        for start in range(0, len(doc) - 1, seq_len):
+            out.append(doc[start : start + seq_len + 1])
+    return out
+
+
+@torch.no_grad()
+def nll_sum(model: Transformer, pieces: list[list[int]]) -> tuple[float, int]:
+    """(summed negative log-likelihood, predicted tokens) of a batch of windows, right-padded."""
+    width = max(len(p) for p in pieces)
+    tokens = torch.zeros(len(pieces), width - 1, dtype=torch.long)
+    labels = torch.full((len(pieces), width - 1), IGNORE_INDEX, dtype=torch.long)
+    for row, piece in enumerate(pieces):
+        tokens[row, : len(piece) - 1] = torch.tensor(piece[:-1])
+        labels[row, : len(piece) - 1] = torch.tensor(piece[1:])
+    device = next(model.parameters()).device
+    hidden = model(tokens.to(device)).flatten(0, 1)
+    labels = labels.flatten().to(device)
+    weight = model.head.effective_weight()
+    total = 0.0
+    for start in range(0, hidden.shape[0], CHUNK):
+        logits = F.linear(hidden[start : start + CHUNK], weight).float()
+        total += float(F.cross_entropy(logits, labels[start : start + CHUNK], ignore_index=IGNORE_INDEX, reduction="sum"))
+    return total, int((labels != IGNORE_INDEX).sum())
+
+
+def _stats(nll: float, count: int) -> dict[str, float | int]:
+    loss = nll / count if count else float("nan")
+    return {"tokens": count, "loss": loss, "ppl": math.exp(loss) if count else float("nan")}
+
+
+def evaluate_perplexity(
+    checkpoint: str | Path,
+    data: Sequence[str],
+    *,
+    tokenizer: str | None = None,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    text_key: str = "text",
+) -> dict[str, Any]:
+    """Score ``data`` with the model of ``checkpoint``; write and return the JSON report."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    cfg, model = load_any(checkpoint)
+    seq_len = seq_len or cfg.model.max_seq_len
+    if not 0 < seq_len <= cfg.model.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len}: must be in 1..{cfg.model.max_seq_len} (the model's max_seq_len)")
+    by_source = read_documents(data, tokenizer or cfg.data.tokenizer, text_key)
+    too_big = max((t for docs in by_source.values() for d in docs for t in d), default=0)
+    if too_big >= cfg.model.vocab_size:
+        raise ValueError(f"token id {too_big} is outside the model's vocabulary ({cfg.model.vocab_size})")
+    model.eval()
+    sources: dict[str, dict[str, float | int]] = {}
+    nll_all, count_all = 0.0, 0
+    for source in sorted(by_source):
+        pieces = sorted(windows(by_source[source], seq_len), key=len)  # similar lengths share a batch
+        nll, count = 0.0, 0
+        for start in range(0, len(pieces), batch_size):
+            n, c = nll_sum(model, pieces[start : start + batch_size])
+            nll, count = nll + n, count + c
+        sources[source] = _stats(nll, count)
+        nll_all, count_all = nll_all + nll, count_all + count
+    report = {
+        "checkpoint": str(checkpoint),
+        "data": list(data),
+        "seq_len": seq_len,
+        "sources": sources,
+        "overall": _stats(nll_all, count_all),
+    }
+    out_path = Path(out) if out is not None else Path(checkpoint) / "ppl.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    report["out"] = str(out_path)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Plain-text table: one row per source, then the overall row."""
+    rows = [*report["sources"].items(), ("overall", report["overall"])]
+    width = max(8, *(len(name) for name, _ in rows))
+    lines = [f"{'source':<{width}}  {'tokens':>10}  {'loss':>8}  {'ppl':>10}"]
+    for name, s in rows:
+        lines.append(f"{name:<{width}}  {s['tokens']:>10}  {s['loss']:>8.4f}  {s['ppl']:>10.3f}")
+    if "out" in report:
+        lines.append(f"written to {report['out']}")
+    return "\n".join(lines)
