@@ -8,7 +8,10 @@ sequence that generation and per-token log-probs read whole, so both are refused
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The seeded shuffle of pass ``epoch`` over ``n`` items: item ``p`` of the run is
     ``epoch_order(n, seed, p // n)[p % n]``, so micro-batch ``i`` is the same on every rank and resume."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+
+
+def read_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``file:line``, object) for each non-blank line; a bad line is a ValueError naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}: each line must be a JSON object")
+            yield where, item
 
 
 def check_layout(cfg: HainaConfig, name: str) -> None:

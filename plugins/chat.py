@@ -7,14 +7,13 @@ their own segment id and restart their positions, so attention never crosses fro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from haina.plugins.alignment import IGNORE, epoch_order
+from haina.plugins.alignment import IGNORE, epoch_order, read_jsonl_objects
 
 ROLES = ("system", "user", "assistant")
 
@@ -59,20 +58,10 @@ def validate_turns(turns: Any, where: str, *, reply_last: bool) -> list[dict[str
 def read_conversations(path: str | Path) -> list[dict[str, Any]]:
     """JSONL lines with ``conversations`` (or ``messages``): lists of role/content turns ending in a reply."""
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            turns = item.get("conversations", item.get("messages"))
-            item["conversations"] = validate_turns(turns, where, reply_last=True)
-            items.append(item)
+    for where, item in read_jsonl_objects(path):
+        turns = item.get("conversations", item.get("messages"))
+        item["conversations"] = validate_turns(turns, where, reply_last=True)
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no conversations")
     return items

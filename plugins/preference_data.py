@@ -8,14 +8,13 @@ ending with a user turn; a plain string is one user turn.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from haina.plugins.alignment import IGNORE, epoch_order
+from haina.plugins.alignment import IGNORE, epoch_order, read_jsonl_objects
 
 
 def _turns(value: Any, where: str) -> list[dict[str, str]]:
@@ -31,22 +30,12 @@ def _turns(value: Any, where: str) -> list[dict[str, str]]:
 
 def _read_jsonl(path: str | Path, need: tuple[str, ...]) -> list[dict[str, Any]]:
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            for key in need:
-                if not isinstance(item.get(key), str) or not item[key]:
-                    raise ValueError(f"{where}: missing or empty string field {key!r}")
-            item["prompt"] = _turns(item.get("prompt"), where)
-            items.append(item)
+    for where, item in read_jsonl_objects(path):
+        for key in need:
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ValueError(f"{where}: missing or empty string field {key!r}")
+        item["prompt"] = _turns(item.get("prompt"), where)
+        items.append(item)
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from haina.core.cli import BAD_FILE_INPUT
 from haina.core.config import HainaConfig, load_config
 
 EOS = 2
@@ -45,3 +48,30 @@ def tiny_config(run_dir: Path, data: Path, *overrides: str) -> HainaConfig:
         "tiny",
         [f"train.run_dir={json.dumps(str(run_dir))}", f"data.prefixes=[{json.dumps(str(data))}]", *overrides],
     )
+
+
+def one_line_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+    """The message of the bad-input error ``func`` raises: an exception the CLI turns into exit status 2
+    (core.cli.BAD_FILE_INPUT), on one line."""
+    with pytest.raises(BAD_FILE_INPUT) as info:
+        func(*args, **kwargs)
+    message = str(info.value)
+    assert message and len(message.splitlines()) == 1, message
+    return message
+
+
+def install_plugin_package(site: Path, module: str, source: str) -> Path:
+    """A throwaway installed distribution under ``site`` whose ``haina.plugins`` entry point imports
+    ``module`` (with ``source``): what a third party's pip-installed plugin package looks like."""
+    import textwrap
+
+    pkg = site / module
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(source))
+    dist = site / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    name = module.replace("_", "-")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[haina.plugins]\nacme = {module}\n")
+    (dist / "RECORD").write_text("")
+    return site

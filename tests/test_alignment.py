@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from haina.core.checkpoint import load_model_weights
 from haina.core.config import load_config
 from haina.core.model import Transformer
 from tests.alignment_helpers import AlignmentData, haina, make_alignment_data, records
+from tests.conftest import install_plugin_package
 
 SHORT = ("train.log_every=1", "train.save_every=100", "optim.warmup_steps=0")
 TP2 = ("parallel.tp=2", "parallel.sequence_parallel=false")
@@ -141,15 +141,7 @@ class Scaled(Pretrain):
 
 
 def test_third_party_algorithm_plugin_runs(tmp_path: Path, tiny_data: Path) -> None:
-    site = tmp_path / "site"
-    pkg = site / "acme_algorithms"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent(THIRD_PARTY_ALGORITHM))
-    dist = site / "acme_algorithms-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-algorithms\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[haina.plugins]\nacme = acme_algorithms\n")
-    (dist / "RECORD").write_text("")
+    site = install_plugin_package(tmp_path / "site", "acme_algorithms", THIRD_PARTY_ALGORITHM)
     run_dir = tmp_path / "run"
     haina("pretrain", "--config", "tiny", "algorithm=acme_scaled", "train.steps=2", f"train.run_dir={run_dir}",
           f"data.prefixes=[{tiny_data}]", *SHORT, env_extra={"PYTHONPATH": str(site)})

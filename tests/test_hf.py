@@ -4,33 +4,20 @@ checkpoints of tp=2 and pp=2 runs, resuming training from an import, one-line er
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from haina.core.cli import BAD_FILE_INPUT
 from haina.core.train import train
 from haina.tools.hf_export import export_hf, load_full_model
 from haina.tools.hf_import import import_hf, load_hf_model
-from tests.conftest import tiny_config
+from tests.conftest import one_line_error, tiny_config
 from tests.parallel_helpers import run_pretrain
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 LAYOUT_STEPS = ("train.steps=2", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=2")
-
-
-def one_line_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
-    """The message of the bad-input error ``func`` raises: an exception the CLI turns into exit status 2
-    (core.cli.BAD_FILE_INPUT), on one line."""
-    with pytest.raises(BAD_FILE_INPUT) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert message and len(message.splitlines()) == 1, message
-    return message
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from haina.core.cli import BAD_FILE_INPUT
 from haina.core.train import train
 from haina.tools.hf_export import export_hf, load_full_model
 from haina.tools.perplexity import evaluate_perplexity, format_table, windows
 from haina.tools.tokenizer import Tokenizer, train_tokenizer
-from tests.conftest import tiny_config, write_indexed
-
-
-def one_line_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
-    """The message of the bad-input error ``func`` raises: an exception the CLI turns into exit status 2
-    (core.cli.BAD_FILE_INPUT), on one line."""
-    with pytest.raises(BAD_FILE_INPUT) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert message and len(message.splitlines()) == 1, message
-    return message
+from tests.conftest import one_line_error, tiny_config, write_indexed
 
 
 @pytest.fixture(scope="module")

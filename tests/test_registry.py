@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from haina.plugins import registry
+from tests.conftest import install_plugin_package
 
 BUILTINS = {
     "position": {"rope", "alibi"},
@@ -78,17 +78,6 @@ class SinusoidalQK(nn.Module):
 '''
 
 
-def _install_third_party(site: Path) -> None:
-    pkg = site / "acme_positions"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent(THIRD_PARTY_MODULE))
-    dist = site / "acme_positions-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-positions\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[haina.plugins]\nacme = acme_positions\n")
-    (dist / "RECORD").write_text("")
-
-
 def _haina(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(site))
     return subprocess.run(
@@ -98,7 +87,7 @@ def _haina(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProces
 
 def test_third_party_position_plugin_trains(tmp_path: Path, tiny_data: Path) -> None:
     site = tmp_path / "site"
-    _install_third_party(site)
+    install_plugin_package(site, "acme_positions", THIRD_PARTY_MODULE)
 
     listing = _haina(["plugins"], site, tmp_path)
     assert listing.returncode == 0, listing.stderr

@@ -4,29 +4,17 @@ sweep trains a ladder for its budgets, and bad input fails in one line."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
-from haina.core.cli import BAD_FILE_INPUT
 from haina.core.config import load_config
 from haina.tools.scaling_law import LADDERS, fit_command, fit_power_law, matmul_params, sweep
+from tests.conftest import one_line_error
 
 TRUE = {"a": 310.0, "b": -0.12, "l_inf": 1.7}
-
-
-def one_line_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
-    """The message of the bad-input error ``func`` raises: an exception the CLI turns into exit status 2
-    (core.cli.BAD_FILE_INPUT), on one line."""
-    with pytest.raises(BAD_FILE_INPUT) as info:
-        func(*args, **kwargs)
-    message = str(info.value)
-    assert message and len(message.splitlines()) == 1, message
-    return message
 
 
 def _law(c: np.ndarray) -> np.ndarray:

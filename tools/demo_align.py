@@ -23,7 +23,7 @@ from haina.tools import alignment_task as task
 SFT = ("train.steps=300", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=20")
 RM = ("train.steps=150", "optim.lr=5e-4", "optim.min_lr=5e-5", "optim.warmup_steps=10")
 PPO = (
-    "train.steps=60", "align.ppo.critic_warmup_steps=20", "optim.lr=2e-5", "optim.min_lr=2e-5",
+    "train.steps=60", "align.ppo.critic_warmup_steps=20", "optim.lr=5e-5", "optim.min_lr=5e-5",
     "optim.warmup_steps=0", "optim.clip_grad=0.5", "align.sampling.max_new_tokens=8", "align.sampling.top_k=20",
     "train.micro_batch_size=16", "train.global_batch_size=16",
 )
@@ -108,6 +108,9 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> d
     for name, seconds in timings.items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     console.print(table)
+    rose = after["rm_score"] > before["rm_score"]
+    console.print(f"PPO {'raised' if rose else 'did NOT raise'} the reward-model score on held-out prompts "
+                  f"({before['rm_score']:.3f} -> {after['rm_score']:.3f}).")
     summary = {
         "rm_heldout_accuracy": rm_eval["accuracy"], "rm_by_gap": rm_eval["by_gap"],
         "policy_before": before, "policy_after": after, "timings_s": timings,
