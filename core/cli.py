@@ -144,6 +144,18 @@ def cmd_align(args: argparse.Namespace) -> int:
     return _train_command(alignment_config(args.command, args.source, args.config, args.overrides), args)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from haina.tools.chat import run_generate
+
+    return run_generate(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from haina.tools.chat import run_chat
+
+    return run_chat(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from haina.tools.demo import run_demo
 

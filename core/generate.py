@@ -102,8 +102,11 @@ def generate(
     eos_id: int,
     pad_id: int = 0,
     group: dist.ProcessGroup | None = None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Each prompt's continuation (without the prompt), ending with eos when the model produced one.
+
+    ``vocab_limit``: only ids below it are drawn (a model's vocabulary padded past its tokenizer's).
 
     With ``group``, decoding stops only when every rank of it is done: ranks that shard one model (FSDP)
     must run the same number of forward passes, whatever their own prompts.
@@ -121,6 +124,8 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
     for step in range(sampling.max_new_tokens):
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
         tok = next_token(logits, seen, sampling, generator)
         for i in (~done).nonzero()[:, 0].tolist():
             out[i].append(int(tok[i]))

@@ -101,7 +101,8 @@ class PPO:
         start = time.perf_counter()
         with engine.autocast:
             replies = generate(
-                model.actor, prompts, sampling, eos_id=self.tokenizer.eos_id, group=dist.group.WORLD
+                model.actor, prompts, sampling, eos_id=self.tokenizer.eos_id, group=dist.group.WORLD,
+                vocab_limit=self.tokenizer.vocab_size,
             )
         rollout_s = time.perf_counter() - start
         replies = [r[: self.cfg.train.seq_len - len(p)] or [self.tokenizer.eos_id] for p, r in zip(prompts, replies, strict=True)]

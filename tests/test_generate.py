@@ -109,3 +109,12 @@ def test_left_padding_layout() -> None:
     assert segments.tolist() == [[0, 1, 1], [1, 1, 1]]
     with pytest.raises(ValueError, match="empty"):
         left_pad([[1], []], 0, torch.device("cpu"))
+
+
+def test_vocab_limit_keeps_draws_inside_the_tokenizer() -> None:
+    model = _model("rope")
+    limit = 40  # a tokenizer smaller than the model's (padded) vocabulary
+    hot = Sampling(max_new_tokens=10, temperature=2.0, seed=1)
+    out = generate(model, [[5, 6, 7], [8]], hot, eos_id=2, vocab_limit=limit)
+    assert all(t < limit for row in out for t in row)
+    assert any(t >= limit for row in generate(model, [[5, 6, 7], [8]], hot, eos_id=2) for t in row)

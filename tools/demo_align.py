@@ -58,7 +58,9 @@ def policy_reward(cfg: HainaConfig, policy: Path, source_prefix: str, rm_run: Pa
     load_model_weights(rm_run, rm)
     items = read_prompts(prompts)
     ids = [render_prompt(it["prompt"], tok) for it in items]
-    replies = generate(actor, ids, Sampling(max_new_tokens=8, temperature=0), eos_id=tok.eos_id)
+    replies = generate(
+        actor, ids, Sampling(max_new_tokens=8, temperature=0), eos_id=tok.eos_id, vocab_limit=tok.vocab_size
+    )
     rows = [p + r for p, r in zip(ids, replies, strict=True)]
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])

@@ -1,0 +1,123 @@
+"""``haina generate`` and ``haina chat``: sample from a checkpoint (any layout) or a Hugging Face export.
+
+``generate`` continues raw text; ``chat`` renders the conversation with the tokenizer's user and
+assistant role tokens, keeps every turn, and generates each reply as the model was trained to.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from haina.core.config import HainaConfig
+from haina.core.generate import Sampling, generate
+from haina.core.model import Transformer
+
+
+def load_policy(checkpoint: str | Path, prefix: str = "") -> tuple[HainaConfig, Transformer]:
+    """A model to sample from; ``prefix`` picks a sub-model of the checkpoint (``actor.`` of a PPO run)."""
+    if not prefix:
+        from haina.tools.perplexity import load_any
+
+        return load_any(checkpoint)
+    from haina.core.checkpoint import load_model_weights, resolve_checkpoint
+    from haina.tools.hf_export import empty_model, run_config
+
+    cfg = run_config(resolve_checkpoint(checkpoint))
+    model = empty_model(cfg)
+    missing = load_model_weights(checkpoint, model, source_prefix=prefix)
+    if missing:
+        raise ValueError(f"{checkpoint}: no weights under {prefix!r} for {missing[0]} ({len(missing)} missing)")
+    return cfg, model.eval()
+
+
+def tokenizer_of(cfg: HainaConfig, override: str | None) -> Any:
+    from haina.tools.tokenizer import Tokenizer
+
+    path = override or cfg.align.tokenizer or cfg.data.tokenizer
+    if path is None or not Path(path).is_file():
+        raise ValueError(f"tokenizer {path!r} not found; pass --tokenizer MODEL")
+    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token)
+
+
+def generate_texts(model: Transformer, tokenizer: Any, prompts: list[str], sampling: Sampling) -> list[str]:
+    ids = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
+    replies = generate(model, ids, sampling, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
+    return [tokenizer.decode([t for t in r if t != tokenizer.eos_id]) for r in replies]
+
+
+def chat_loop(
+    model: Transformer, tokenizer: Any, sampling: Sampling, lines: Iterable[str], say: Callable[[str], None]
+) -> list[dict[str, str]]:
+    """One reply per user line; the whole conversation is the context of each reply. Returns the turns."""
+    from haina.plugins.chat import render_prompt
+
+    turns: list[dict[str, str]] = []
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            turns = []
+            continue
+        turns.append({"role": "user", "content": text})
+        context = render_prompt(turns, tokenizer)[-(model.cfg.max_seq_len - sampling.max_new_tokens) :]
+        (reply,) = generate(model, [context], sampling, eos_id=tokenizer.eos_id, vocab_limit=tokenizer.vocab_size)
+        answer = tokenizer.decode([t for t in reply if t != tokenizer.eos_id])
+        turns.append({"role": "assistant", "content": answer})
+        say(answer)
+    return turns
+
+
+def run_generate(args: Any) -> int:
+    cfg, model = load_policy(args.checkpoint, args.prefix)
+    tokenizer = tokenizer_of(cfg, args.tokenizer)
+    prompts = list(args.prompt or []) + (Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else [])
+    if not prompts:
+        raise ValueError("generate: give --prompt TEXT (repeatable) or --prompts FILE")
+    for prompt, text in zip(prompts, generate_texts(model, tokenizer, prompts, sampling_of(args)), strict=True):
+        print(f"{prompt}{text}")
+    return 0
+
+
+def run_chat(args: Any) -> int:
+    cfg, model = load_policy(args.checkpoint, args.prefix)
+    tokenizer = tokenizer_of(cfg, args.tokenizer)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: type a message; /reset starts over, /exit ends", flush=True)
+
+    def lines() -> Iterable[str]:
+        while True:
+            if interactive:
+                print("you> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    chat_loop(model, tokenizer, sampling_of(args), lines(), lambda text: print(f"model> {text}", flush=True))
+    return 0
+
+
+def sampling_of(args: Any) -> Sampling:
+    return Sampling(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/step_N, or an HF export")
+    parser.add_argument("--prefix", default="", help="sub-model of the checkpoint, e.g. actor. for a PPO run")
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repetition-penalty", type=float, default=1.05)
+    parser.add_argument("--seed", type=int, default=0)
