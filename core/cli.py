@@ -311,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tokens", type=float)
     p.set_defaults(func=cmd_scaling_fit, bad_input=BAD_FILE_INPUT)
 
+    from haina.tools.chat import add_arguments
+
+    p = sub.add_parser("generate", help="continue text prompts with a checkpoint or an HF export")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a file with one prompt per line")
+    add_arguments(p)
+    p.set_defaults(func=cmd_generate, bad_input=BAD_FILE_INPUT)
+    p = sub.add_parser("chat", help="chat with a model in the chat format (role tokens), keeping the conversation")
+    add_arguments(p)
+    p.set_defaults(func=cmd_chat, bad_input=BAD_FILE_INPUT)
+
     p = sub.add_parser("demo", help="end to end on embedded data: corpus, Spark prep, tokenizer, pretrain, SFT, RM, PPO")
     p.add_argument("--workdir", default="runs/demo", help="where the corpus, tokenizer, data and run go")
     p.add_argument("--no-align", action="store_true", help="stop after pretraining (skip SFT, RM and PPO)")
