@@ -77,6 +77,8 @@ def spot_check(
     report = GateReport(threshold)
     for name in sorted(batches):
         items = batches[name]
+        if not items:
+            raise ValueError(f"annotation batch {name!r} has no items to spot-check")
         rng = random.Random(f"{seed}:{name}")
         sample = rng.sample(items, min(sample_size, len(items)))
         accepted = sum(bool(review(item)) for item in sample)

@@ -211,3 +211,40 @@ def test_taxonomy_coverage() -> None:
     assert report["top_share"]["math"] == 0.5 and report["top_share"]["code"] == 0.0
     assert "code" in report["uncovered"][0] and "math/arithmetic/addition" not in report["uncovered"][2]
     assert validate_path(["text", "transform"], DEFAULT_TAXONOMY) and not validate_path(["x"], DEFAULT_TAXONOMY)
+
+
+def test_chat_batches_are_deterministic_and_cycle(tok: Tokenizer) -> None:
+    from haina.plugins.chat import ChatBatches
+
+    items = task.sft_conversations(30, 2)
+    batches = ChatBatches(items, tok, seq_len=32, micro_batch_size=2, seed=4)
+    again = ChatBatches(items, tok, seq_len=32, micro_batch_size=2, seed=4)
+    first = batches.batch(0)
+    assert {k: v.shape for k, v in first.items()} == {k: (2, 32) for k in ("tokens", "labels", "segments", "positions")}
+    rows = len(batches.rows)
+    for i in (0, 3, rows):  # past one pass over the rows it goes on with a fresh order
+        assert all(torch.equal(batches.batch(i)[k], again.batch(i)[k]) for k in first)
+    seen = {tuple(r.tolist()) for i in range((rows + 1) // 2) for r in batches.batch(i)["tokens"]}
+    assert len(seen) == rows  # one pass visits every packed row
+
+
+def test_whitening_and_entropy() -> None:
+    from haina.plugins.rl import entropy_from_logits, masked_whiten
+
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
+    w = masked_whiten(x, mask)
+    assert w[0, 3] == 0 and float(w[0, :3].mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float((w[0, :3] ** 2).mean()) == pytest.approx(1.0, rel=1e-4)
+    assert float(entropy_from_logits(torch.zeros(1, 4))[0]) == pytest.approx(math.log(4))
+    assert float(entropy_from_logits(torch.tensor([[50.0, 0.0, 0.0]]))[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_wrong_answers_grow_with_the_gap() -> None:
+    import random
+
+    rng = random.Random(0)
+    assert all(abs(int(task.wrong_answer("40", g, rng)) - 40) == g for g in range(1, 5))
+    assert abs(int(task.wrong_answer("40", 5, rng)) - 40) >= 20
+    assert sum(a != b for a, b in zip("tree", task.wrong_answer("tree", 2, rng), strict=True)) == 2
+    with pytest.raises(ValueError, match="no items"):
+        spot_check({"A": []}, 2, 0.5, lambda item: True)

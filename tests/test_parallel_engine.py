@@ -29,8 +29,8 @@ LAYOUTS = {
     "pp=2 1f1b": (2, ["parallel.pp=2"]),
     "pp=2 interleaved x2": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
     "pp=2 x dp_shard=2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),
-    "tp=2": (2, ["parallel.tp=2"]),
-    "tp=2 x pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp=2": (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "tp=2 sp x pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp=2 sp x dp_shard=2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_shard=2"]),
 }
 
