@@ -101,3 +101,14 @@ def evaluate(model: LinearModel, rows: list[tuple[float, str]]) -> dict[str, flo
 
 def describe(model: LinearModel) -> str:
     return json.dumps({"features": model.size, "nonzero": int(np.count_nonzero(model.weights))})
+
+
+def fit_and_save(
+    spark: SparkSession, rows: list[tuple[float, str]], cfg: ModelTrainConfig, path: Path, notes: dict, name: str
+) -> LinearModel:
+    """Train on the seed rows, keep the model beside the output (``path``), record its seed metrics."""
+    model = train(spark, rows, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    notes[name] = evaluate(model, rows)
+    return model

@@ -22,15 +22,10 @@ def load_policy(checkpoint: str | Path, prefix: str = "") -> tuple[HainaConfig, 
         from haina.tools.perplexity import load_any
 
         return load_any(checkpoint)
-    from haina.core.checkpoint import load_model_weights, resolve_checkpoint
-    from haina.tools.hf_export import empty_model, run_config
+    from haina.tools.hf_export import load_full_model
 
-    cfg = run_config(resolve_checkpoint(checkpoint))
-    model = empty_model(cfg)
-    missing = load_model_weights(checkpoint, model, source_prefix=prefix)
-    if missing:
-        raise ValueError(f"{checkpoint}: no weights under {prefix!r} for {missing[0]} ({len(missing)} missing)")
-    return cfg, model.eval()
+    cfg, model, _ = load_full_model(checkpoint, prefix=prefix)
+    return cfg, model
 
 
 def tokenizer_of(cfg: HainaConfig, override: str | None) -> Any:

@@ -7,32 +7,19 @@ unsharded model: no process group, no torchrun, however the run was trained.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from haina.core.checkpoint import resolve_checkpoint
+from haina.core.checkpoint import load_model_weights, resolve_checkpoint
 from haina.core.config import HainaConfig, load_config
 from haina.core.model import Transformer
 from haina.tools import hf_layout
 from haina.tools.hf_layout import HFFormatError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """DCP warns that it runs without a process group; reading in one process is the point here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*process group.*", category=UserWarning)
-        yield
 
 
 def run_config(step_dir: Path, config: str | None = None) -> HainaConfig:
@@ -57,24 +44,22 @@ def empty_model(cfg: HainaConfig) -> Transformer:
     return model
 
 
-def load_full_model(checkpoint: str | Path, config: str | None = None) -> tuple[HainaConfig, Transformer, Path]:
-    """(config, full fp32 model in eval mode, step dir) of a run or step directory."""
+def load_full_model(
+    checkpoint: str | Path, config: str | None = None, prefix: str = ""
+) -> tuple[HainaConfig, Transformer, Path]:
+    """(config, full fp32 model in eval mode, step dir) of a run or step directory; ``prefix`` picks a
+    sub-model of the checkpoint (``actor.`` of a PPO run)."""
     step_dir = resolve_checkpoint(checkpoint)
     cfg = run_config(step_dir, config)
     if cfg.model.head == "value":
         raise HFFormatError(f"{step_dir}: a value-head model (reward model or critic) is not a language model")
     model = empty_model(cfg)
-    state = model.state_dict()
-    stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    for name, tensor in state.items():
-        meta = stored.get(f"model.{name}")
-        if meta is None:
-            raise HFFormatError(f"{step_dir}: the checkpoint has no weight {name!r} (config and checkpoint differ?)")
-        if tuple(meta.size) != tuple(tensor.shape):
-            raise HFFormatError(f"{step_dir}: {name} is {tuple(meta.size)} in the checkpoint, {tuple(tensor.shape)} in the model")
-    with _quiet():
-        dcp.load({"model": state}, checkpoint_id=str(step_dir))
-    model.load_state_dict(state)
+    missing = load_model_weights(step_dir, model, source_prefix=prefix)
+    if missing:
+        raise HFFormatError(
+            f"{step_dir}: no weight {prefix}{missing[0]} of the config's shape in the checkpoint "
+            f"({len(missing)} missing; config and checkpoint differ?)"
+        )
     return cfg, model.eval(), step_dir
 
 

@@ -13,7 +13,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.batches import map_columns, texts
 from haina.data_spark.config import QualityConfig
-from haina.data_spark.linear_model import LinearModel, evaluate, read_seed, train
+from haina.data_spark.linear_model import LinearModel, fit_and_save, read_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import approx_tokens, is_cjk, sentences
 
@@ -81,11 +81,7 @@ def _apply(bc, cfg: QualityConfig):
 
 def fit(ctx: StageContext, cfg: QualityConfig) -> LinearModel:
     rows = read_seed("quality_seed.tsv", cfg.model.seed_file)
-    model = train(ctx.spark, rows, cfg.model)
-    (ctx.workdir / "models").mkdir(parents=True, exist_ok=True)
-    model.save(ctx.workdir / "models" / "quality.npz")
-    ctx.notes["quality_model"] = evaluate(model, rows)
-    return model
+    return fit_and_save(ctx.spark, rows, cfg.model, ctx.workdir / "models" / "quality.npz", ctx.notes, "quality_model")
 
 
 def run(df, ctx: StageContext) -> StageResult:

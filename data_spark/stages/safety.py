@@ -14,7 +14,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.batches import map_columns, texts
 from haina.data_spark.config import SafetyConfig
-from haina.data_spark.linear_model import LinearModel, evaluate, read_seed, train
+from haina.data_spark.linear_model import LinearModel, fit_and_save, read_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import approx_tokens
 
@@ -46,11 +46,7 @@ def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
     rows = read_seed("safety_seed.tsv", cfg.model.seed_file)
     if cfg.model.seed_file is None:  # clean prose and spam are both "safe" examples
         rows += [(0.0, text) for _, text in read_seed("quality_seed.tsv")]
-    model = train(ctx.spark, rows, cfg.model)
-    (ctx.workdir / "models").mkdir(parents=True, exist_ok=True)
-    model.save(ctx.workdir / "models" / "safety.npz")
-    ctx.notes["safety_model"] = evaluate(model, rows)
-    return model
+    return fit_and_save(ctx.spark, rows, cfg.model, ctx.workdir / "models" / "safety.npz", ctx.notes, "safety_model")
 
 
 def run(df, ctx: StageContext) -> StageResult:
