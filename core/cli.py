@@ -102,20 +102,25 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
 
 def _launch_torchrun(cfg: HainaConfig, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--nproc-per-node N`` on one machine: check the layout here, then let torchrun start N workers."""
-    import os
-    import subprocess
-
     from haina.core.parallel.mesh import resolve_layout
     from haina.core.train import check_algorithm
 
     check_algorithm(cfg)
     resolve_layout(cfg, args.nproc_per_node)
+    return _torchrun(args.nproc_per_node, argv)
+
+
+def _torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Run this same command line again as ``nproc`` torchrun workers on this machine."""
+    import os
+    import subprocess
+
     forwarded = [a for a in argv if not a.startswith("--nproc-per-node")]
     if "--nproc-per-node" in argv:  # the separate-value form
         i = list(argv).index("--nproc-per-node")
         forwarded = list(argv[:i]) + list(argv[i + 2 :])
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "haina.core.cli", *forwarded,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -180,13 +185,19 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import os
+
+    from haina.core.distributed import is_main_process
     from haina.tools.perplexity import evaluate_perplexity, format_table
 
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc_per_node, args.argv)
     report = evaluate_perplexity(
         args.checkpoint, args.data, tokenizer=args.tokenizer, out=args.out, batch_size=args.batch_size,
-        seq_len=args.seq_len, text_key=args.text_key,
+        seq_len=args.seq_len, text_key=args.text_key, overrides=args.overrides,
     )
-    print(format_table(report))
+    if is_main_process():
+        print(format_table(report))
     return 0
 
 
@@ -292,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
     p.add_argument("--text-key", default="text")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="start torchrun with N workers on this machine")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="layout: parallel.tp=2, parallel.pp=2, train.precision=bf16")
     p.set_defaults(func=cmd_eval_ppl, bad_input=BAD_FILE_INPUT)
 
     sl = sub.add_parser("scaling-law", help="scaling-law ladder and fit").add_subparsers(dest="action", required=True)

@@ -106,15 +106,31 @@ def test_line_dedup_first_occurrence(spark, tmp_path: Path) -> None:  # noqa: F8
     assert _ids(result.removed) == {"only-shared"}
 
 
-def test_near_dedup_pair_and_short_documents(spark, tmp_path: Path) -> None:  # noqa: F811
+def _chain() -> list[dict]:
+    """A ~ B (J 0.85) and B ~ C (J 0.81), but A and C are J 0.69 apart: one component, two removals at most."""
+    a = [f"w{(i * 7919) % 5000}" for i in range(200)]
+    b = [f"x{i}" if i % 50 == 0 else w for i, w in enumerate(a)]
+    c = [f"y{i}" if i % 50 == 25 else w for i, w in enumerate(b)]
+    return [{"id": f"chain-{name}", "text": " ".join(words)} for name, words in zip("abc", (a, b, c), strict=True)]
+
+
+def test_near_dedup_pair_chain_and_short_documents(spark, tmp_path: Path) -> None:  # noqa: F811
     ctx = _ctx(spark, tmp_path)
-    records = known_corpus() + [{"id": f"short-{i}", "text": f"tiny {i}"} for i in range(3)]
+    chain = _chain()
+    size = ctx.cfg.near_dedup.shingle_size
+    jac = [len(x & y) / len(x | y) for x, y in (
+        (set(shingles(chain[i]["text"], size)), set(shingles(chain[j]["text"], size))) for i, j in ((0, 1), (1, 2), (0, 2))
+    )]
+    assert jac[0] >= 0.8 and jac[1] >= 0.8 and jac[2] < 0.8, jac
+    records = known_corpus() + [{"id": f"short-{i}", "text": f"tiny {i}"} for i in range(3)] + chain
     result = near_dedup.run(_docs(spark, tmp_path, records, ctx), ctx)
-    removed = result.removed.collect()
+    removed = {r["doc_id"]: r["dup_of"] for r in result.removed.collect()}
     # en-a-copy is an exact duplicate (exact dedup would have taken it first); en-b-near is the near copy.
-    assert {r["doc_id"] for r in removed} == {"en-a-copy", "en-b-near"}
+    # chain-c joined chain-a's component only through chain-b, so it is not removed as chain-a's copy.
+    assert set(removed) == {"en-a-copy", "en-b-near", "chain-b"}
     sizes = {r["doc_id"]: r["near_dup_size"] for r in result.kept.collect()}
     assert sizes["en-b"] == 2 and sizes["short-0"] == sizes["short-1"] == 1
+    assert sizes["chain-a"] == sizes["chain-c"] == 3
 
 
 def test_spark_signatures_equal_datasketch(spark, tmp_path: Path) -> None:  # noqa: F811

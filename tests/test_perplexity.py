@@ -86,7 +86,6 @@ def test_jsonl_sources_and_hf_export(trained: Path, sp_model: Path, tmp_path: Pa
     assert set(report["sources"]) == {"en", "code", "eval"}  # no source field: the file's name
     tok = Tokenizer(sp_model)
     assert report["sources"]["en"]["tokens"] == len(tok.encode(lines[0]["text"]))  # + eos, - 1 first token
-    # The same numbers from an HF export of the same weights.
     # The same numbers from an HF export of the same weights, which ships the tokenizer.
     export = export_hf(trained, tmp_path / "export", "baichuan", tokenizer=str(sp_model))
     assert (export / "tokenizer.model").read_bytes() == sp_model.read_bytes()
@@ -106,7 +105,37 @@ def test_bad_input_is_one_line(trained: Path, sp_model: Path, tmp_path: Path) ->
         ({"data": [str(bad)], "tokenizer": str(sp_model)}, "bad.jsonl:2: not a JSON object"),
         ({"data": [str(bad)], "seq_len": 100000}, "--seq-len 100000"),
         ({"data": [str(bad)], "batch_size": 0}, "--batch-size"),
+        ({"data": [str(bad)], "tokenizer": str(sp_model), "overrides": ["model.num_layers=1"]}, "parallel.* and train"),
     ]
     for kwargs, message in cases:
         data = kwargs.pop("data")
         assert message in one_line_error(evaluate_perplexity, trained, data, out=tmp_path / "o.json", **kwargs)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], []], ids=["tp2-sp", "pp2", "dp2"])
+def test_parallel_layouts_match_one_process(trained: Path, tmp_path: Path, layout: list[str]) -> None:
+    """Two torchrun workers under tensor (sequence) parallel, pipeline or data parallel layouts give the
+    single-process report: windows dealt to dp ranks, vocabulary-parallel loss, forward-only schedules."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    docs_a = [rng.integers(3, 512, size=int(rng.integers(5, 150))).tolist() for _ in range(9)]
+    docs_b = [rng.integers(3, 60, size=int(rng.integers(5, 90))).tolist() for _ in range(4)]
+    data = [str(write_indexed(tmp_path / "a", docs_a)), str(write_indexed(tmp_path / "b", docs_b))]
+    single = evaluate_perplexity(trained, data, out=tmp_path / "one.json", batch_size=2, seq_len=64)
+    command = [sys.executable, "-m", "haina.core.cli", "eval", "ppl", "--nproc-per-node", "2", "--checkpoint",
+               str(trained), "--data", *data, "--out", str(tmp_path / "two.json"), "--batch-size", "2",
+               "--seq-len", "64", *layout]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "overall" in done.stdout and done.stdout.count("overall") == 1  # rank 0 prints alone
+    report = json.loads((tmp_path / "two.json").read_text())
+    assert report["layout"] != single["layout"]
+    for name in ("a", "b"):
+        assert report["sources"][name]["tokens"] == single["sources"][name]["tokens"]
+        assert report["sources"][name]["loss"] == pytest.approx(single["sources"][name]["loss"], rel=1e-5)
+    assert report["overall"]["ppl"] == pytest.approx(single["overall"]["ppl"], rel=1e-5)

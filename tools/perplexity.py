@@ -5,6 +5,11 @@ sequences), in windows of ``seq_len`` predictions; documents longer than that re
 each window. Losses are summed over tokens, so the overall figure weights sources by their token counts.
 The head is applied in chunks of positions, as in training, so the full [tokens, vocab] logits of a
 125,696-token vocabulary never exist at once.
+
+Under torchrun the model takes any parallel layout (``parallel.tp=2``, ``parallel.pp=2``, data parallel
+over the rest): batches are dealt round-robin to the data-parallel ranks, tensor parallelism scores with
+the vocabulary-parallel loss of training, and pipeline stages run forward-only schedules. The sums are
+reduced over the world, so the report does not depend on the layout (beyond float rounding).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from haina.core.config import HainaConfig
+from haina.core.config import ConfigError, HainaConfig, apply_override, build_config
 from haina.core.data import IGNORE_INDEX
 from haina.core.model import Transformer
 
@@ -98,15 +105,20 @@ def windows(documents: list[list[int]], seq_len: int) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
-def nll_sum(model: Transformer, pieces: list[list[int]]) -> tuple[float, int]:
-    """(summed negative log-likelihood, predicted tokens) of a batch of windows, right-padded."""
-    width = max(len(p) for p in pieces)
-    tokens = torch.zeros(len(pieces), width - 1, dtype=torch.long)
-    labels = torch.full((len(pieces), width - 1), IGNORE_INDEX, dtype=torch.long)
+def pad_batch(pieces: list[list[int]], width: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) [rows, width] of right-padded windows (labels ignored on padding and empty rows)."""
+    tokens = torch.zeros(rows, width, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
     for row, piece in enumerate(pieces):
         tokens[row, : len(piece) - 1] = torch.tensor(piece[:-1])
         labels[row, : len(piece) - 1] = torch.tensor(piece[1:])
+    return tokens, labels
+
+
+@torch.no_grad()
+def nll_sum(model: Transformer, pieces: list[list[int]]) -> tuple[float, int]:
+    """(summed negative log-likelihood, predicted tokens) of a batch of windows on one process."""
+    tokens, labels = pad_batch(pieces, max(len(p) for p in pieces) - 1, len(pieces))
     device = next(model.parameters()).device
     hidden = model(tokens.to(device)).flatten(0, 1)
     labels = labels.flatten().to(device)
@@ -123,6 +135,92 @@ def _stats(nll: float, count: int) -> dict[str, float | int]:
     return {"tokens": count, "loss": loss, "ppl": math.exp(loss) if count else float("nan")}
 
 
+EVAL_KEYS = ("parallel.", "train.precision=")
+
+
+def layout_config(cfg: HainaConfig, overrides: Sequence[str], batch_size: int) -> HainaConfig:
+    """The model's config with the evaluation's layout: ``parallel.*`` and ``train.precision`` overrides
+    (fp32 unless asked) and ``batch_size`` windows per data-parallel rank and microbatch."""
+    data = cfg.model_dump()
+    data["train"]["precision"] = "fp32"  # whatever the source trained in; bf16 only when asked
+    for override in overrides:
+        if not override.startswith(EVAL_KEYS):
+            raise ConfigError(f"override {override!r}: eval ppl takes parallel.* and train.precision only")
+        apply_override(data, override)
+    data["train"].update(micro_batch_size=batch_size, global_batch_size=None, resume=False)
+    data["parallel"]["activation_checkpoint"] = "none"
+    return build_config(data)
+
+
+class _Scorer:
+    """Summed NLL of a [rows, width] batch on this rank's share of the model; None where this rank
+    holds no loss (pipeline stages before the last; tp ranks but the first count once)."""
+
+    def __init__(self, model: Transformer, cfg: HainaConfig, world: int) -> None:
+        from haina.core.parallel.mesh import build_mesh, resolve_layout
+        from haina.core.parallel.parallelize import parallelize
+        from haina.core.train import default_device
+        from haina.plugins.pretrain import Pretrain
+
+        self.device = default_device()
+        p = cfg.parallel
+        if p.pp > 1:  # one pipeline step = pp microbatches (grad_accum) of micro_batch_size rows per dp rank
+            dp_shard = world // (p.tp * p.pp * p.dp_replicate) if p.dp_shard == -1 else p.dp_shard
+            cfg.train.global_batch_size = cfg.train.micro_batch_size * p.dp_replicate * max(dp_shard, 1) * p.pp
+        self.layout = layout = resolve_layout(cfg, world)
+        self.mesh = mesh = build_mesh(layout, self.device.type)
+        cfg.loss.terms = {"cross_entropy": 1.0}
+        self.scorer = Pretrain(cfg)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+        self.dp_rank = mesh.get_local_rank("dp_replicate") * layout.dp_shard + mesh.get_local_rank("dp_shard")
+        self.counts = mesh.get_local_rank("tp") == 0
+        model = model.to(self.device)
+        self.pipeline = None
+        if layout.pp > 1:
+            from haina.core.parallel.pipeline import build_pipeline
+
+            self.pipeline = build_pipeline(model, mesh["pp"], cfg, layout, self.scorer, self.device)
+            parts: list[nn.Module] = list(self.pipeline.model_parts)
+            self.counts &= self.pipeline.has_last
+        else:
+            parts = [model]
+        for part in parts:
+            part.requires_grad_(False)
+            parallelize(part, mesh, layout, cfg, frozen=True)
+            part.eval()
+        self.model = parts[0]
+        self.rows = cfg.train.micro_batch_size * layout.pp
+        self.width_multiple = layout.tp if cfg.parallel.sequence_parallel else 1
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor) -> float | None:
+        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        if self.pipeline is None:
+            with self.autocast:
+                out = self.scorer.loss_from_hidden(self.model, self.model(tokens), labels)
+            means = [float(out.loss)]
+        else:
+            losses: list[torch.Tensor] = []
+            args = (tokens,) if self.pipeline.has_first else ()
+            kwargs = {"target": labels, "losses": losses} if self.pipeline.has_last else {}
+            with self.autocast:
+                self.pipeline.schedule.eval(*args, **kwargs)
+            means = [float(x) for x in losses]
+        if not self.counts:
+            return None
+        counts = [int((chunk != IGNORE_INDEX).sum()) for chunk in labels.chunk(len(means))]
+        return sum(m * c for m, c in zip(means, counts, strict=True) if c)
+
+
+def _batches(by_source: dict[str, list[list[int]]], seq_len: int, rows: int) -> list[tuple[int, list[list[int]]]]:
+    """(source index, up to ``rows`` windows) in a fixed order; similar lengths share a batch."""
+    out = []
+    for index, source in enumerate(sorted(by_source)):
+        pieces = sorted(windows(by_source[source], seq_len), key=len)
+        out += [(index, pieces[start : start + rows]) for start in range(0, len(pieces), rows)]
+    return out
+
+
 def evaluate_perplexity(
     checkpoint: str | Path,
     data: Sequence[str],
@@ -132,39 +230,57 @@ def evaluate_perplexity(
     batch_size: int = 8,
     seq_len: int | None = None,
     text_key: str = "text",
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Score ``data`` with the model of ``checkpoint``; write and return the JSON report."""
+    """Score ``data`` with the model of ``checkpoint`` under the layout of ``overrides`` (any world size
+    torchrun gives); write and return the JSON report (written by rank 0)."""
+    import os
+
+    from haina.core.distributed import init_distributed, is_main_process
+    from haina.core.train import default_device
+
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     cfg, model = load_any(checkpoint)
     seq_len = seq_len or cfg.model.max_seq_len
     if not 0 < seq_len <= cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {seq_len}: must be in 1..{cfg.model.max_seq_len} (the model's max_seq_len)")
+    cfg = layout_config(cfg, overrides, batch_size)
+    cfg.train.seq_len = seq_len
     by_source = read_documents(data, tokenizer or cfg.data.tokenizer, text_key)
     too_big = max((t for docs in by_source.values() for d in docs for t in d), default=0)
     if too_big >= cfg.model.vocab_size:
         raise ValueError(f"token id {too_big} is outside the model's vocabulary ({cfg.model.vocab_size})")
-    model.eval()
-    sources: dict[str, dict[str, float | int]] = {}
-    nll_all, count_all = 0.0, 0
-    for source in sorted(by_source):
-        pieces = sorted(windows(by_source[source], seq_len), key=len)  # similar lengths share a batch
-        nll, count = 0.0, 0
-        for start in range(0, len(pieces), batch_size):
-            n, c = nll_sum(model, pieces[start : start + batch_size])
-            nll, count = nll + n, count + c
-        sources[source] = _stats(nll, count)
-        nll_all, count_all = nll_all + nll, count_all + count
+    init_distributed(default_device())
+    scorer = _Scorer(model.eval(), cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    batches = _batches(by_source, seq_len, scorer.rows)
+    dp = scorer.layout.dp
+    rounds = -(-len(batches) // dp)  # every rank runs as many forwards (collectives must pair up)
+    sums = torch.zeros(len(by_source), 2, dtype=torch.float64)
+    for r in range(rounds):
+        i = r * dp + scorer.dp_rank
+        index, pieces = batches[i] if i < len(batches) else (0, [])
+        width = seq_len if scorer.pipeline is not None else max((len(p) - 1 for p in pieces), default=1)
+        width = -(-width // scorer.width_multiple) * scorer.width_multiple
+        tokens, labels = pad_batch(pieces, width, scorer.rows if scorer.pipeline is not None else max(len(pieces), 1))
+        nll = scorer(tokens, labels)
+        if nll is not None and pieces:
+            sums[index] += torch.tensor([nll, float((labels != IGNORE_INDEX).sum())], dtype=torch.float64)
+    dist.all_reduce(sums)
+    sources = {name: _stats(float(n), int(c)) for name, (n, c) in zip(sorted(by_source), sums.tolist(), strict=True)}
+    total = sums.sum(0).tolist()
     report = {
         "checkpoint": str(checkpoint),
         "data": list(data),
         "seq_len": seq_len,
+        "layout": scorer.layout.describe(),
         "sources": sources,
-        "overall": _stats(nll_all, count_all),
+        "overall": _stats(total[0], int(total[1])),
     }
     out_path = Path(out) if out is not None else Path(checkpoint) / "ppl.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    if is_main_process():
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["out"] = str(out_path)
     return report
 
