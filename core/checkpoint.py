@@ -1,16 +1,20 @@
 """Checkpoints with torch.distributed.checkpoint: model, optimizer, RNG and the trainer's position.
 
-Tensors go through DCP (so a later layout can reshard them); the small scalar trainer state is JSON, so
-nothing in a checkpoint is unpickled on load. Layout: ``checkpoints/step_N/`` plus ``checkpoints/latest``,
-a text file naming the newest complete step directory (written last, so a crash mid-save leaves the
-previous checkpoint as ``latest``).
+Tensors go through DCP (so a later layout can reshard them); the small scalar trainer state is JSON, and
+DCP's own pickled metadata is read through an allowlist (:mod:`haina.core.checkpoint_manifest`), so
+loading never runs pickled code. Layout: ``checkpoints/step_N/`` plus ``checkpoints/latest``, a text file
+naming the newest complete step directory.
+
+Crash safety: a checkpoint is written into a hidden ``.step_N.partial`` folder, its files listed with
+size and crc32 in ``manifest.json`` and fsynced, the folder renamed to ``step_N`` and only then
+``latest`` replaced (atomically). A crash at any moment leaves the previous checkpoint as ``latest``;
+a damaged file is named on load. :class:`CheckpointManager` writes asynchronously and keeps the last K.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +34,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from haina.core import faults
+from haina.core.checkpoint_manifest import (
+    CheckpointError,
+    SafeLoadPlanner,
+    SafeReader,
+    fsync_dir,
+    verify_checkpoint,
+    write_durable,
+    write_manifest,
+)
 from haina.core.distributed import is_main_process
 
 LATEST = "latest"
@@ -42,6 +56,7 @@ class TrainerState:
 
     step: int = 0
     consumed_samples: int = 0
+    guard: dict[str, Any] | None = None  # the loss-spike guard's window, so a resumed run decides alike
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -98,38 +113,166 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_")) if path.name.startswith("step_") and path.name[5:].isdigit() else -1
+
+
+def _published(root: Path) -> list[Path]:
+    """Complete step folders (renamed into place, so with a manifest), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) >= 0 and (p / "manifest.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Saves (asynchronously when asked), publishes atomically, keeps the newest ``keep`` checkpoints.
+
+    At most one save is in flight: the next save, :meth:`wait` and :meth:`close` finish it first. The
+    files are written by every rank; the rank-0 process publishes (manifest, rename, ``latest``) once
+    DCP's save has completed, which for rank 0 means every rank's files are written and fsynced.
+    """
+
+    def __init__(self, root: Path, keep: int = 0, async_save: bool = False) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self.last_saved_step: int | None = None
+        self._pending: tuple[Any, Path, Path, TrainerState] | None = None
+        # async saves run their collectives in a thread: give them their own gloo group (never the
+        # training group, whose collectives the main thread issues meanwhile)
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.async_save = async_save
+        if is_main_process() and self.root.is_dir():
+            for stale in self.root.glob(".step_*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)  # an interrupted save: never published
+        _barrier()
+
+    def save(
+        self, parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], trainer: TrainerState,
+        *, block: bool = False,
+    ) -> Path:
+        """Start writing ``step_N`` (collective); returns its final path. ``block`` waits for it."""
+        self.wait()
+        final = self.root / f"step_{trainer.step}"
+        tmp = self.root / f".step_{trainer.step}.partial"
+        if is_main_process():
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        state = _gather_state(_as_list(parts), _as_list(optimizers))
+        state["rng"] = _rng_state()
+        snapshot = TrainerState(**json.loads(json.dumps(asdict(trainer))))
+        writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+        with _single_process_quiet():
+            if self.async_save:
+                future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
+            else:
+                dcp.save(state, storage_writer=writer)
+                future = None
+        self._pending = (future, tmp, final, snapshot)
+        self.last_saved_step = trainer.step
+        if block or future is None:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Publish a finished asynchronous save without waiting for one that is still writing."""
+        if self._pending is not None and (self._pending[0] is None or self._pending[0].done()):
+            self.wait()
+
+    def wait(self) -> None:
+        """Finish the save in flight, if any, and publish it (rank 0)."""
+        if self._pending is None:
+            return
+        future, tmp, final, trainer = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        if is_main_process():
+            _publish(tmp, final, trainer, self.keep)
+
+    def close(self) -> None:
+        self.wait()
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+
+def _publish(tmp: Path, final: Path, trainer: TrainerState, keep: int) -> None:
+    """Trainer state, manifest (fsyncs every file), rename into place, then ``latest``; prune old ones."""
+    faults.fire("save_written", trainer.step)
+    (tmp / TRAINER_STATE).write_text(json.dumps(asdict(trainer)))
+    write_manifest(tmp)
+    fsync_dir(tmp)
+    faults.fire("save_manifest", trainer.step)
+    trash = None
+    if final.exists():  # saved again at the same step (after a rollback): replace it
+        trash = final.with_name(f".{final.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    faults.fire("save_renamed", trainer.step)
+    write_durable(final.parent / LATEST, final.name)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    if keep > 0:
+        for old in _published(final.parent)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     checkpoint_root: Path,
     parts: nn.Module | Sequence[nn.Module],
     optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     trainer: TrainerState,
 ) -> Path:
-    """Write ``step_N`` (collectively, every rank) and then point ``latest`` at it."""
-    step_dir = checkpoint_root / f"step_{trainer.step}"
-    if is_main_process() and step_dir.exists():
-        shutil.rmtree(step_dir)
-    if dist.is_initialized():
-        dist.barrier()
-    state = _gather_state(_as_list(parts), _as_list(optimizers))
-    state["rng"] = _rng_state()
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=str(step_dir))
-    if is_main_process():
-        (step_dir / TRAINER_STATE).write_text(json.dumps(asdict(trainer)))
-        tmp = checkpoint_root / f".{LATEST}.tmp"
-        tmp.write_text(step_dir.name)
-        os.replace(tmp, checkpoint_root / LATEST)
-    if dist.is_initialized():
-        dist.barrier()
-    return step_dir
+    """Write ``step_N`` (collectively, every rank), publish it and point ``latest`` at it; synchronous."""
+    manager = CheckpointManager(checkpoint_root)
+    path = manager.save(_as_list(parts), _as_list(optimizers), trainer, block=True)
+    _barrier()
+    return path
 
 
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The step folder ``latest`` names; else the newest published one (a crash between the rename and
+    the pointer update); else None."""
     pointer = checkpoint_root / LATEST
-    if not pointer.is_file():
-        return None
-    step_dir = checkpoint_root / pointer.read_text().strip()
-    return step_dir if (step_dir / TRAINER_STATE).is_file() else None
+    if pointer.is_file():
+        step_dir = checkpoint_root / pointer.read_text().strip()
+        if (step_dir / TRAINER_STATE).is_file():
+            return step_dir
+    published = _published(checkpoint_root)
+    return published[-1] if published else None
+
+
+def verify(step_dir: Path) -> None:
+    """Check the manifest, sharing the reading between ranks when a process group exists; every rank
+    raises (the rank that found the damage names the file)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    error: CheckpointError | None = None
+    try:
+        verify_checkpoint(step_dir, (rank, world))
+    except CheckpointError as exc:
+        error = exc
+    if world > 1:
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and error is None:
+            error = CheckpointError(f"{step_dir}: failed verification on another rank (see its error)")
+    if error is not None:
+        raise error
+
+
+def _load(state: dict[str, Any], step_dir: Path) -> None:
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=SafeReader(str(step_dir)), planner=SafeLoadPlanner())
 
 
 def load_checkpoint(
@@ -137,13 +280,13 @@ def load_checkpoint(
     parts: nn.Module | Sequence[nn.Module],
     optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
 ) -> TrainerState:
-    """Load in place (model parts and, if given, optimizers and RNG); return the trainer state."""
+    """Verify, then load in place (model parts and, if given, optimizers and RNG); return the trainer state."""
     parts, optimizers = _as_list(parts), _as_list(optimizers)
+    verify(step_dir)
     state = _gather_state(parts, optimizers)
     if optimizers:
         state["rng"] = _rng_state()
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(step_dir))
+    _load(state, step_dir)
     for i, part in enumerate(parts):
         if optimizers:
             set_state_dict(
@@ -181,7 +324,8 @@ def load_model_weights(
     SFT weights.
     """
     step_dir = resolve_checkpoint(source)
-    stored = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    verify_checkpoint(step_dir)
+    stored = SafeReader(str(step_dir)).read_metadata().state_dict_metadata
     state = get_model_state_dict(module)
     wanted: dict[str, Any] = {}
     skipped: list[str] = []
@@ -193,8 +337,7 @@ def load_model_weights(
                 skipped.append(name)
             continue
         wanted[source_prefix + key] = tensor
-    with _single_process_quiet():
-        dcp.load({"model": wanted}, checkpoint_id=str(step_dir))
+    _load({"model": wanted}, step_dir)
     loaded = {prefix + k[len(source_prefix) :]: v for k, v in wanted.items()}
     set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))
     return skipped

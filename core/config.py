@@ -50,7 +50,9 @@ class ModelConfig(_Section):
     rope_base: float = Field(10000.0, gt=0, description="RoPE frequency base.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal initialisation of weight matrices.")
     position: str = Field("rope", description="position plugin: rope, alibi, or a registered third-party one.")
-    attention: str = Field("sdpa", description="attention kernel plugin.")
+    attention: str = Field(
+        "auto", description="attention kernel plugin: auto (fastest installed that fits), sdpa, flex, flash, xformers."
+    )
     norm: str = Field("rmsnorm", description="norm plugin.")
     mlp: str = Field("swiglu", description="mlp plugin.")
     head: str = Field("normhead", description="output head plugin: normhead (Baichuan 2) or linear.")
@@ -75,6 +77,16 @@ class ModelConfig(_Section):
     @classmethod
     def _known_plugin(cls, name: str, info: Any) -> str:
         return _check_plugin(info.field_name, name)
+
+    @field_validator("attention")
+    @classmethod
+    def _kernel_fits(cls, name: str, info: Any) -> str:
+        """A kernel named explicitly must be installed and take the position encoding's bias."""
+        from haina.plugins.attention_select import check_kernel_config
+
+        if "position" in info.data:
+            check_kernel_config(name, info.data["position"])
+        return name
 
 
 class LossConfig(_Section):
@@ -133,6 +145,18 @@ class DataConfig(_Section):
         return self
 
 
+class GuardConfig(_Section):
+    enabled: bool = Field(True, description="Skip updates with a non-finite loss/grad norm or a loss spike.")
+    window: int = Field(100, gt=1, description="Accepted losses the spike statistics are taken over.")
+    warmup: int = Field(20, ge=2, description="Accepted losses needed before loss spikes are judged.")
+    sigma: float = Field(6.0, gt=0, description="A spike: loss > mean + sigma x std of the window (+ min_margin).")
+    min_margin: float = Field(0.1, ge=0, description="Absolute loss margin added to the spike threshold.")
+    max_bad_steps: int = Field(
+        3, ge=0, description="Consecutive bad steps that reload the last checkpoint and skip past their data "
+        "(0 = never roll back).",
+    )
+
+
 class TrainConfig(_Section):
     steps: int = Field(1000, gt=0, description="Optimizer steps to train for.")
     micro_batch_size: int = Field(1, gt=0, description="Sequences per forward pass on one data-parallel rank.")
@@ -150,6 +174,10 @@ class TrainConfig(_Section):
     save_every: int = Field(1000, gt=0, description="Steps between checkpoints (and one at the end).")
     run_dir: str = Field("runs/default", description="Run directory: config, metrics, tensorboard, checkpoints.")
     resume: bool = Field(True, description="Resume from the run directory's latest checkpoint if there is one.")
+    keep_checkpoints: int = Field(3, ge=0, description="Newest checkpoints to keep (0 = all).")
+    async_save: bool = Field(True, description="Write checkpoints in the background (training goes on).")
+    max_restarts: int = Field(0, ge=0, description="torchrun --max-restarts for --nproc-per-node launches.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Loss-spike and NaN guard.")
     progress: bool = Field(True, description="Show a progress bar.")
 
 
@@ -169,6 +197,7 @@ class ParallelConfig(_Section):
     activation_checkpoint: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations: none, every block, or the attention core only."
     )
+    compile: bool = Field(False, description="torch.compile each block's forward (after tp and AC, before FSDP).")
 
     @field_validator("dp_shard")
     @classmethod

@@ -21,7 +21,15 @@ def init_distributed(device: torch.device) -> None:
     if dist.is_initialized():
         return
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend_for(device))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend_for(device))
+            return
+        # torchrun keeps one store across --max-restarts attempts: without a per-attempt prefix a
+        # restarted worker reads the dead attempt's group addresses (stale keys) and cannot connect
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt_{restart}", store)
+        dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size)
     else:
         dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
 

@@ -1,4 +1,9 @@
-"""Run metrics: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard."""
+"""Run metrics: one JSON object per logged step in metrics.jsonl, the same scalars in TensorBoard.
+
+Events (skipped updates, rollbacks, preemption) are records with an ``event`` key, so one file tells the
+whole story of a run. TensorBoard is written as event files only; no server is started here (``tensorboard
+--logdir`` binds localhost by default and should stay so).
+"""
 
 from __future__ import annotations
 
@@ -54,11 +59,37 @@ class MetricsWriter:
             if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"train/{key}", value, step)
 
+    def event(self, kind: str, step: int, **values: Any) -> None:
+        """One line ``{"step", "event": kind, ...}``; non-finite floats are written as JSON NaN/Infinity."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, "event": kind, **values}) + "\n")
+        self._file.flush()
+        self._tb.add_scalar(f"events/{kind}", 1, step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume from ``step``: drop records of later steps (computed again now) and a torn last line."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

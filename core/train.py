@@ -15,13 +15,21 @@ An algorithm plugin is a class built as ``Algorithm(cfg)`` with
 - optionally ``train_step(engine, step, micro_batches) -> dict[str, float]``: own the whole step
   (rollouts, several optimizer updates...) using :class:`Engine`'s helpers;
 - optionally ``finish(engine, run_dir)``: work after the last step (evaluation, reports).
+
+Reliability: checkpoints are atomic and written in the background (:class:`CheckpointManager`); a run
+resumes from ``latest`` by default; SIGTERM/SIGINT checkpoint at the end of the step and exit with
+128 + signal (:mod:`haina.core.preempt`); a non-finite or spiking loss skips the update and repeated bad
+steps roll back to the last checkpoint past the bad data (:mod:`haina.core.guard`), all logged as
+events in metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +39,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from haina.core import faults
 from haina.core.checkpoint import (
+    CheckpointManager,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
-    save_checkpoint,
 )
 from haina.core.config import HainaConfig, dump_config
 from haina.core.distributed import init_distributed, is_main_process
-from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token
+from haina.core.guard import KINDS, NONFINITE_GRAD, OK, SpikeGuard, agree
+from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token, truncate_metrics
 from haina.core.model import Transformer
 from haina.core.optim import build_optimizer, lr_at, set_lr
 from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
 from haina.core.parallel.parallelize import clip_grad_norm, parallelize
+from haina.core.preempt import Preempted, Preemption
 from haina.plugins import registry
 
 
@@ -61,6 +72,7 @@ class Engine:
     autocast: Any
     pp_group: Any = None
     dp_rank: int = 0
+    skipped_updates: int = 0  # updates refused for a non-finite gradient norm
 
     def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
         """A model that does not train (reference, reward model): weights, then the same parallel layout."""
@@ -74,14 +86,24 @@ class Engine:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_step(self, max_norm: float | None = None) -> float:
-        """Clip the global gradient norm (``optim.clip_grad`` unless given), step, return the norm."""
+    def clip_gradients(self, max_norm: float | None = None) -> float:
+        """Clip the global gradient norm (``optim.clip_grad`` unless given); the norm, equal on all ranks."""
         params = [p for part in self.parts for p in part.parameters()]
         clip = self.cfg.optim.clip_grad if max_norm is None else max_norm
-        norm = clip_grad_norm(params, clip, self.pp_group)
+        return float(clip_grad_norm(params, clip, self.pp_group))
+
+    def step_optimizers(self) -> None:
         for optimizer in self.optimizers:
             optimizer.step()
-        return float(norm)
+
+    def optimizer_step(self, max_norm: float | None = None) -> float:
+        """Clip, then step unless the (global) norm is non-finite (counted in ``skipped_updates``)."""
+        norm = self.clip_gradients(max_norm)
+        if math.isfinite(norm) or not self.cfg.train.guard.enabled:
+            self.step_optimizers()
+        else:
+            self.skipped_updates += 1
+        return norm
 
 
 @dataclass
@@ -144,12 +166,14 @@ def check_algorithm(cfg: HainaConfig) -> None:
         check(cfg)
 
 
-def _default_step(
-    engine: Engine, algorithm: Any, model: nn.Module, pipeline: Any, micro_batches: list, names: list[str]
-) -> tuple[dict[str, float], float] | None:
-    """Backpropagate the algorithm's loss over this rank's micro-batches; (metrics, grad norm).
+def _forward_backward(
+    engine: Engine, algorithm: Any, model: nn.Module, pipeline: Any, micro_batches: list, names: list[str],
+    poison: bool = False,
+) -> dict[str, float] | None:
+    """Backpropagate the algorithm's loss over this rank's micro-batches; the metrics (no update yet).
 
-    Metrics are None on pipeline ranks that do not hold the last stage (they see no loss).
+    Metrics are None on pipeline ranks that do not hold the last stage (they see no loss). ``poison``
+    (a test fault) turns the loss into NaN.
     """
     layout = engine.layout
     values: dict[str, float] | None = None
@@ -166,11 +190,12 @@ def _default_step(
             _set_gradient_sync(engine.parts, m == len(micro_batches) - 1)
             with engine.autocast:
                 out = algorithm.loss(model, batch)
-            (out.loss / layout.grad_accum).backward()
-            values["loss"] += out.loss.item() / layout.grad_accum
+            loss = out.loss * float("nan") if poison else out.loss
+            (loss / layout.grad_accum).backward()
+            values["loss"] += loss.item() / layout.grad_accum
             for name in names[1:]:
                 values[name] += float(out.parts[name]) / layout.grad_accum
-    return values, engine.optimizer_step()
+    return values
 
 
 def _reduce_metrics(values: dict[str, float] | None, names: list[str], device: torch.device) -> list[float]:
@@ -220,6 +245,8 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)
 
     state = TrainerState()
+    manager = CheckpointManager(checkpoints, tcfg.keep_checkpoints, tcfg.async_save)
+    guard = SpikeGuard(tcfg.guard)
     latest = latest_checkpoint(checkpoints) if tcfg.resume else None
     if hasattr(algorithm, "setup"):
         algorithm.setup(engine, resumed=latest is not None)
@@ -228,6 +255,9 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
             load_model_weights(cfg.align.init_from, part)
     if latest is not None:
         state = load_checkpoint(latest, parts, optimizers)
+        guard.load_state_dict(state.guard)
+    if main:
+        truncate_metrics(run_dir, state.step)  # steps after the checkpoint (if any) are computed again
     batches = algorithm.batches(cfg, run_dir, num_samples=tcfg.steps * layout.global_batch_size)
 
     names = ["loss", *(getattr(algorithm, "metrics", None) or [
@@ -241,50 +271,124 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     last_loss = float("nan")
     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
     window: dict[str, float] = {}
+    rank = dist.get_rank()
 
-    with _progress(tcfg.progress and main, tcfg.steps, state.step) as progress:
-        while state.step < tcfg.steps:
-            lr = lr_at(state.step, cfg.optim, tcfg.steps)
-            for optimizer in optimizers:
-                set_lr(optimizer, lr)
-            engine.zero_grad()
-            first = state.consumed_samples // tcfg.micro_batch_size  # in micro-batches of the whole run
-            micro_batches = [batches.batch(first + m * layout.dp + dp_rank) for m in range(layout.grad_accum)]
-            if hasattr(algorithm, "train_step"):
-                values = algorithm.train_step(engine, state.step, micro_batches)
-                grad_norm = values.pop("grad_norm", float("nan"))
-                names = ["loss", *sorted(k for k in values if k != "loss")]
-            else:
-                values, grad_norm = _default_step(engine, algorithm, model, pipeline, micro_batches, names)
-            state.step += 1
-            state.consumed_samples += layout.global_batch_size
+    try:
+        with Preemption() as preemption, _progress(tcfg.progress and main, tcfg.steps, state.step) as progress:
+            while state.step < tcfg.steps:
+                manager.poll()
+                lr = lr_at(state.step, cfg.optim, tcfg.steps)
+                for optimizer in optimizers:
+                    set_lr(optimizer, lr)
+                engine.zero_grad()
+                first = state.consumed_samples // tcfg.micro_batch_size  # in micro-batches of the whole run
+                micro_batches = [batches.batch(first + m * layout.dp + dp_rank) for m in range(layout.grad_accum)]
+                if hasattr(algorithm, "train_step"):
+                    skipped_before = engine.skipped_updates
+                    values = algorithm.train_step(engine, state.step, micro_batches)
+                    grad_norm = values.pop("grad_norm", float("nan"))
+                    names = ["loss", *sorted(k for k in values if k != "loss")]
+                    reduced = _reduce_metrics(values, names, device)
+                    verdict = guard.verdict(reduced[0], 0.0, spikes=False)  # the algorithm made the update
+                    if engine.skipped_updates > skipped_before:
+                        verdict = NONFINITE_GRAD
+                    verdict = agree(verdict, device)
+                else:
+                    batch_number = state.consumed_samples // layout.global_batch_size + 1  # of the data, 1-based
+                    poison = faults.action("loss", batch_number, rank) == "nan"
+                    values = _forward_backward(engine, algorithm, model, pipeline, micro_batches, names, poison)
+                    reduced = _reduce_metrics(values, names, device)
+                    grad_norm = engine.clip_gradients()
+                    verdict = agree(guard.verdict(reduced[0], grad_norm), device)
+                    if verdict == OK:
+                        engine.step_optimizers()
+                state.step += 1
+                state.consumed_samples += layout.global_batch_size
+                rollback = guard.record(reduced[0], verdict)
+                if verdict != OK:
+                    metrics.event(
+                        KINDS[verdict], state.step, loss=reduced[0], grad_norm=float(grad_norm),
+                        update="skipped" if not hasattr(algorithm, "train_step") else "algorithm's",
+                        bad_streak=guard.bad_streak,
+                    )
+                faults.fire("step_end", state.step, rank)
+                window_tokens += tokens_per_step
+                window_steps += 1
+                for name, value in zip(names, reduced, strict=True):
+                    window[name] = window.get(name, 0.0) + value
+                last_loss = reduced[0]
 
-            reduced = _reduce_metrics(values, names, device)
-            window_tokens += tokens_per_step
-            window_steps += 1
-            for name, value in zip(names, reduced, strict=True):
-                window[name] = window.get(name, 0.0) + value
-            last_loss = reduced[0]
-
-            if state.step % tcfg.log_every == 0 or state.step == tcfg.steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / elapsed / layout.world_size  # per device
-                record: dict[str, Any] = {"step": state.step}
-                record.update({k: v / window_steps for k, v in window.items()})  # mean over the window
-                record.update(
-                    grad_norm=float(grad_norm), lr=lr, tokens_per_s=tokens_per_s,
-                    tflops=tokens_per_s * flops_per_token / 1e12, memory_gib=_memory_gib(device),
-                )
-                if peak:
-                    record["mfu"] = record["tflops"] / peak
-                metrics.log(record)
-                records.append(record)
-                window_start, window_tokens, window_steps, window = time.perf_counter(), 0, 0, {}
-            if state.step % tcfg.save_every == 0 or state.step == tcfg.steps:
-                save_checkpoint(checkpoints, parts, optimizers, state)
-            if progress is not None:
-                progress.update(progress.task_ids[0], completed=state.step, status=f"loss {last_loss:.4f}")
-    metrics.close()
+                if state.step % tcfg.log_every == 0 or state.step == tcfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / elapsed / layout.world_size  # per device
+                    record: dict[str, Any] = {"step": state.step}
+                    record.update({k: v / window_steps for k, v in window.items()})  # mean over the window
+                    record.update(
+                        grad_norm=float(grad_norm), lr=lr, tokens_per_s=tokens_per_s,
+                        tflops=tokens_per_s * flops_per_token / 1e12, memory_gib=_memory_gib(device),
+                    )
+                    if peak:
+                        record["mfu"] = record["tflops"] / peak
+                    metrics.log(record)
+                    records.append(record)
+                    window_start, window_tokens, window_steps, window = time.perf_counter(), 0, 0, {}
+                if rollback:
+                    state = _roll_back(manager, checkpoints, parts, optimizers, state, guard, metrics)
+                    window_start, window_tokens, window_steps, window = time.perf_counter(), 0, 0, {}
+                    continue
+                if state.step % tcfg.save_every == 0 or state.step == tcfg.steps:
+                    state.guard = guard.state_dict()
+                    manager.save(parts, optimizers, state)
+                if progress is not None:
+                    progress.update(progress.task_ids[0], completed=state.step, status=f"loss {last_loss:.4f}")
+                signum = preemption.requested(device)
+                if signum:
+                    _preempt(manager, parts, optimizers, state, guard, metrics, signum, checkpoints)
+        manager.close()
+    finally:
+        metrics.close()
     if hasattr(algorithm, "finish"):
         algorithm.finish(engine, run_dir)
     return TrainResult(run_dir=run_dir, steps=state.step, final_loss=last_loss, records=records)
+
+
+def _roll_back(
+    manager: CheckpointManager, checkpoints: Path, parts: list[nn.Module], optimizers: list, state: TrainerState,
+    guard: SpikeGuard, metrics: MetricsWriter,
+) -> TrainerState:
+    """Reload the last checkpoint but keep the data position: the bad batches are not seen again."""
+    manager.wait()
+    if dist.is_initialized():
+        dist.barrier()
+    target = latest_checkpoint(checkpoints)
+    if target is None:
+        raise RuntimeError(
+            f"{guard.bad_streak} bad steps in a row at step {state.step} and no checkpoint to roll back to"
+        )
+    restored = load_checkpoint(target, parts, optimizers)
+    metrics.event(
+        "rollback", state.step, to_step=restored.step, checkpoint=target.name,
+        skipped_samples=state.consumed_samples - restored.consumed_samples,
+    )
+    guard.bad_streak = 0
+    return TrainerState(step=restored.step, consumed_samples=state.consumed_samples, guard=guard.state_dict())
+
+
+def _preempt(
+    manager: CheckpointManager, parts: list[nn.Module], optimizers: list, state: TrainerState,
+    guard: SpikeGuard, metrics: MetricsWriter, signum: int, checkpoints: Path,
+) -> None:
+    """Checkpoint this step (unless just saved), wait for it, log, and leave with 128 + signal."""
+    if manager.last_saved_step != state.step:
+        state.guard = guard.state_dict()
+        manager.save(parts, optimizers, state, block=True)
+    manager.close()
+    if dist.is_initialized():
+        dist.barrier()
+    preempted = Preempted(signum, state.step)
+    metrics.event("preempted", state.step, signal=signum, exit_code=preempted.code,
+                  checkpoint=f"step_{state.step}")
+    if is_main_process():
+        print(f"haina: preempted by signal {signum} after step {state.step}; checkpoint "
+              f"{checkpoints / f'step_{state.step}'} saved; exiting with {preempted.code}", file=sys.stderr)
+    raise preempted

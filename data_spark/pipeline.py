@@ -1,12 +1,20 @@
 """The job runner: stages in the report's order, each materialised to Parquet, committed by one rename.
 
 Every stage reads the previous stage's Parquet and writes its own under a temporary folder beside the
-output, so lineage stays short, a stage's Python runs once, and a killed run leaves only a hidden
-temporary folder; the final ``rename`` makes the output appear complete or not at all.
+output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, and the final ``rename``
+makes the output appear complete or not at all.
+
+Recovery: each stage writes into a hidden work folder, adds a completion marker holding its report row,
+and renames the folder into place; the temporary output records a fingerprint of the inputs (path, size,
+mtime) and the config. A job that was killed (SIGKILL, SIGTERM, Ctrl-C) and started again with the same
+inputs and config reuses the completed stages and redoes the rest; a changed fingerprint starts afresh.
+An exception in a stage (a bug, bad data) still removes the temporary output.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import shutil
 import time
@@ -19,6 +27,7 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from haina.core import faults
 from haina.data_spark.config import PrepareConfig, dump_prepare_config
 from haina.data_spark.ingest import check_inputs, documents, quarantined, read_inputs
 from haina.data_spark.shards import blend_summary, write_shards
@@ -84,16 +93,72 @@ def _write(df: DataFrame, path: Path, partitions: int) -> None:
     df.repartition(partitions, "row_id").sortWithinPartitions("row_id").write.mode("overwrite").parquet(str(path))
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+JOB_FILE = "_job.json"  # the fingerprint of a temporary output
+MARKER = "_haina_stage.json"  # a completed stage (Spark and pyarrow skip names starting with "_")
+
+
+def job_fingerprint(inputs: list[Path], cfg: PrepareConfig) -> str:
+    """Inputs (path, size, mtime) and every config field that shapes the output."""
+    config = cfg.model_dump(mode="json")
+    for key in ("overwrite", "keep_intermediate"):
+        config.pop(key, None)
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in inputs]
+    blob = json.dumps({"inputs": files, "config": config}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare_output(output: Path, overwrite: bool, fingerprint: str) -> Path:
+    """The temporary output: resumed when a killed run with the same fingerprint left one."""
     output = Path(output).resolve()
     if output.exists() and not overwrite:
         raise ValueError(f"{output}: output exists (set overwrite=true to replace it)")
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output}: exists and is not a directory")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = output.parent / f".{output.name}.partial"
+    job = tmp / JOB_FILE
+    if tmp.exists():
+        same = job.is_file() and json.loads(job.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
+        if same:
+            return tmp
+        shutil.rmtree(tmp)
     tmp.mkdir()
+    job.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
     return tmp
+
+
+def _lock(output: Path) -> Any:
+    """An exclusive lock beside the output (released when the process ends, even by SIGKILL): two jobs
+    never resume the same temporary output at once."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(output.parent / f".{output.name}.lock", "w")  # noqa: SIM115  (held for the whole job)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"{output}: another `haina data prepare` is writing this output") from None
+    return handle
+
+
+def _completed(path: Path) -> dict[str, Any] | None:
+    """The marker of a stage folder renamed into place (so complete), else None."""
+    marker = path / MARKER
+    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+
+
+def _work(path: Path) -> Path:
+    """A fresh hidden work folder for ``path``."""
+    work = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def _publish(work: Path, path: Path, marker: dict[str, Any] | None = None) -> None:
+    """Marker inside, then one rename: the stage exists complete or not at all."""
+    if marker is not None:
+        (work / MARKER).write_text(json.dumps(marker, ensure_ascii=False) + "\n", encoding="utf-8")
+    shutil.rmtree(path, ignore_errors=True)
+    work.rename(path)
 
 
 def _commit(tmp: Path, output: Path) -> None:
@@ -119,42 +184,106 @@ def run_pipeline(
     """Run every enabled stage on ``inputs`` and commit ``output``; returns the report."""
     inputs = check_inputs(inputs)
     output = Path(output).resolve()
-    tmp = _prepare_output(output, cfg.overwrite)
+    lock = _lock(output)
+    try:
+        return _run_locked(spark, inputs, output, cfg, progress)
+    finally:
+        Path(lock.name).unlink(missing_ok=True)  # a SIGKILL leaves it behind, harmlessly (hidden, unlocked)
+        lock.close()
+
+
+def _run_locked(
+    spark: SparkSession, inputs: list[Path], output: Path, cfg: PrepareConfig, progress: bool
+) -> dict[str, Any]:
+    tmp = _prepare_output(output, cfg.overwrite, job_fingerprint(inputs, cfg))
     bar = Progress(progress)
     started = time.perf_counter()
     try:
         report = _run(spark, inputs, tmp, cfg, bar)
         report["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / JOB_FILE).unlink()
         _commit(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failing stage: nothing worth resuming
+        raise  # (a kill or Ctrl-C leaves the temporary output for the next run to resume)
     finally:
         spark.catalog.clearCache()
     report["output"] = str(output)
     return report
 
 
+def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig) -> dict[str, Any]:
+    """Parse once: documents (``stages/00_ingest``) and quarantine are both cut from one table."""
+    t0 = time.perf_counter()
+    path = tmp / "stages" / "00_ingest"
+    parsed_path = tmp / "_parsed"
+    shutil.rmtree(parsed_path, ignore_errors=True)
+    read_inputs(spark, inputs, cfg).write.mode("overwrite").parquet(str(parsed_path))
+    parsed = spark.read.parquet(str(parsed_path))
+    work = _work(tmp / "quarantine")
+    quarantined(parsed).write.mode("overwrite").parquet(str(work))
+    _publish(work, tmp / "quarantine")
+    work = _work(path)
+    _write(documents(parsed), work, cfg.spark.shuffle_partitions)
+    shutil.rmtree(parsed_path, ignore_errors=True)
+    docs_raw, tokens_raw = _counts(spark.read.parquet(str(work)))
+    bad = spark.read.parquet(str(tmp / "quarantine"))
+    ingest = {"inputs": [str(p) for p in inputs], "documents": docs_raw, "tokens": tokens_raw,
+              "quarantined": bad.count(), "quarantine_reasons": _quarantine_summary(bad),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    faults.fire("data_stage", "ingest")
+    _publish(work, path, {"stage": "ingest", "row": ingest})
+    return ingest
+
+
+def _stage(
+    ctx: StageContext, current: DataFrame, index: int, name: str, run: StageFn, sizes: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Run one stage: removed rows to ``removed/stage=NAME``, kept rows to ``stages/NN_NAME`` (last)."""
+    spark, cfg, tmp = ctx.spark, ctx.cfg, ctx.workdir
+    docs_in, tokens_in, tokens_raw = sizes
+    t0 = time.perf_counter()
+    result = run(current, ctx)
+    path = tmp / "stages" / f"{index:02d}_{name}"
+    removed_docs = removed_tokens = 0
+    removed_path = tmp / "removed" / f"stage={name}"
+    shutil.rmtree(removed_path, ignore_errors=True)
+    if result.removed is not None:
+        work = _work(removed_path)
+        result.removed.write.mode("overwrite").parquet(str(work))
+        _publish(work, removed_path)
+        removed_docs, removed_tokens = _counts(spark.read.parquet(str(removed_path)))
+    work = _work(path)
+    _write(result.kept, work, cfg.spark.shuffle_partitions)
+    spark.catalog.clearCache()
+    docs_out, tokens_out = _counts(spark.read.parquet(str(work)))
+    row = {
+        "stage": name, "docs_in": docs_in, "docs_out": docs_out, "docs_removed": removed_docs,
+        "tokens_in": tokens_in, "tokens_out": tokens_out, "tokens_removed_with_docs": removed_tokens,
+        "tokens_removed_in_docs": tokens_in - tokens_out - removed_tokens,
+        "share_of_raw_tokens_removed": round((tokens_in - tokens_out) / tokens_raw, 6) if tokens_raw else 0.0,
+        "seconds": round(time.perf_counter() - t0, 2), **result.notes,
+    }
+    faults.fire("data_stage", name)  # test hook: a kill after the data, before the stage is complete
+    _publish(work, path, {"stage": name, "row": row})
+    return row
+
+
 def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig, bar: Progress) -> dict[str, Any]:
     (tmp / "config.yaml").write_text(dump_prepare_config(cfg), encoding="utf-8")
     stages_dir = tmp / "stages"
     ctx = StageContext(spark, cfg, tmp)
-    with bar.stage("ingest"):
-        t0 = time.perf_counter()
-        parsed_path = tmp / "_parsed"
-        # Parse once: documents and quarantine are both cut from this materialised table.
-        read_inputs(spark, inputs, cfg).write.mode("overwrite").parquet(str(parsed_path))
-        parsed = spark.read.parquet(str(parsed_path))
-        _write(documents(parsed), stages_dir / "00_ingest", cfg.spark.shuffle_partitions)
-        quarantined(parsed).write.mode("overwrite").parquet(str(tmp / "quarantine"))
-        shutil.rmtree(parsed_path, ignore_errors=True)
-        current = spark.read.parquet(str(stages_dir / "00_ingest"))
-        docs_raw, tokens_raw = _counts(current)
-        bad = spark.read.parquet(str(tmp / "quarantine"))
-        ingest = {"inputs": [str(p) for p in inputs], "documents": docs_raw, "tokens": tokens_raw,
-                  "quarantined": bad.count(), "quarantine_reasons": _quarantine_summary(bad),
-                  "seconds": round(time.perf_counter() - t0, 2)}
+    resumed: list[str] = []
+    done = _completed(stages_dir / "00_ingest")
+    if done is not None:
+        ingest = done["row"]
+        resumed.append("ingest")
+    else:
+        with bar.stage("ingest"):
+            ingest = _ingest(spark, inputs, tmp, cfg)
+    current = spark.read.parquet(str(stages_dir / "00_ingest"))
+    docs_raw, tokens_raw = ingest["documents"], ingest["tokens"]
     bar.console.print(
         f"[green]✓[/] {'ingest':<12} {docs_raw:>8,} docs, {ingest['quarantined']:,} quarantined  {ingest['seconds']:.1f}s"
     )
@@ -166,28 +295,24 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
             stages.append(row)
             bar.done(name, row)
             continue
-        with bar.stage(name):
-            t0 = time.perf_counter()
-            result = run(current, ctx)
-            path = stages_dir / f"{index:02d}_{name}"
-            _write(result.kept, path, cfg.spark.shuffle_partitions)
-            removed_docs = removed_tokens = 0
-            if result.removed is not None:
-                result.removed.write.mode("overwrite").parquet(str(tmp / "removed" / f"stage={name}"))
-                removed_docs, removed_tokens = _counts(spark.read.parquet(str(tmp / "removed" / f"stage={name}")))
-            spark.catalog.clearCache()
-            current = spark.read.parquet(str(path))
-            docs_out, tokens_out = _counts(current)
-            row = {
-                "stage": name, "docs_in": docs_in, "docs_out": docs_out, "docs_removed": removed_docs,
-                "tokens_in": tokens_in, "tokens_out": tokens_out, "tokens_removed_with_docs": removed_tokens,
-                "tokens_removed_in_docs": tokens_in - tokens_out - removed_tokens,
-                "share_of_raw_tokens_removed": round((tokens_in - tokens_out) / tokens_raw, 6) if tokens_raw else 0.0,
-                "seconds": round(time.perf_counter() - t0, 2), **result.notes,
-            }
+        path = stages_dir / f"{index:02d}_{name}"
+        done = _completed(path)
+        if done is not None:
+            row = done["row"]
+            resumed.append(name)
+        else:
+            with bar.stage(name):
+                row = _stage(ctx, current, index, name, run, (docs_in, tokens_in, tokens_raw))
+        current = spark.read.parquet(str(path))
         stages.append(row)
         bar.done(name, row)
-        docs_in, tokens_in = docs_out, tokens_out
+        docs_in, tokens_in = row["docs_out"], row["tokens_out"]
+    for leftover in ("kept", "tokenized", "blend.json"):  # the finishing steps are redone as a whole
+        target = tmp / leftover
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     internal = [c for c in current.columns if c.startswith("_")]
     current.drop(*internal).write.mode("overwrite").parquet(str(tmp / "kept"))
     if not (tmp / "removed").exists():
@@ -198,6 +323,8 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
         "kept": {"documents": docs_in, "tokens": tokens_in,
                  "share_of_raw_tokens": round(tokens_in / tokens_raw, 6) if tokens_raw else 0.0},
     }
+    if resumed:
+        report["resumed_stages"] = resumed
     if cfg.tokenize.model is not None:
         with bar.stage("tokenize"):
             t0 = time.perf_counter()

@@ -1,0 +1,203 @@
+"""Reliability in one process: crash mid-save, damaged checkpoints, safe metadata, NaN/spike guard, SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from haina.core import faults
+from haina.core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
+from haina.core.checkpoint_manifest import MANIFEST, SafeReader, write_manifest
+from haina.core.guard import NONFINITE_GRAD, NONFINITE_LOSS, OK, SPIKE, SpikeGuard
+from haina.core.metrics import read_metrics
+from haina.core.preempt import Preempted
+from haina.core.train import build_model, train
+from tests.conftest import one_line_error, tiny_config
+
+COMMON = ("optim.decay_steps=8", "train.save_every=4", "train.steps=8")
+
+
+def _trajectory(run: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run) if "event" not in r]
+
+
+def _events(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "event" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    """An uninterrupted 8-step run: the trajectory every recovered run must reproduce exactly."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train(tiny_config(run, tiny_data, *COMMON))
+    return run
+
+
+@pytest.mark.parametrize("point", ["save_written", "save_manifest", "save_renamed"])
+def test_crash_during_checkpoint_write_keeps_previous(
+    point: str, reference: Path, tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crash while step 8 is being published: step 4 stays ``latest`` and loads; a rerun ends exactly."""
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, f"{point}:crash@8")
+    with pytest.raises(faults.InjectedFault):
+        train(tiny_config(run, tiny_data, *COMMON))
+    monkeypatch.delenv(faults.ENV)
+    checkpoints = run / "checkpoints"
+    assert latest_checkpoint(checkpoints) == checkpoints / "step_4"
+    if point != "save_renamed":
+        assert (checkpoints / ".step_8.partial" / ".metadata").is_file() and not (checkpoints / "step_8").exists()
+    model = build_model(tiny_config(run, tiny_data), torch.device("cpu"))
+    assert load_checkpoint(checkpoints / "step_4", model).step == 4
+    train(tiny_config(run, tiny_data, *COMMON))  # resumes from step 4
+    assert _trajectory(run) == _trajectory(reference)
+    assert not list(checkpoints.glob(".step_*"))
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "altered"])
+@pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata"])
+def test_damaged_checkpoint_file_is_named(
+    name: str, how: str, reference: Path, tmp_path: Path, tiny_data: Path
+) -> None:
+    step = tmp_path / "step_8"
+    shutil.copytree(reference / "checkpoints" / "step_8", step)
+    _damage(step / name, how)
+    model = build_model(tiny_config(tmp_path, tiny_data), torch.device("cpu"))
+    message = one_line_error(load_checkpoint, step, model)
+    assert str(step / name) in message and ("truncated" if how == "truncated" else "altered") in message
+    assert str(step / name) in one_line_error(load_model_weights, step, model)
+
+
+def test_checkpoint_without_manifest_is_refused(reference: Path, tmp_path: Path, tiny_data: Path) -> None:
+    step = tmp_path / "step_8"
+    shutil.copytree(reference / "checkpoints" / "step_8", step)
+    (step / MANIFEST).unlink()
+    model = build_model(tiny_config(tmp_path, tiny_data), torch.device("cpu"))
+    assert "no manifest.json" in one_line_error(load_checkpoint, step, model)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_metadata_pickle_cannot_run_code(reference: Path, tmp_path: Path) -> None:
+    """A .metadata carrying a callable is refused even when the manifest was rewritten to match."""
+    step = tmp_path / "step_8"
+    shutil.copytree(reference / "checkpoints" / "step_8", step)
+    (step / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    write_manifest(step)
+    with pytest.raises(CheckpointError, match="posix.system is not allowed|os.system is not allowed"):
+        SafeReader(str(step)).read_metadata()
+    real = SafeReader(str(reference / "checkpoints" / "step_8")).read_metadata()
+    assert "model.tok_embeddings.weight" in real.state_dict_metadata or real.state_dict_metadata
+    assert isinstance(torch.load(io.BytesIO(_tensor_bytes()), weights_only=True), torch.Tensor)
+
+
+def _tensor_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(torch.ones(2), buffer)
+    return buffer.getvalue()
+
+
+def test_keeps_last_k_checkpoints(tmp_path: Path, tiny_data: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_config(run, tiny_data, "train.steps=6", "train.save_every=1", "train.keep_checkpoints=2"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_5", "step_6"]
+
+
+def test_nan_batch_skips_the_update(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN loss on batch 3: no update, an event, training goes on with finite losses."""
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "loss:nan@3")
+    train(tiny_config(run, tiny_data, "train.steps=6", "train.save_every=100"))
+    (event,) = _events(run)
+    assert event["step"] == 3 and event["event"] == "nonfinite_grad_norm" and event["update"] == "skipped"
+    losses = [loss for step, loss, _ in _trajectory(run) if step != 3]
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_repeated_bad_steps_roll_back_past_the_data(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches 5-7 poisoned: three skips, a rollback to step 4, then steps 5-8 on batches 8-11."""
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "loss:nan@5-7")
+    result = train(tiny_config(run, tiny_data, *COMMON, "train.guard.max_bad_steps=3"))
+    events = _events(run)
+    assert [(e["step"], e["event"]) for e in events] == [
+        (5, "nonfinite_grad_norm"), (6, "nonfinite_grad_norm"), (7, "nonfinite_grad_norm"), (7, "rollback"),
+    ]
+    assert events[-1]["to_step"] == 4 and events[-1]["skipped_samples"] == 3 * 2
+    assert result.steps == 8 and torch.isfinite(torch.tensor(result.final_loss))
+    assert [step for step, *_ in _trajectory(run)] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8]
+
+
+def test_sigterm_saves_and_resumes_exactly(
+    reference: Path, tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "step_end:sigterm@3")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as info:
+        train(tiny_config(run, tiny_data, *COMMON))
+    assert info.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+    assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_3"
+    assert _events(run)[-1] == {"step": 3, "event": "preempted", "signal": 15, "exit_code": 143,
+                                "checkpoint": "step_3"}
+    monkeypatch.delenv(faults.ENV)
+    train(tiny_config(run, tiny_data, *COMMON))
+    assert _trajectory(run) == _trajectory(reference)
+
+
+def test_guard_verdicts_and_state() -> None:
+    cfg = SimpleNamespace(enabled=True, window=10, warmup=4, sigma=3.0, min_margin=0.0, max_bad_steps=2)
+    guard = SpikeGuard(cfg)
+    assert guard.verdict(float("nan"), 1.0) == NONFINITE_LOSS
+    assert guard.verdict(1.0, float("inf")) == NONFINITE_GRAD
+    assert guard.verdict(100.0, 1.0) == OK  # no statistics before the warm-up
+    for loss in (2.0, 2.1, 1.9, 2.0):
+        assert not guard.record(loss, OK)
+    assert guard.verdict(2.2, 1.0) == OK and guard.verdict(5.0, 1.0) == SPIKE
+    assert not guard.record(5.0, SPIKE) and guard.record(5.0, SPIKE)  # the second bad step in a row
+    again = SpikeGuard(cfg)
+    again.load_state_dict(guard.state_dict())
+    assert again.state_dict() == guard.state_dict() and again.verdict(5.0, 1.0) == SPIKE
+    assert SpikeGuard(SimpleNamespace(**{**vars(cfg), "enabled": False})).verdict(float("nan"), 1.0) == OK
+
+
+def test_sft_resumes_exactly_from_its_run_directory(tmp_path: Path) -> None:
+    """Alignment commands resume from ``latest`` of their own run by default (not from ``--from`` again)."""
+    from haina.core.config import alignment_config
+    from tests.alignment_helpers import make_alignment_data
+
+    data = make_alignment_data(tmp_path / "data")
+    pt = tmp_path / "pt"
+    train(tiny_config(pt, data.pretrain_prefix, f"data.tokenizer={data.tokenizer}", "train.steps=2"))
+    short = ("train.log_every=1", "train.save_every=2", "optim.warmup_steps=0", "optim.decay_steps=4")
+
+    def sft(run: Path, steps: int) -> list[int]:
+        overrides = [f"align.data={data.sft}", f"train.run_dir={run}", f"train.steps={steps}", *short]
+        return [r["step"] for r in train(alignment_config("sft", str(pt), None, overrides)).records]
+
+    assert sft(tmp_path / "straight", 4) == [1, 2, 3, 4]
+    assert sft(tmp_path / "resumed", 2) == [1, 2]
+    assert sft(tmp_path / "resumed", 4) == [3, 4]
+    assert _trajectory(tmp_path / "resumed") == _trajectory(tmp_path / "straight")
