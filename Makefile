@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench-loss bench-dedup bench-layouts clean
+.PHONY: setup demo test lint bench-loss bench-dedup bench-layouts bench-speed clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ bench-dedup: setup
 
 bench-layouts: setup
 	$(PY) -m haina.tools.bench_layouts
+
+bench-speed: setup
+	$(PY) -m haina.tools.bench_speed
 
 clean:
 	rm -rf runs build dist *.egg-info

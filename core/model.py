@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from haina.core.config import ModelConfig
-from haina.core.kv_cache import KVCache, LayerCache, attention_mask
+from haina.core.kv_cache import KVCache, LayerCache
 from haina.plugins import registry
+from haina.plugins.attention import AttentionInputs
 
 # Linear layers that write into the residual stream; their init is scaled down with depth.
 RESIDUAL_OUTPUTS: tuple[str, ...] = ("o_proj", "down_proj")
@@ -50,11 +51,12 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        bias: torch.Tensor | None,
+        attn: AttentionInputs,
         position: nn.Module,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        """x [b, s, hidden] -> [b, s, hidden]; ``position`` is the model's shared position plugin.
+        """x [b, s, hidden] -> [b, s, hidden]; ``position`` is the model's shared position plugin and
+        ``attn`` the mask info of this forward, already prepared for the kernel.
 
         With ``cache`` the keys/values of earlier positions come from it and this call's are appended.
         """
@@ -66,7 +68,9 @@ class Attention(nn.Module):
         q, k = position(q, k, positions)
         if cache is not None:
             k, v = cache.append(k, v)
-        out = self.kernel(q, k, v, bias)
+        # Built-in kernels take the structured mask info; a third-party kernel of the older interface gets
+        # the dense additive bias (None = plain causal).
+        out = self.kernel(q, k, v, attn if getattr(self.kernel, "takes_inputs", False) else attn.dense_bias())
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
@@ -104,11 +108,11 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        bias: torch.Tensor | None,
+        attn: AttentionInputs,
         position: nn.Module,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, bias, position, cache=cache)
+        h = x + self.self_attn(self.input_layernorm(x), positions, attn, position, cache=cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -146,27 +150,58 @@ class Transformer(nn.Module):
         embedding takes hidden states [b, s, hidden] instead of tokens, and one without the final norm
         returns its last block's output.
         """
-        b, s = tokens.shape[0], tokens.shape[1]
+        s = tokens.shape[1]
         start = 0 if cache is None else cache.length
         if positions is None:
             positions = torch.arange(start, start + s, device=tokens.device)
+        attn = self.attention_inputs(tokens, positions, segments, cache)
+        kernel = self._kernel()
+        if kernel is not None and getattr(kernel, "takes_inputs", False):
+            # Once per forward, outside the blocks (which may be compiled): mask, bias, cu_seqlens ...
+            attn.prepared = kernel.prepare(attn)
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        for name, layer in self.layers.items():
+            h = layer(h, positions, attn, self.position, cache=None if cache is None else cache.layer(name))
+        if cache is not None:
+            assert attn.q_segments is not None
+            cache.commit(attn.q_positions, attn.q_segments)
+        h = self.norm(h) if self.norm is not None else h
+        return h if logits is None else self.head(h[:, logits])
+
+    def _kernel(self) -> nn.Module | None:
+        for layer in self.layers.values():
+            return layer.self_attn.kernel
+        return None
+
+    def attention_inputs(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> AttentionInputs:
+        """The mask info of this forward: positions, segment ids (also of cached keys), this rank's ALiBi
+        slopes, and the compute dtype (autocast's, else the weights') the kernels will see."""
+        b, s = tokens.shape[0], tokens.shape[1]
+        device = tokens.device
         if segments is None and cache is None:
-            bias = self.position.bias(positions, positions)
+            q_pos = k_pos = positions
+            q_seg = k_seg = None
         else:
             q_pos = positions.expand(b, s)
             q_seg = torch.ones_like(q_pos) if segments is None else segments
             k_pos, k_seg = (q_pos, q_seg) if cache is None else cache.keys_of(q_pos, q_seg)
-            allowed = attention_mask(q_seg, k_seg)[:, None]  # [b, 1, q, k]
-            bias = self.position.bias(q_pos, k_pos)
-            bias = torch.zeros(allowed.shape, device=tokens.device) if bias is None else bias
-            bias = bias.masked_fill(~allowed, float("-inf"))
-        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
-        for name, layer in self.layers.items():
-            h = layer(h, positions, bias, self.position, cache=None if cache is None else cache.layer(name))
-        if cache is not None:
-            cache.commit(q_pos, q_seg)
-        h = self.norm(h) if self.norm is not None else h
-        return h if logits is None else self.head(h[:, logits])
+        if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = next((p.dtype for p in self.layers.parameters() if p.is_floating_point()), torch.float32)
+        bias_kind = getattr(self.position, "bias_kind", "dense")
+        return AttentionInputs(
+            q_pos, k_pos, q_seg, k_seg, b, s, k_pos.shape[-1], device, dtype,
+            bias_kind=bias_kind,
+            slopes=getattr(self.position, "slopes", None) if bias_kind == "alibi" else None,
+            bias_fn=self.position.bias,
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits [b, s, vocab]; for tests and generation (training uses the chunked loss)."""

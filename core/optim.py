@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from haina.core.config import OptimConfig
 
@@ -27,15 +29,46 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def optimizer_backend(model: nn.Module) -> str:
+    """Which AdamW implementation :func:`build_optimizer` uses for ``model``'s parameters.
+
+    apex's FusedAdam when apex is importable and every parameter is a plain CUDA tensor (it does not know
+    DTensors, i.e. FSDP2 or tensor-parallel shards); else torch's AdamW, fused (one pass over each
+    parameter instead of a dozen elementwise sweeps) on CUDA, and on CPU for plain tensors, where it is
+    about 7x faster than the foreach implementation.
+    """
+    params = list(model.parameters())
+    plain = not any(isinstance(p, DTensor) for p in params)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    if on_cuda and plain and apex_adam_available():
+        return "apex"
+    return "torch-fused" if on_cuda or (on_cpu and plain) else "torch"
+
+
+@functools.cache
+def apex_adam_available() -> bool:
+    try:
+        from apex.optimizers import FusedAdam  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """fp32 AdamW over the fp32 master parameters; the fused kernel where the device has one."""
-    fused = all(p.device.type == "cuda" for p in model.parameters())
+    backend = optimizer_backend(model)
+    groups = param_groups(model, cfg.weight_decay)
+    if backend == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=fused or None,
+        fused=(backend == "torch-fused") or None,
     )
 
 

@@ -6,6 +6,8 @@ Importing this package registers the built-ins; third-party plugins arrive throu
 
 from haina.plugins import (  # noqa: F401  (register built-ins)
     attention,
+    attention_gpu,
+    attention_select,
     dpo,
     head,
     loss,

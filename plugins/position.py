@@ -7,6 +7,8 @@ Interface of a position plugin, constructed as ``Plugin(cfg)``:
 - ``bias(q_positions, k_positions) -> Tensor | None``: an fp32 additive attention bias [heads, q, k]
   ([batch, heads, q, k] for batched positions) that already contains the causal mask, or None when the
   kernel should apply the plain causal mask itself.
+- ``bias_kind`` (class attribute): "none" (RoPE: causal mask only), "alibi" (the module has ``slopes`` of
+  its heads, so kernels can bias without the dense tensor) or "dense" (only ``bias()``; sdpa only).
 
 The model builds one instance and shares it across all layers. Position math is fp32 even under bf16
 autocast: bf16 has 8 significant bits and cannot tell positions above 256 apart.
@@ -43,6 +45,8 @@ class RotaryEmbedding(nn.Module):
     attention), so there is no cache to go stale, no state_dict entry, and nothing to re-fill after the
     model is materialized from the meta device.
     """
+
+    bias_kind = "none"  # the kernel applies only the causal mask (see haina.plugins.attention)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -137,6 +141,7 @@ class ALiBi(nn.Module):
     """
 
     slopes: torch.Tensor
+    bias_kind = "alibi"  # kernels may read ``slopes`` instead of the dense bias (flex, flash)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -118,9 +118,9 @@ def test_alibi_bias_reaches_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         kernel = layer.self_attn.kernel
         original = kernel.forward
 
-        def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, _orig=original):
-            seen.append(bias)
-            return _orig(q, k, v, bias)
+        def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Any, _orig=original):
+            seen.append(attn.dense_bias())  # kernels get the mask info; sdpa turns it into this bias
+            return _orig(q, k, v, attn)
 
         monkeypatch.setattr(kernel, "forward", spy)
     model(torch.randint(0, 512, (2, 12)))

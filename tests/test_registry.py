@@ -31,7 +31,7 @@ def test_builtins_registered_by_kind() -> None:
 
 
 def test_unknown_plugin_lists_names() -> None:
-    with pytest.raises(registry.PluginError, match="unknown norm plugin 'layernorm'; registered: rmsnorm"):
+    with pytest.raises(registry.PluginError, match="unknown norm plugin 'layernorm'; registered: apex, rmsnorm"):
         registry.get("norm", "layernorm")
     with pytest.raises(registry.PluginError, match="unknown plugin kind"):
         registry.register("optimizer_kind_that_does_not_exist", "x")

@@ -6,8 +6,11 @@ checkpoints) are the same with and without recomputation.
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
 from haina.core.model import blocks_of
 
@@ -27,5 +30,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
         else:
             raise ValueError(f"unknown activation_checkpoint mode {mode!r}")
     for module in targets:
-        checkpoint(module)
+        if mode == "full":
+            checkpoint(module)  # hooks outside the block's forward, so a compiled forward stays one graph
+        else:
+            # Inside a block: the functional form, which torch.compile traces as one recompute region (the
+            # composable hooks inside a compiled block replay the wrong tensors in backward).
+            module.forward = functools.partial(checkpoint_fn, module.forward, use_reentrant=False)
     return len(targets)

@@ -1,8 +1,9 @@
 """The one entry point that turns a single-device model part into a parallel one, and global clipping.
 
 Order matters: tensor parallelism first (it replaces parameters by tp-sharded DTensors), then
-activation checkpointing (hooks on modules), then FSDP2 over the data-parallel mesh (which composes
-with the tp DTensors into 2-D sharding).
+activation checkpointing (hooks on modules), then torch.compile of each block's forward, then FSDP2 over
+the data-parallel mesh (which composes with the tp DTensors into 2-D sharding; its hooks stay outside the
+compiled forwards, as in torchtitan).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from haina.core.config import HainaConfig
 from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
+from haina.core.parallel.compile import apply_compile
 from haina.core.parallel.data_parallel import apply_fsdp, dp_mesh
 from haina.core.parallel.mesh import Layout
 
@@ -32,6 +34,8 @@ def parallelize(
         apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
     if not frozen:
         apply_activation_checkpointing(part, cfg.parallel.activation_checkpoint)
+    if cfg.parallel.compile:
+        apply_compile(part)
     data_mesh = dp_mesh(mesh, layout)
     if data_mesh is not None:
         apply_fsdp(
