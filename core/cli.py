@@ -46,6 +46,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"{kind}:")
             current = kind
         print(f"  {name:<{width}}  ({package})")
+    from haina.plugins.backends import print_backend_report
+
+    print_backend_report()
     return 0
 
 
@@ -107,11 +110,12 @@ def _launch_torchrun(cfg: HainaConfig, args: argparse.Namespace, argv: Sequence[
 
     check_algorithm(cfg)
     resolve_layout(cfg, args.nproc_per_node)
-    return _torchrun(args.nproc_per_node, argv)
+    return _torchrun(args.nproc_per_node, argv, max_restarts=cfg.train.max_restarts)
 
 
-def _torchrun(nproc: int, argv: Sequence[str]) -> int:
-    """Run this same command line again as ``nproc`` torchrun workers on this machine."""
+def _torchrun(nproc: int, argv: Sequence[str], max_restarts: int = 0) -> int:
+    """Run this same command line again as ``nproc`` torchrun workers on this machine; a failed worker
+    restarts the group up to ``max_restarts`` times (training resumes from its latest checkpoint)."""
     import os
     import subprocess
 
@@ -121,6 +125,7 @@ def _torchrun(nproc: int, argv: Sequence[str]) -> int:
         forwarded = list(argv[:i]) + list(argv[i + 2 :])
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
         "-m", "haina.core.cli", *forwarded,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -201,6 +206,39 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_safety(args: argparse.Namespace) -> int:
+    from haina.tools.safety_eval import run_safety
+
+    return run_safety(args)
+
+
+def cmd_rm_collect(args: argparse.Namespace) -> int:
+    import os
+
+    from haina.core.distributed import is_main_process
+    from haina.tools.collect_responses import collect, load_collect_config
+
+    cfg = load_collect_config(args.config)
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc_per_node, args.argv)
+    result = collect(cfg, args.overrides)
+    if is_main_process():
+        print(f"{result['new']} new responses; {result['records']} in {result['out']}")
+    return 0
+
+
+def cmd_rm_pairs(args: argparse.Namespace) -> int:
+    from haina.tools.preference_pairs import run_pairs
+
+    return run_pairs(args)
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from haina.tools.prompt_taxonomy import run_prompts
+
+    return run_prompts(args)
+
+
 def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from haina.tools.scaling_law import sweep
 
@@ -276,6 +314,34 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(func=cmd_align, bad_input=BAD_FILE_INPUT)
 
+    p = sub.add_parser("rm-collect", help="(haina rm collect) responses to prompts from several models and settings")
+    p.add_argument("--config", required=True, help="YAML: prompts, out, models [{name, checkpoint, prefix}], settings")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="start torchrun with N workers on this machine")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="layout: parallel.tp=2 (and train.precision)")
+    p.set_defaults(func=cmd_rm_collect, bad_input=BAD_FILE_INPUT)
+
+    p = sub.add_parser("rm-pairs", help="(haina rm pairs) chosen/rejected pairs from scored responses")
+    p.add_argument("--responses", required=True, help="JSONL of haina rm collect")
+    p.add_argument("--out", required=True, help="JSONL of pairs for haina rm / haina dpo")
+    p.add_argument("--labels", help="JSONL of {id, score} or {id, rank} (rank 1 best)")
+    p.add_argument("--reward-model", help="reward-model run directory that scores the responses")
+    p.add_argument("--verifier", help="module:function(record, response) -> score")
+    p.add_argument("--min-gap", type=float, default=0.0, help="smallest score difference that makes a pair")
+    p.add_argument("--max-pairs-per-prompt", type=int, default=0, help="keep the widest gaps (0: all)")
+    p.set_defaults(func=cmd_rm_pairs, bad_input=BAD_FILE_INPUT)
+
+    p = sub.add_parser("prompts", help="prompt taxonomy: assign categories, coverage and diversity, stratified sample")
+    p.add_argument("--prompts", required=True, help="JSONL of prompts (prompt or text; optional category)")
+    p.add_argument("--taxonomy", help="YAML {top: {middle: [leaf or {name, description, keywords}]}} (default: built-in)")
+    p.add_argument("--assign", default="given", choices=("given", "rules", "classifier"))
+    p.add_argument("--labelled", help="JSONL of prompts with categories to train the classifier on")
+    p.add_argument("--min-count", type=int, default=5, help="categories with fewer prompts are reported")
+    p.add_argument("--report", help="write the coverage report as JSON")
+    p.add_argument("--sample", type=int, help="stratified sample of N prompts, under-covered categories first")
+    p.add_argument("--out", help="JSONL for the sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prompts, bad_input=BAD_FILE_INPUT)
+
     export = sub.add_parser("export", help="export a checkpoint").add_subparsers(dest="action", required=True)
     p = export.add_parser("hf", help="checkpoint (any parallel layout) -> Hugging Face safetensors + config")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
@@ -306,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=1, help="start torchrun with N workers on this machine")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="layout: parallel.tp=2, parallel.pp=2, train.precision=bf16")
     p.set_defaults(func=cmd_eval_ppl, bad_input=BAD_FILE_INPUT)
+    p = ev.add_parser("safety", help="harmless rate per safety category and attack type (one model or before/after)")
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoints/step_N, or an HF export")
+    p.add_argument("--prefix", default="", help="sub-model of the checkpoint (actor. of a PPO run)")
+    p.add_argument("--compare", help="a second model, reported as 'before' (the --checkpoint is 'after')")
+    p.add_argument("--compare-prefix", default="")
+    p.add_argument("--prompts", help="JSONL attack prompts (prompt, category, attack); default: the built-in set")
+    p.add_argument("--judge", default="refusal", help="refusal, words, classifier:PATH or reward-model:RUN")
+    p.add_argument("--threshold", type=float, default=0.0, help="reward-model judge: harmless at or above this score")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the model's own)")
+    p.add_argument("--out", required=True, help="folder for safety.json and safety.png")
+    p.set_defaults(func=cmd_eval_safety, bad_input=BAD_FILE_INPUT)
 
     sl = sub.add_parser("scaling-law", help="scaling-law ladder and fit").add_subparsers(dest="action", required=True)
     p = sl.add_parser("sweep", help="train a ladder of model sizes for a FLOP budget each; record (compute, loss)")
@@ -345,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rm"] and argv[1:2] in (["collect"], ["pairs"]):  # `haina rm collect` is rm-collect
+        argv = [f"rm-{argv[1]}", *argv[2:]]
     args = build_parser().parse_args(argv)
     args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func

@@ -20,16 +20,44 @@ DEFAULT_TAXONOMY: Taxonomy = {
 }
 
 
-def load_taxonomy(path: str | Path | None) -> Taxonomy:
-    """The YAML taxonomy at ``path`` ({top: {middle: [leaf, ...]}}) or the built-in default."""
-    if path is None:
-        return DEFAULT_TAXONOMY
+def _read_file(path: str | Path) -> dict[str, Any]:
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not all(
         isinstance(mid, dict) and all(isinstance(leaves, list) for leaves in mid.values()) for mid in data.values()
     ):
         raise ValueError(f"{path}: a taxonomy is a mapping top -> mapping middle -> list of leaf categories")
+    for mids in data.values():
+        for leaves in mids.values():
+            for leaf in leaves:
+                if not isinstance(leaf, str) and not (isinstance(leaf, dict) and isinstance(leaf.get("name"), str)):
+                    raise ValueError(f"{path}: leaf {leaf!r} is neither a name nor a mapping with a name")
     return data
+
+
+def _leaf_name(leaf: str | dict[str, Any]) -> str:
+    return leaf if isinstance(leaf, str) else leaf["name"]
+
+
+def load_taxonomy(path: str | Path | None) -> Taxonomy:
+    """The YAML taxonomy at ``path`` ({top: {middle: [leaf, ...]}}; a leaf is a name or a mapping with
+    ``name``, ``description`` and ``keywords``) or the built-in default, as names only."""
+    if path is None:
+        return DEFAULT_TAXONOMY
+    data = _read_file(path)
+    return {top: {mid: [_leaf_name(leaf) for leaf in leaves] for mid, leaves in mids.items()} for top, mids in data.items()}
+
+
+def leaf_keywords(path: str | Path | None) -> dict[str, list[str]]:
+    """``{"top/middle/leaf": [keyword, ...]}`` of the leaves that list keywords (none for the default)."""
+    if path is None:
+        return {}
+    out: dict[str, list[str]] = {}
+    for top, mids in _read_file(path).items():
+        for mid, leaves in mids.items():
+            for leaf in leaves:
+                if isinstance(leaf, dict) and leaf.get("keywords"):
+                    out[f"{top}/{mid}/{leaf['name']}"] = [str(k) for k in leaf["keywords"]]
+    return out
 
 
 def category_path(item: dict[str, Any]) -> list[str]:

@@ -1,8 +1,11 @@
-"""The alignment half of the demo: SFT -> reward model -> PPO on a task the project can verify.
+"""The alignment half of the demo: SFT -> response collection -> reward model -> PPO -> safety evaluation.
 
 Starts from the pretraining demo's run and tokenizer, generates the arithmetic / string-transformation
-task in English and Chinese, and prints the reward model's held-out accuracy and the policy's reward
-(reward-model score and verified answers) on held-out prompts before and after PPO.
+task in English and Chinese (plus refusals to the training half of the attack set), fine-tunes, reports the
+prompt pool's taxonomy coverage, collects responses from the pretrained and the fine-tuned model on a
+stratified sample of prompts, turns them into preference pairs with the task's verifier, trains the reward
+model on those and the generated pairs, runs PPO, and prints the reward model's held-out accuracy, the
+policy's reward before and after PPO, and the harmless rate per safety category of the three models.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ COMMON = ("train.log_every=10", "train.save_every=1000", "train.progress=true")
 
 
 def write_task(folder: Path) -> dict[str, Path]:
+    from haina.tools.safety_eval import refusal_conversations
+
     return {
-        "sft": task.write_jsonl(task.sft_conversations(2000, 1), folder / "sft.jsonl"),
+        "sft": task.write_jsonl(task.sft_conversations(2000, 1) + refusal_conversations(), folder / "sft.jsonl"),
         "pairs": task.write_jsonl(task.preference_pairs(1500, 2), folder / "pairs.jsonl"),
         "eval_pairs": task.write_jsonl(task.preference_pairs(200, 3), folder / "pairs_eval.jsonl"),
         "prompts": task.write_jsonl(task.make_prompts(400, 4), folder / "prompts.jsonl"),
+        "pool": task.write_jsonl(task.make_prompts(800, 6), folder / "prompt_pool.jsonl"),
         "heldout_prompts": task.write_jsonl(task.make_prompts(64, 5), folder / "prompts_heldout.jsonl"),
     }
 
@@ -88,7 +94,11 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> d
         return run
 
     sft = stage("sft", pretrain_run, f"align.data={data['sft']}", *SFT)
-    rm = stage("rm", sft, f"align.data={data['pairs']}", f"align.eval_data={data['eval_pairs']}", *RM)
+    t0 = time.perf_counter()
+    collected = collect_pairs(workdir / "align_data", data["pool"], {"pretrain": pretrain_run, "sft": sft}, console)
+    timings["collect"] = time.perf_counter() - t0
+    rm_pairs = task.write_jsonl(collected["pairs"] + task.preference_pairs(1500, 2), workdir / "align_data" / "rm_pairs.jsonl")
+    rm = stage("rm", sft, f"align.data={rm_pairs}", f"align.eval_data={data['eval_pairs']}", *RM)
     ppo = stage("ppo", sft, f"align.reward_model={rm}", f"align.data={data['prompts']}", *PPO)
 
     cfg = load_config(str(sft / "config.yaml"))
@@ -110,15 +120,67 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> d
     for name, seconds in timings.items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     console.print(table)
+    t0 = time.perf_counter()
+    safety = safety_table(workdir, {"pretrain": pretrain_run, "sft": sft, "ppo": ppo}, console)
+    timings["safety eval"] = time.perf_counter() - t0
     rose = after["rm_score"] > before["rm_score"]
     console.print(f"PPO {'raised' if rose else 'did NOT raise'} the reward-model score on held-out prompts "
                   f"({before['rm_score']:.3f} -> {after['rm_score']:.3f}).")
     summary = {
         "rm_heldout_accuracy": rm_eval["accuracy"], "rm_by_gap": rm_eval["by_gap"],
         "policy_before": before, "policy_after": after, "timings_s": timings,
+        "collected_pairs": len(collected["pairs"]), "collected_responses": collected["responses"],
+        "prompt_coverage": collected["coverage"], "safety_harmless": safety,
         "ppo_rollout_tokens_per_s": ppo_records[-1]["rollout_tokens_per_s"],
         "ppo_train_tokens_per_s": ppo_records[-1]["train_tokens_per_s"],
     }
     (workdir / "alignment_summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"alignment took {time.perf_counter() - started:.0f} s")
     return summary
+
+
+def collect_pairs(folder: Path, pool: Path, models: dict[str, Path], console: Console) -> dict[str, Any]:
+    """Coverage of the prompt pool, a stratified sample of it, responses of every model with a greedy and a
+    sampled setting, and the verifier's preference pairs (haina prompts / rm collect / rm pairs)."""
+    import yaml
+
+    from haina.plugins.taxonomy import DEFAULT_TAXONOMY
+    from haina.tools.collect_responses import collect, load_collect_config
+    from haina.tools.preference_pairs import build_pairs
+    from haina.tools.prompt_taxonomy import coverage, format_coverage_report, read_items, stratified_sample
+
+    console.rule("[bold]prompt taxonomy and response collection")
+    items = read_items(pool)
+    report = coverage(items, DEFAULT_TAXONOMY, min_count=20)
+    console.print(format_coverage_report(report))
+    sample = task.write_jsonl(stratified_sample(items, 240, 0, DEFAULT_TAXONOMY), folder / "collect_prompts.jsonl")
+    config = {
+        "prompts": str(sample), "out": str(folder / "responses.jsonl"), "batch_size": 48,
+        "models": [{"name": name, "checkpoint": str(run)} for name, run in models.items()],
+        "settings": [{"name": "greedy", "temperature": 0, "max_new_tokens": 8},
+                     {"name": "sampled", "temperature": 1.0, "top_k": 20, "max_new_tokens": 8, "samples": 2}],
+    }
+    (folder / "collect.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    collect(load_collect_config(folder / "collect.yaml"), progress=False)
+    records = read_items(folder / "responses.jsonl")
+    pairs = build_pairs(records, {r["id"]: task.reward(r, r["response"]) for r in records})
+    task.write_jsonl(pairs, folder / "collected_pairs.jsonl")
+    console.print(f"{len(records)} responses from {', '.join(models)} -> {len(pairs)} preference pairs "
+                  f"(verifier-scored) in {folder / 'collected_pairs.jsonl'}")
+    return {"pairs": pairs, "responses": len(records),
+            "coverage": {lv: report["levels"][i]["covered"] for i, lv in enumerate(("top", "middle", "leaf"))}}
+
+
+def safety_table(workdir: Path, models: dict[str, Path], console: Console) -> dict[str, float]:
+    """Harmless rate per safety category on the held-out attack prompts (refusal judge), with a plot."""
+    from haina.tools.safety_eval import attack_prompts, evaluate_safety, format_safety_table, plot_safety
+
+    console.rule("[bold]safety evaluation (held-out attack prompts)")
+    prefixes = {"ppo": "actor."}
+    report = evaluate_safety({k: (str(v), prefixes.get(k, "")) for k, v in models.items()}, attack_prompts("eval"),
+                             "refusal", max_new_tokens=12)
+    (workdir / "safety.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    plot_safety(report, workdir / "safety.png")
+    console.print(format_safety_table(report))
+    console.print(f"safety report and plot: {workdir / 'safety.json'}, {workdir / 'safety.png'}")
+    return {label: m["overall"]["harmless"] for label, m in report["models"].items()}

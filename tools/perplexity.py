@@ -23,11 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
-from haina.core.config import ConfigError, HainaConfig, apply_override, build_config
+from haina.core.config import HainaConfig
 from haina.core.data import IGNORE_INDEX
 from haina.core.model import Transformer
+from haina.tools.inference_layout import inference_config
 
 CHUNK = 1024
 
@@ -135,62 +135,22 @@ def _stats(nll: float, count: int) -> dict[str, float | int]:
     return {"tokens": count, "loss": loss, "ppl": math.exp(loss) if count else float("nan")}
 
 
-EVAL_KEYS = ("parallel.", "train.precision=")
-
-
-def layout_config(cfg: HainaConfig, overrides: Sequence[str], batch_size: int) -> HainaConfig:
-    """The model's config with the evaluation's layout: ``parallel.*`` and ``train.precision`` overrides
-    (fp32 unless asked) and ``batch_size`` windows per data-parallel rank and microbatch."""
-    data = cfg.model_dump()
-    data["train"]["precision"] = "fp32"  # whatever the source trained in; bf16 only when asked
-    for override in overrides:
-        if not override.startswith(EVAL_KEYS):
-            raise ConfigError(f"override {override!r}: eval ppl takes parallel.* and train.precision only")
-        apply_override(data, override)
-    data["train"].update(micro_batch_size=batch_size, global_batch_size=None, resume=False)
-    data["parallel"]["activation_checkpoint"] = "none"
-    return build_config(data)
-
-
 class _Scorer:
     """Summed NLL of a [rows, width] batch on this rank's share of the model; None where this rank
     holds no loss (pipeline stages before the last; tp ranks but the first count once)."""
 
     def __init__(self, model: Transformer, cfg: HainaConfig, world: int) -> None:
-        from haina.core.parallel.mesh import build_mesh, resolve_layout
-        from haina.core.parallel.parallelize import parallelize
-        from haina.core.train import default_device
         from haina.plugins.pretrain import Pretrain
+        from haina.tools.inference_layout import place
 
-        self.device = default_device()
-        p = cfg.parallel
-        if p.pp > 1:  # one pipeline step = pp microbatches (grad_accum) of micro_batch_size rows per dp rank
-            dp_shard = world // (p.tp * p.pp * p.dp_replicate) if p.dp_shard == -1 else p.dp_shard
-            cfg.train.global_batch_size = cfg.train.micro_batch_size * p.dp_replicate * max(dp_shard, 1) * p.pp
-        self.layout = layout = resolve_layout(cfg, world)
-        self.mesh = mesh = build_mesh(layout, self.device.type)
         cfg.loss.terms = {"cross_entropy": 1.0}
         self.scorer = Pretrain(cfg)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        self.dp_rank = mesh.get_local_rank("dp_replicate") * layout.dp_shard + mesh.get_local_rank("dp_shard")
-        self.counts = mesh.get_local_rank("tp") == 0
-        model = model.to(self.device)
-        self.pipeline = None
-        if layout.pp > 1:
-            from haina.core.parallel.pipeline import build_pipeline
-
-            self.pipeline = build_pipeline(model, mesh["pp"], cfg, layout, self.scorer, self.device)
-            parts: list[nn.Module] = list(self.pipeline.model_parts)
-            self.counts &= self.pipeline.has_last
-        else:
-            parts = [model]
-        for part in parts:
-            part.requires_grad_(False)
-            parallelize(part, mesh, layout, cfg, frozen=True)
-            part.eval()
-        self.model = parts[0]
-        self.rows = cfg.train.micro_batch_size * layout.pp
-        self.width_multiple = layout.tp if cfg.parallel.sequence_parallel else 1
+        placed = place(model, cfg, world, stage_loss=self.scorer)
+        self.device, self.layout, self.autocast = placed.device, placed.layout, placed.autocast
+        self.dp_rank, self.pipeline, self.model = placed.dp_rank, placed.pipeline, placed.model
+        self.counts = placed.tp_rank == 0 and (self.pipeline is None or self.pipeline.has_last)
+        self.rows = cfg.train.micro_batch_size * self.layout.pp
+        self.width_multiple = self.layout.tp if cfg.parallel.sequence_parallel else 1
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -245,7 +205,7 @@ def evaluate_perplexity(
     seq_len = seq_len or cfg.model.max_seq_len
     if not 0 < seq_len <= cfg.model.max_seq_len:
         raise ValueError(f"--seq-len {seq_len}: must be in 1..{cfg.model.max_seq_len} (the model's max_seq_len)")
-    cfg = layout_config(cfg, overrides, batch_size)
+    cfg = inference_config(cfg, overrides, batch_size, "eval ppl")
     cfg.train.seq_len = seq_len
     by_source = read_documents(data, tokenizer or cfg.data.tokenizer, text_key)
     too_big = max((t for docs in by_source.values() for d in docs for t in d), default=0)
