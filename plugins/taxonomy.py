@@ -3,6 +3,7 @@ coverage of a prompt set over it."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,18 @@ def validate_path(path: list[str], taxonomy: Taxonomy) -> bool:
     return len(path) <= 2 or path[2] in taxonomy[path[0]][path[1]]
 
 
-def coverage_report(items: list[dict[str, Any]], taxonomy: Taxonomy) -> dict[str, Any]:
-    """Prompts per category at each level, the categories no prompt covers, and unknown paths."""
-    levels: list[dict[str, int]] = [{}, {}, {}]
+def level_keys(taxonomy: Taxonomy) -> list[list[str]]:
+    """Every category path of each level: ["top"], ["top/middle"], ["top/middle/leaf"]."""
+    return [
+        list(taxonomy),
+        [f"{top}/{mid}" for top, mids in taxonomy.items() for mid in mids],
+        [f"{top}/{mid}/{leaf}" for top, mids in taxonomy.items() for mid, leaves in mids.items() for leaf in leaves],
+    ]
+
+
+def level_counts(items: list[dict[str, Any]], taxonomy: Taxonomy) -> tuple[list[Counter[str]], int]:
+    """Prompts per category path at each level, and how many items name no known path."""
+    counts: list[Counter[str]] = [Counter(), Counter(), Counter()]
     unknown = 0
     for item in items:
         path = category_path(item)
@@ -84,20 +94,21 @@ def coverage_report(items: list[dict[str, Any]], taxonomy: Taxonomy) -> dict[str
             unknown += 1
             continue
         for level in range(min(3, len(path))):
-            key = "/".join(path[: level + 1])
-            levels[level][key] = levels[level].get(key, 0) + 1
-    every = [
-        [top for top in taxonomy],
-        [f"{top}/{mid}" for top, mids in taxonomy.items() for mid in mids],
-        [f"{top}/{mid}/{leaf}" for top, mids in taxonomy.items() for mid, leaves in mids.items() for leaf in leaves],
-    ]
+            counts[level]["/".join(path[: level + 1])] += 1
+    return counts, unknown
+
+
+def coverage_report(items: list[dict[str, Any]], taxonomy: Taxonomy) -> dict[str, Any]:
+    """Prompts per category at each level, the categories no prompt covers, and unknown paths."""
+    counts, unknown = level_counts(items, taxonomy)
+    every = level_keys(taxonomy)
     total = max(1, len(items) - unknown)
     return {
         "prompts": len(items),
         "unknown_category": unknown,
-        "top_share": {top: levels[0].get(top, 0) / total for top in taxonomy},
-        "counts": [dict(sorted(level.items())) for level in levels],
-        "uncovered": [[key for key in keys if key not in levels[i]] for i, keys in enumerate(every)],
+        "top_share": {top: counts[0][top] / total for top in taxonomy},
+        "counts": [dict(sorted(level.items())) for level in counts],
+        "uncovered": [[key for key in keys if not counts[i][key]] for i, keys in enumerate(every)],
         "categories": [len(keys) for keys in every],
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,10 @@ def test_sigterm_on_one_rank_saves_everywhere_and_resumes(reference: list, tmp_p
     proc = torchrun(run, tiny_data, faults="step_end:sigterm@3:1")
     assert proc.returncode != 0
     assert "exiting with 143" in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.count("exitcode  : 143") == 2, proc.stderr[-3000:]  # torchrun's report: both ranks
+    # torchrun's report: the first rank out exits 143; the other either did too or, still on its way out
+    # after the (collective) save, was stopped by the agent with SIGTERM (-15). Nothing else failed.
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert "143" in codes and set(codes) <= {"143", "-15"}, proc.stderr[-3000:]
     assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_3"
     assert events(run) == [{"step": 3, "event": "preempted", "signal": 15, "exit_code": 143, "checkpoint": "step_3"}]
     proc = torchrun(run, tiny_data)

@@ -28,7 +28,15 @@ import numpy as np
 
 from haina.data_spark.features import embed, featurize, projection
 from haina.data_spark.text import tokens
-from haina.plugins.taxonomy import Taxonomy, category_path, leaf_keywords, load_taxonomy, validate_path
+from haina.plugins.taxonomy import (
+    Taxonomy,
+    category_path,
+    leaf_keywords,
+    level_counts,
+    level_keys,
+    load_taxonomy,
+    validate_path,
+)
 
 FEATURES = 2**18
 EMBED_DIM = 64
@@ -43,7 +51,7 @@ def prompt_text(item: dict[str, Any]) -> str:
 
 
 def leaves(taxonomy: Taxonomy) -> list[str]:
-    return [f"{top}/{mid}/{leaf}" for top, mids in taxonomy.items() for mid, names in mids.items() for leaf in names]
+    return level_keys(taxonomy)[2]
 
 
 # --- assignment ---------------------------------------------------------------------------------------
@@ -147,18 +155,12 @@ def embedding_spread(texts: Sequence[str], matrix: np.ndarray) -> float:
 
 def coverage(items: list[dict[str, Any]], taxonomy: Taxonomy, min_count: int) -> dict[str, Any]:
     """Counts and shares per level, the categories below ``min_count``, diversity per covered leaf."""
-    every = [list(taxonomy), [f"{t}/{m}" for t, ms in taxonomy.items() for m in ms], leaves(taxonomy)]
-    counts: list[Counter[str]] = [Counter(), Counter(), Counter()]
+    counts, unknown = level_counts(items, taxonomy)
+    every = level_keys(taxonomy)
     by_leaf: dict[str, list[str]] = defaultdict(list)
-    unknown = 0
     for item in items:
         path = category_path(item)
-        if not validate_path(path, taxonomy):
-            unknown += 1
-            continue
-        for level in range(len(path)):
-            counts[level]["/".join(path[: level + 1])] += 1
-        if len(path) == 3:
+        if len(path) == 3 and validate_path(path, taxonomy):
             by_leaf["/".join(path)].append(prompt_text(item))
     known = max(1, len(items) - unknown)
     matrix = projection(FEATURES, EMBED_DIM, seed=0)
