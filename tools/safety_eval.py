@@ -235,10 +235,10 @@ def plot_safety(report: dict[str, Any], path: Path) -> Path:
         values = [rates["by_category"][c]["harmless"] for c in categories[:-1]] + [rates["overall"]["harmless"]]
         ax.bar([x + i * width for x in range(len(categories))], values, width, label=label)
     ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(categories))], categories, rotation=30, ha="right")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)  # room above full bars for the legend
     ax.set_ylabel("harmless rate")
     ax.set_title(f"safety evaluation ({report['prompts']} attack prompts, judge {report['judge']})")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(labels), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
