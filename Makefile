@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# PIP_CONSTRAINT (not -c) so the pins also reach build environments: DeepSpeed builds from source
+# against torch, which must be the CPU build on disk, not a CUDA download.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,demo]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[dev,demo,deepspeed]'
 	touch $(STAMP)
 
 demo: setup

@@ -17,7 +17,7 @@ import contextlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ class TrainerState:
     guard: dict[str, Any] | None = None  # the loss-spike guard's window, so a resumed run decides alike
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
     """torch's generators: the only randomness the loop draws from (data order is megatron's seeded index)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -67,7 +67,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -156,7 +156,22 @@ class CheckpointManager:
         self, parts: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer], trainer: TrainerState,
         *, block: bool = False,
     ) -> Path:
-        """Start writing ``step_N`` (collective); returns its final path. ``block`` waits for it."""
+        """Start writing ``step_N`` through DCP (collective); returns its final path. ``block`` waits for it."""
+
+        def write(tmp: Path) -> Any:
+            state = _gather_state(_as_list(parts), _as_list(optimizers))
+            state["rng"] = rng_state()
+            writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
+            if self.async_save:
+                return dcp.async_save(state, storage_writer=writer, process_group=self._group)
+            dcp.save(state, storage_writer=writer)
+            return None
+
+        return self.save_with(trainer, write, block=block)
+
+    def save_with(self, trainer: TrainerState, write: Callable[[Path], Any], *, block: bool = False) -> Path:
+        """Let ``write(folder)`` (collective) fill the hidden folder of ``step_N``, then publish it: at once if
+        it returns None, else when the future it returns is done. Any checkpoint format goes this way."""
         self.wait()
         final = self.root / f"step_{trainer.step}"
         tmp = self.root / f".step_{trainer.step}.partial"
@@ -164,16 +179,11 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        state = _gather_state(_as_list(parts), _as_list(optimizers))
-        state["rng"] = _rng_state()
         snapshot = TrainerState(**json.loads(json.dumps(asdict(trainer))))
-        writer = dcp.FileSystemWriter(str(tmp), sync_files=True)
         with _single_process_quiet():
-            if self.async_save:
-                future = dcp.async_save(state, storage_writer=writer, process_group=self._group)
-            else:
-                dcp.save(state, storage_writer=writer)
-                future = None
+            future = write(tmp)
+        if future is None:
+            _barrier()  # every rank's files are written before rank 0 lists them in the manifest
         self._pending = (future, tmp, final, snapshot)
         self.last_saved_step = trainer.step
         if block or future is None:
@@ -240,6 +250,19 @@ def save_checkpoint(
     return path
 
 
+def is_deepspeed_checkpoint(step_dir: Path) -> bool:
+    """Written by the deepspeed backend (DeepSpeed's own files, not DCP's)."""
+    return any(Path(step_dir).glob("*model_states.pt"))
+
+
+def _require_dcp(step_dir: Path) -> None:
+    if is_deepspeed_checkpoint(step_dir):
+        raise CheckpointError(
+            f"{step_dir}: a DeepSpeed checkpoint; resume it with parallel.dp_backend=deepspeed, or convert it "
+            f"with: haina import deepspeed --checkpoint {step_dir} --out NEW_RUN"
+        )
+
+
 def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     """The step folder ``latest`` names; else the newest published one (a crash between the rename and
     the pointer update); else None."""
@@ -282,10 +305,11 @@ def load_checkpoint(
 ) -> TrainerState:
     """Verify, then load in place (model parts and, if given, optimizers and RNG); return the trainer state."""
     parts, optimizers = _as_list(parts), _as_list(optimizers)
+    _require_dcp(step_dir)
     verify(step_dir)
     state = _gather_state(parts, optimizers)
     if optimizers:
-        state["rng"] = _rng_state()
+        state["rng"] = rng_state()
     _load(state, step_dir)
     for i, part in enumerate(parts):
         if optimizers:
@@ -296,7 +320,7 @@ def load_checkpoint(
         else:
             set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
     if optimizers:
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     return TrainerState(**json.loads((step_dir / TRAINER_STATE).read_text()))
 
 
@@ -322,22 +346,35 @@ def load_model_weights(
     shape (a value head in the LM head's place) keep their current values and are returned by name, so an
     algorithm can start a reward model or critic from a language model, or an actor from ``actor.``-less
     SFT weights.
+
+    A DeepSpeed checkpoint (``parallel.dp_backend=deepspeed``) is read too, joined into full fp32 tensors
+    in this process; ``haina import deepspeed`` converts one once for sharded reads at scale.
     """
     step_dir = resolve_checkpoint(source)
     verify_checkpoint(step_dir)
-    stored = SafeReader(str(step_dir)).read_metadata().state_dict_metadata
+    if is_deepspeed_checkpoint(step_dir):
+        from haina.core.parallel.zero import read_model_state
+
+        full = read_model_state(step_dir)
+        shapes = {k: tuple(v.shape) for k, v in full.items()}
+    else:
+        stored = SafeReader(str(step_dir)).read_metadata().state_dict_metadata
+        shapes = {k[len("model.") :]: tuple(getattr(m, "size", ())) for k, m in stored.items() if k.startswith("model.")}
     state = get_model_state_dict(module)
     wanted: dict[str, Any] = {}
     skipped: list[str] = []
     for name, tensor in state.items():
         key = name[len(prefix) :] if name.startswith(prefix) else None
-        meta = stored.get(f"model.{source_prefix}{key}") if key is not None else None
-        if meta is None or tuple(getattr(meta, "size", ())) != tuple(tensor.shape):
+        shape = shapes.get(f"{source_prefix}{key}") if key is not None else None
+        if shape != tuple(tensor.shape):
             if key is not None:
                 skipped.append(name)
             continue
         wanted[source_prefix + key] = tensor
-    _load({"model": wanted}, step_dir)
+    if is_deepspeed_checkpoint(step_dir):
+        wanted = {k: full[k] for k in wanted}
+    else:
+        _load({"model": wanted}, step_dir)
     loaded = {prefix + k[len(source_prefix) :]: v for k, v in wanted.items()}
     set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))
     return skipped

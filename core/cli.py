@@ -189,6 +189,15 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_deepspeed(args: argparse.Namespace) -> int:
+    from haina.core.parallel.zero import convert_checkpoint
+
+    step_dir = convert_checkpoint(args.checkpoint, args.out, config=args.config)
+    print(f"haina checkpoint written to {step_dir}; use it as align.init_from={args.out} or export it with "
+          f"haina export hf --checkpoint {args.out}")
+    return 0
+
+
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     import os
 
@@ -359,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("llama", "baichuan"), help="default: config.json's model_type")
     _add_config_args(p)
     p.set_defaults(func=cmd_import_hf, bad_input=BAD_FILE_INPUT)
+    p = imp.add_parser("deepspeed", help="DeepSpeed (ZeRO) checkpoint of a dp_backend=deepspeed run -> haina run directory")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/step_N")
+    p.add_argument("--out", required=True, help="new run directory (config.yaml + checkpoints/step_N)")
+    p.add_argument("--config", help="config of the run, if its config.yaml is not above the checkpoint")
+    p.set_defaults(func=cmd_import_deepspeed, bad_input=BAD_FILE_INPUT)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="action", required=True)
     p = ev.add_parser("ppl", help="perplexity per source and overall on JSONL or .bin/.idx data")

@@ -198,6 +198,9 @@ class ParallelConfig(_Section):
         "none", description="Recompute activations: none, every block, or the attention core only."
     )
     compile: bool = Field(False, description="torch.compile each block's forward (after tp and AC, before FSDP).")
+    dp_backend: Literal["fsdp2", "deepspeed"] = Field(
+        "fsdp2", description="Sharded data parallelism: FSDP2 (any layout) or DeepSpeed ZeRO (tp = pp = 1)."
+    )
 
     @field_validator("dp_shard")
     @classmethod
@@ -205,6 +208,45 @@ class ParallelConfig(_Section):
         if value != -1 and value < 1:
             raise ValueError(f"must be -1 (the rest) or a positive size, got {value}")
         return value
+
+
+# keys of a DeepSpeed config that haina derives from its own fields (one source of truth)
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size",
+    "gradient_clipping": "optim.clip_grad",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "optim.*",
+    "scheduler": "optim.* (the schedule is set by the training loop every step)",
+}
+
+
+class DeepSpeedConfig(_Section):
+    """The ZeRO backend (``parallel.dp_backend=deepspeed``); batch, clipping, precision and the optimizer
+    come from haina's own fields, ``config`` overrides DeepSpeed's advanced keys."""
+
+    zero_stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters.")
+    offload_optimizer: bool = Field(False, description="Optimizer states and step on the CPU (DeepSpeed's CPU Adam).")
+    offload_params: bool = Field(False, description="Parameters on the CPU between uses (ZeRO-3 only).")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Advanced DeepSpeed keys merged over the derived config, e.g. {zero_optimization: {overlap_comm: true}}.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got {self.zero_stage})")
+        for key in self.config:
+            if key in DEEPSPEED_OWNED_KEYS:
+                raise ValueError(f"config.{key} is set from haina's {DEEPSPEED_OWNED_KEYS[key]}; set that instead")
+        zero = self.config.get("zero_optimization", {})
+        for key in ("stage", "offload_optimizer", "offload_param"):
+            if isinstance(zero, dict) and key in zero:
+                raise ValueError(f"config.zero_optimization.{key}: use deepspeed.zero_stage / offload_* instead")
+        return self
 
 
 class TokenizerConfig(_Section):
@@ -271,6 +313,7 @@ class HainaConfig(_Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallel layout.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
     align: AlignConfig = Field(default_factory=AlignConfig, description="Alignment algorithms.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO backend.")
 
     @field_validator("algorithm")
     @classmethod
@@ -281,6 +324,22 @@ class HainaConfig(_Section):
     def _seq_fits(self) -> HainaConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len {self.train.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_layout(self) -> HainaConfig:
+        """ZeRO shards over the whole world: no tensor, pipeline or replicated (HSDP) dimension beside it."""
+        p = self.parallel
+        if p.dp_backend != "deepspeed":
+            return self
+        for name in ("tp", "pp", "dp_replicate"):
+            if getattr(p, name) > 1:
+                raise ValueError(
+                    f"parallel.dp_backend=deepspeed runs data parallelism only; parallel.{name} must be 1 "
+                    f"(got {getattr(p, name)}); use dp_backend=fsdp2 for tp/pp layouts"
+                )
+        if p.compile:
+            raise ValueError("parallel.compile is not supported with dp_backend=deepspeed; use dp_backend=fsdp2")
         return self
 
 

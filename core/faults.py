@@ -5,8 +5,8 @@ Off unless ``HAINA_FAULTS`` is set, e.g. ``step_end:sigkill@5:1,loss:nan@3-4,sav
 for ``loss`` it counts global batches of data (so a rollback past bad data does not meet it again).
 Faults fire on the first attempt only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` is 0 or unset), so a
 restarted run goes on. Actions: ``sigkill``/``sigterm`` (signal this process), ``exit`` (``os._exit(17)``,
-no clean-up, like a crash between two writes), ``crash`` (raise :class:`InjectedFault`), ``nan``
-(the caller poisons a value).
+no clean-up, like a crash between two writes), ``crash`` (raise :class:`InjectedFault`), ``nan`` and
+``spike`` (the loss is multiplied by NaN or by 1000).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 
 ENV = "HAINA_FAULTS"
+LOSS_FACTORS = {"nan": float("nan"), "spike": 1000.0}
 
 
 class InjectedFault(BaseException):

@@ -82,6 +82,23 @@ class Engine:
         parallelize(module, self.mesh, self.layout, self.cfg, frozen=True)
         return module.eval()
 
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+
+    def forward_loss(self, loss_fn: Any, *args: Any) -> Any:
+        """``loss_fn(model, *args)``: the trained model's loss, run the way the backend needs it run."""
+        return loss_fn(self.parts[0], *args)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP2 reduces gradients on the last micro-batch only; earlier ones accumulate locally."""
+        for part in self.parts:
+            if hasattr(part, "set_requires_gradient_sync"):
+                part.set_requires_gradient_sync(enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -104,6 +121,24 @@ class Engine:
         else:
             self.skipped_updates += 1
         return norm
+
+    def update(self, pending: torch.Tensor | None, loss: float, guard: SpikeGuard) -> tuple[float, int]:
+        """The end of a step: backpropagate the last micro-batch's ``pending`` loss, clip, let the guard
+        judge the (reduced) loss and gradient norm, step if it agrees; (gradient norm, verdict)."""
+        if pending is not None:
+            self.backward(pending)
+        norm = self.clip_gradients()
+        verdict = agree(guard.verdict(loss, norm), self.device)
+        if verdict == OK:
+            self.step_optimizers()
+        return norm, verdict
+
+    def save(self, manager: CheckpointManager, trainer: TrainerState, block: bool = False) -> Path:
+        return manager.save(self.parts, self.optimizers, trainer, block=block)
+
+    def load(self, step_dir: Path) -> TrainerState:
+        """Model, optimizer and RNG from ``step_dir`` in place; the trainer state it was saved with."""
+        return load_checkpoint(step_dir, self.parts, self.optimizers)
 
 
 @dataclass
@@ -152,13 +187,6 @@ def _dp_rank(mesh: Any, layout: Layout) -> int:
     return mesh.get_local_rank("dp_replicate") * layout.dp_shard + mesh.get_local_rank("dp_shard")
 
 
-def _set_gradient_sync(parts: list[nn.Module], enabled: bool) -> None:
-    """FSDP2 reduces gradients on the last micro-batch only; earlier ones accumulate locally."""
-    for part in parts:
-        if hasattr(part, "set_requires_gradient_sync"):
-            part.set_requires_gradient_sync(enabled)
-
-
 def check_algorithm(cfg: HainaConfig) -> None:
     """The algorithm's own refusals (layouts, missing inputs), before any process group or model."""
     check = getattr(registry.get("algorithm", cfg.algorithm), "check_config", None)
@@ -167,13 +195,13 @@ def check_algorithm(cfg: HainaConfig) -> None:
 
 
 def _forward_backward(
-    engine: Engine, algorithm: Any, model: nn.Module, pipeline: Any, micro_batches: list, names: list[str],
-    poison: bool = False,
-) -> dict[str, float] | None:
-    """Backpropagate the algorithm's loss over this rank's micro-batches; the metrics (no update yet).
+    engine: Engine, algorithm: Any, pipeline: Any, micro_batches: list, names: list[str], poison: float = 1.0,
+) -> tuple[dict[str, float] | None, torch.Tensor | None]:
+    """Backpropagate the algorithm's loss over this rank's micro-batches but the last; (metrics, the last
+    micro-batch's scaled loss, for :meth:`Engine.update` to backpropagate once the guard has seen the loss).
 
-    Metrics are None on pipeline ranks that do not hold the last stage (they see no loss). ``poison``
-    (a test fault) turns the loss into NaN.
+    Metrics are None on pipeline ranks that do not hold the last stage (they see no loss); a pipeline
+    step does its whole backward itself. ``poison`` (a test fault) multiplies the loss (NaN, or a spike).
     """
     layout = engine.layout
     values: dict[str, float] | None = None
@@ -184,18 +212,23 @@ def _forward_backward(
             result = pipeline.step(tokens, labels)
         if result.loss is not None:
             values = {"loss": float(result.loss), **{n: float(result.parts[n]) for n in names[1:]}}
-    else:
-        values = dict.fromkeys(names, 0.0)
-        for m, batch in enumerate(micro_batches):
-            _set_gradient_sync(engine.parts, m == len(micro_batches) - 1)
-            with engine.autocast:
-                out = algorithm.loss(model, batch)
-            loss = out.loss * float("nan") if poison else out.loss
-            (loss / layout.grad_accum).backward()
-            values["loss"] += loss.item() / layout.grad_accum
-            for name in names[1:]:
-                values[name] += float(out.parts[name]) / layout.grad_accum
-    return values
+        return values, None
+    values = dict.fromkeys(names, 0.0)
+    pending = None
+    for m, batch in enumerate(micro_batches):
+        last = m == len(micro_batches) - 1
+        engine.set_gradient_sync(last)
+        with engine.autocast:
+            out = engine.forward_loss(algorithm.loss, batch)
+        loss = (out.loss * poison if poison != 1.0 else out.loss) / layout.grad_accum
+        values["loss"] += loss.item()
+        for name in names[1:]:
+            values[name] += float(out.parts[name]) / layout.grad_accum
+        if last:
+            pending = loss
+        else:
+            engine.backward(loss)
+    return values, pending
 
 
 def _reduce_metrics(values: dict[str, float] | None, names: list[str], device: torch.device) -> list[float]:
@@ -228,21 +261,28 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     algorithm = registry.get("algorithm", cfg.algorithm)(cfg)
     torch.manual_seed(tcfg.seed)
     model = algorithm.build_model(cfg, device) if hasattr(algorithm, "build_model") else build_model(cfg, device)
-    pipeline = None
-    if layout.pp > 1:
-        from haina.core.parallel.pipeline import build_pipeline
-
-        pipeline = build_pipeline(model, mesh["pp"], cfg, layout, algorithm, device)
-        parts = list(pipeline.model_parts)
-    else:
-        parts = [model]
-    for part in parts:
-        parallelize(part, mesh, layout, cfg)
-    optimizers = [build_optimizer(part, cfg.optim) for part in parts]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-    pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
     dp_rank = _dp_rank(mesh, layout)
-    engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)
+    pipeline = None
+    if cfg.parallel.dp_backend == "deepspeed":
+        from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
+        from haina.core.parallel.zero import ZeroEngine
+
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+        engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
+    else:
+        if layout.pp > 1:
+            from haina.core.parallel.pipeline import build_pipeline
+
+            pipeline = build_pipeline(model, mesh["pp"], cfg, layout, algorithm, device)
+            parts = list(pipeline.model_parts)
+        else:
+            parts = [model]
+        for part in parts:
+            parallelize(part, mesh, layout, cfg)
+        optimizers = [build_optimizer(part, cfg.optim) for part in parts]
+        pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
+        engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)
 
     state = TrainerState()
     manager = CheckpointManager(checkpoints, tcfg.keep_checkpoints, tcfg.async_save)
@@ -251,10 +291,14 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     if hasattr(algorithm, "setup"):
         algorithm.setup(engine, resumed=latest is not None)
     elif latest is None and cfg.align.init_from is not None:
-        for part in parts:
+        for part in engine.parts:
             load_model_weights(cfg.align.init_from, part)
+    if cfg.parallel.dp_backend == "deepspeed":
+        from haina.core.parallel.zero import import_deepspeed
+
+        engine.attach(import_deepspeed(device))  # after setup: the weights are loaded before ZeRO shards them
     if latest is not None:
-        state = load_checkpoint(latest, parts, optimizers)
+        state = engine.load(latest)
         guard.load_state_dict(state.guard)
     if main:
         truncate_metrics(run_dir, state.step)  # steps after the checkpoint (if any) are computed again
@@ -278,8 +322,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
             while state.step < tcfg.steps:
                 manager.poll()
                 lr = lr_at(state.step, cfg.optim, tcfg.steps)
-                for optimizer in optimizers:
-                    set_lr(optimizer, lr)
+                engine.set_lr(lr)
                 engine.zero_grad()
                 first = state.consumed_samples // tcfg.micro_batch_size  # in micro-batches of the whole run
                 micro_batches = [batches.batch(first + m * layout.dp + dp_rank) for m in range(layout.grad_accum)]
@@ -295,13 +338,10 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
                     verdict = agree(verdict, device)
                 else:
                     batch_number = state.consumed_samples // layout.global_batch_size + 1  # of the data, 1-based
-                    poison = faults.action("loss", batch_number, rank) == "nan"
-                    values = _forward_backward(engine, algorithm, model, pipeline, micro_batches, names, poison)
+                    poison = faults.LOSS_FACTORS.get(faults.action("loss", batch_number, rank), 1.0)
+                    values, pending = _forward_backward(engine, algorithm, pipeline, micro_batches, names, poison)
                     reduced = _reduce_metrics(values, names, device)
-                    grad_norm = engine.clip_gradients()
-                    verdict = agree(guard.verdict(reduced[0], grad_norm), device)
-                    if verdict == OK:
-                        engine.step_optimizers()
+                    grad_norm, verdict = engine.update(pending, reduced[0], guard)
                 state.step += 1
                 state.consumed_samples += layout.global_batch_size
                 rollback = guard.record(reduced[0], verdict)
@@ -333,17 +373,17 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
                     records.append(record)
                     window_start, window_tokens, window_steps, window = time.perf_counter(), 0, 0, {}
                 if rollback:
-                    state = _roll_back(manager, checkpoints, parts, optimizers, state, guard, metrics)
+                    state = _roll_back(engine, manager, checkpoints, state, guard, metrics)
                     window_start, window_tokens, window_steps, window = time.perf_counter(), 0, 0, {}
                     continue
                 if state.step % tcfg.save_every == 0 or state.step == tcfg.steps:
                     state.guard = guard.state_dict()
-                    manager.save(parts, optimizers, state)
+                    engine.save(manager, state)
                 if progress is not None:
                     progress.update(progress.task_ids[0], completed=state.step, status=f"loss {last_loss:.4f}")
                 signum = preemption.requested(device)
                 if signum:
-                    _preempt(manager, parts, optimizers, state, guard, metrics, signum, checkpoints)
+                    _preempt(engine, manager, state, guard, metrics, signum, checkpoints)
         manager.close()
     finally:
         metrics.close()
@@ -353,8 +393,8 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
 
 
 def _roll_back(
-    manager: CheckpointManager, checkpoints: Path, parts: list[nn.Module], optimizers: list, state: TrainerState,
-    guard: SpikeGuard, metrics: MetricsWriter,
+    engine: Engine, manager: CheckpointManager, checkpoints: Path, state: TrainerState, guard: SpikeGuard,
+    metrics: MetricsWriter,
 ) -> TrainerState:
     """Reload the last checkpoint but keep the data position: the bad batches are not seen again."""
     manager.wait()
@@ -365,7 +405,7 @@ def _roll_back(
         raise RuntimeError(
             f"{guard.bad_streak} bad steps in a row at step {state.step} and no checkpoint to roll back to"
         )
-    restored = load_checkpoint(target, parts, optimizers)
+    restored = engine.load(target)
     metrics.event(
         "rollback", state.step, to_step=restored.step, checkpoint=target.name,
         skipped_samples=state.consumed_samples - restored.consumed_samples,
@@ -375,13 +415,13 @@ def _roll_back(
 
 
 def _preempt(
-    manager: CheckpointManager, parts: list[nn.Module], optimizers: list, state: TrainerState,
-    guard: SpikeGuard, metrics: MetricsWriter, signum: int, checkpoints: Path,
+    engine: Engine, manager: CheckpointManager, state: TrainerState, guard: SpikeGuard, metrics: MetricsWriter,
+    signum: int, checkpoints: Path,
 ) -> None:
     """Checkpoint this step (unless just saved), wait for it, log, and leave with 128 + signal."""
     if manager.last_saved_step != state.step:
         state.guard = guard.state_dict()
-        manager.save(parts, optimizers, state, block=True)
+        engine.save(manager, state, block=True)
     manager.close()
     if dist.is_initialized():
         dist.barrier()

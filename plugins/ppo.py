@@ -157,7 +157,7 @@ class PPO:
                     values, roll["values"], roll["returns"], mask, clip=p.value_clip
                 )
                 loss = p.value_coef * value_loss + (policy_loss if actor_trains else 0.0)
-            loss.backward()
+            engine.backward(loss)
             grad_norm = engine.optimizer_step()
         train_s = time.perf_counter() - start
         with torch.no_grad():

@@ -16,7 +16,10 @@ from tests.alignment_helpers import AlignmentData, haina, make_alignment_data, r
 from tests.conftest import install_plugin_package
 
 SHORT = ("train.log_every=1", "train.save_every=100", "optim.warmup_steps=0")
-TP2 = ("parallel.tp=2", "parallel.sequence_parallel=false")
+LAYOUTS = {
+    "tp2": ("parallel.tp=2", "parallel.sequence_parallel=false"),
+    "zero3": ("parallel.dp_backend=deepspeed", "deepspeed.zero_stage=3"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +87,12 @@ def test_critic_warmup_leaves_the_actor_untouched(runs: dict) -> None:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("algorithm", ["sft", "rm", "ppo", "dpo"])
-def test_algorithm_runs_under_tp2(algorithm: str, runs: dict) -> None:
+def test_algorithm_runs_on_two_processes(algorithm: str, layout: str, runs: dict) -> None:
+    """Each algorithm under tensor parallelism (fsdp2 backend) and on DeepSpeed ZeRO-3."""
     data: AlignmentData = runs["data"]
-    run_dir = runs["root"] / f"tp2-{algorithm}"
+    run_dir = runs["root"] / f"{layout}-{algorithm}"
     args = {
         "sft": ["--from", str(runs["pt"]), f"align.data={data.sft}", "train.steps=2"],
         "rm": ["--from", str(runs["sft"]), f"align.data={data.pairs}", "train.steps=2"],
@@ -96,7 +101,7 @@ def test_algorithm_runs_under_tp2(algorithm: str, runs: dict) -> None:
     }.get(algorithm)
     if algorithm == "ppo":
         args = _ppo_args(runs, run_dir, steps=2, warmup=1)
-    haina(algorithm, *args, f"train.run_dir={run_dir}", *TP2, *SHORT, nproc=2)
+    haina(algorithm, *args, f"train.run_dir={run_dir}", *LAYOUTS[layout], *SHORT, nproc=2)
     logged = records(run_dir)
     assert [r["step"] for r in logged] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in logged)

@@ -4,7 +4,8 @@ difference in loss and gradient norm from one process: ``python -m haina.tools.b
 Each layout is a real ``haina pretrain --nproc-per-node N`` run; the step time is the median over the
 logged steps after the first (which includes start-up work). Informational: on a 2-core machine, four
 processes share two cores, so multi-process layouts measure communication and oversubscription more
-than parallel speed.
+than parallel speed. ``--only dp_shard=2,deepspeed`` compares the DeepSpeed ZeRO stages with FSDP2 (``dp_shard=2``
+is the same data-parallel layout under the fsdp2 backend).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "pp=2 interleaved x2": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2"]),
     "tp=2 sp x pp=2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp=2 sp x dp_shard=2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
+    **{
+        f"deepspeed ZeRO-{stage}{' ' + name if name else ''}": (
+            2, ["parallel.dp_backend=deepspeed", f"deepspeed.zero_stage={stage}", *extra]
+        )
+        for stage, name, extra in [
+            (1, "", []), (2, "", []), (3, "", []),
+            (2, "offload opt", ["deepspeed.offload_optimizer=true"]),
+            (3, "offload opt+params", ["deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"]),
+        ]
+    },
 }
 
 
@@ -73,6 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--position", default="rope", choices=("rope", "alibi"))
+    parser.add_argument("--only", default="", help="comma-separated name prefixes of the layouts to run after 1 process")
+    parser.add_argument("--hidden", type=int, default=64, help="model.hidden_size (the tiny preset's is 64)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -80,7 +93,10 @@ def main() -> None:
         print(f"{'layout':<30} {'procs':>5} {'step ms':>9} {'loss rel diff':>14} {'grad-norm rel diff':>19}")
         reference: list[dict] = []
         for name, (nproc, overrides) in LAYOUTS.items():
-            records = run_layout(folder, data, nproc, [f"model.position={args.position}", *overrides], args.steps)
+            if reference and args.only and not any(name.startswith(p) for p in args.only.split(",")):
+                continue
+            model = [f"model.position={args.position}", f"model.hidden_size={args.hidden}"]
+            records = run_layout(folder, data, nproc, [*model, *overrides], args.steps)
             reference = reference or records
             ms = 1000 * step_time(records, nproc)
             loss, grad = max_rel_diff(reference, records, "loss"), max_rel_diff(reference, records, "grad_norm")

@@ -1,0 +1,168 @@
+"""The DeepSpeed ZeRO backend on the CPU (gloo, DeepSpeed's CPU accelerator): parity with FSDP2, resume,
+the guard, checkpoint conversion and one-line errors. The alignment algorithms run on it in test_alignment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from haina.core import faults
+from haina.core.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights
+from haina.core.config import load_config
+from haina.core.metrics import read_metrics
+from haina.core.model import Transformer
+from haina.core.parallel.mesh import resolve_layout
+from haina.core.parallel.zero import convert_checkpoint, deepspeed_config
+from tests.alignment_helpers import haina
+from tests.conftest import one_line_error
+from tests.parallel_helpers import max_rel_diff, run_pretrain
+
+# 2 processes x micro-batch 1 x 2 accumulation steps: gradient accumulation is part of the parity
+COMMON = ("train.steps=5", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=5",
+          "train.save_every=2")
+DS = "parallel.dp_backend=deepspeed"
+STAGES = {
+    "zero1": (DS, "deepspeed.zero_stage=1"),
+    "zero2": (DS, "deepspeed.zero_stage=2"),
+    "zero3": (DS, "deepspeed.zero_stage=3"),
+    "zero2-offload": (DS, "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"),
+}
+
+
+def _trajectory(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "event" not in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
+    """The same 5 fp32 steps on 2 processes: FSDP2, and ZeRO-1, -2 (with and without CPU Adam) and -3."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    out = {"fsdp2": root / "fsdp2"}
+    run_pretrain(out["fsdp2"], tiny_data, 2, *COMMON)
+    for name, overrides in STAGES.items():
+        out[name] = root / name
+        run_pretrain(out[name], tiny_data, 2, *COMMON, *overrides)
+    return out
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_zero_stage_matches_fsdp2(stage: str, runs: dict[str, Path]) -> None:
+    fsdp2, zero = _trajectory(runs["fsdp2"]), _trajectory(runs[stage])
+    assert [r["step"] for r in zero] == [1, 2, 3, 4, 5]
+    assert max_rel_diff(fsdp2, zero, "loss") < 1e-4
+    assert max_rel_diff(fsdp2, zero, "grad_norm") < 1e-4
+    assert zero[-1]["loss"] < zero[0]["loss"] - 1.0  # it trains: the lr and the updates are applied
+    checkpoints = runs[stage] / "checkpoints"
+    assert latest_checkpoint(checkpoints) == checkpoints / "step_5"
+    assert (checkpoints / "step_5" / "manifest.json").is_file()
+
+
+def test_zero3_resume_is_exact(runs: dict[str, Path], tiny_data: Path, tmp_path: Path) -> None:
+    """Stop at the step-2 checkpoint (same schedule: decay_steps is fixed), resume to step 5."""
+    run = tmp_path / "resumed"
+    run_pretrain(run, tiny_data, 2, *COMMON, *STAGES["zero3"], "train.steps=2")
+    run_pretrain(run, tiny_data, 2, *COMMON, *STAGES["zero3"])
+    resumed, straight = _trajectory(run), _trajectory(runs["zero3"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed, straight, strict=True):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
+
+
+def test_conversion_gives_the_same_logits(runs: dict[str, Path], tmp_path: Path) -> None:
+    """ZeRO-3 shards -> a haina checkpoint: it loads strictly and computes what the FSDP2 run's weights do;
+    the DeepSpeed checkpoint also loads directly (init_from) into the same tensors."""
+    converted = tmp_path / "converted"
+    haina("import", "deepspeed", "--checkpoint", str(runs["zero3"]), "--out", str(converted))
+    cfg = load_config(str(converted / "config.yaml"))
+    assert cfg.parallel.dp_backend == "fsdp2" and latest_checkpoint(converted / "checkpoints").name == "step_5"
+    models = {}
+    for name, source in (("converted", converted), ("direct", runs["zero3"]), ("fsdp2", runs["fsdp2"])):
+        models[name] = Transformer(cfg.model)
+        assert load_model_weights(source, models[name]) == []  # every parameter found, with its shape
+    for a, b in zip(models["converted"].state_dict().values(), models["direct"].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {name: m(tokens, logits=slice(None)) for name, m in models.items()}
+    scale = logits["fsdp2"].abs().max()
+    assert (logits["converted"] - logits["fsdp2"]).abs().max() / scale < 1e-4
+    from haina.tools.hf_export import export_hf
+
+    assert (export_hf(str(converted), str(tmp_path / "hf"), "llama") / "config.json").is_file()
+
+
+def test_checkpoint_of_the_other_backend_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    step = latest_checkpoint(runs["zero2"] / "checkpoints")
+    model = Transformer(load_config("tiny").model)
+    message = one_line_error(load_checkpoint, step, [model], [torch.optim.AdamW(model.parameters())])
+    assert "DeepSpeed checkpoint" in message and "haina import deepspeed" in message
+    not_ds = tmp_path / "copy"
+    shutil.copytree(runs["fsdp2"], not_ds)
+    message = one_line_error(convert_checkpoint, not_ds, tmp_path / "out")
+    assert "not a DeepSpeed checkpoint" in message
+
+
+def test_guard_skips_and_rolls_back_on_deepspeed(tiny_data: Path, tmp_path: Path) -> None:
+    """A NaN loss on batch 3: DeepSpeed skips the update and step 4 trains on unharmed weights. Batches 5-7:
+    three skips, then the run reloads step 4 and goes on past the bad data."""
+    run = tmp_path / "run"
+    haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]", "train.steps=8",
+          "train.save_every=4", "train.guard.max_bad_steps=3", *STAGES["zero2"],
+          env_extra={faults.ENV: "loss:nan@3,loss:nan@5-7"})
+    events = [r for r in read_metrics(run) if "event" in r]
+    assert [(e["step"], e["event"]) for e in events] == [
+        (3, "nonfinite_loss"), (5, "nonfinite_loss"), (6, "nonfinite_loss"), (7, "nonfinite_loss"), (7, "rollback"),
+    ]
+    assert events[-1]["to_step"] == 4 and events[-1]["skipped_samples"] == 3 * 2
+    trajectory = _trajectory(run)
+    assert [r["step"] for r in trajectory] == [1, 2, 3, 4, 5, 6, 7, 5, 6, 7, 8]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in [trajectory[3], *trajectory[7:]])
+
+
+def test_loss_spike_is_skipped_as_on_fsdp2(tiny_data: Path, tmp_path: Path) -> None:
+    """A finite spike (batch 6's loss x1000) must leave the weights alone: DeepSpeed gets a NaN backward
+    for it and skips the step, so the whole trajectory matches FSDP2's, which skips by not stepping."""
+    trajectories = {}
+    for backend, overrides in (("fsdp2", ()), ("deepspeed", STAGES["zero1"])):
+        run = tmp_path / backend
+        haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]",
+              "train.steps=8", "train.save_every=100", "train.guard.warmup=3", *overrides,
+              env_extra={faults.ENV: "loss:spike@6"})
+        events = [r for r in read_metrics(run) if "event" in r]
+        assert [(e["step"], e["event"]) for e in events] == [(6, "loss_spike")]
+        trajectories[backend] = _trajectory(run)
+    assert max_rel_diff(trajectories["fsdp2"], trajectories["deepspeed"], "loss") < 1e-4
+
+
+def test_config_is_derived_from_haina_fields() -> None:
+    cfg = load_config("tiny", [
+        DS, "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
+        "train.micro_batch_size=1", "train.global_batch_size=8", "train.precision=bf16", "optim.clip_grad=0.7",
+        "deepspeed.config={zero_optimization: {overlap_comm: true}, communication_data_type: fp32}",
+    ])
+    config = deepspeed_config(cfg, resolve_layout(cfg, 2))
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (1, 4, 8)
+    assert config["gradient_clipping"] == 0.7 and config["bf16"]["enabled"]
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert config["communication_data_type"] == "fp32"
+    assert "bf16" not in deepspeed_config(load_config("tiny", [DS]), resolve_layout(load_config("tiny"), 1))
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ((DS, "parallel.tp=2"), "parallel.tp must be 1"),
+    ((DS, "parallel.pp=2"), "parallel.pp must be 1"),
+    ((DS, "parallel.compile=true"), "parallel.compile"),
+    (("deepspeed.offload_params=true",), "offload_params needs zero_stage 3"),
+    (("deepspeed.config={gradient_clipping: 1.0}",), "optim.clip_grad"),
+    (("deepspeed.config={zero_optimization: {stage: 3}}",), "deepspeed.zero_stage"),
+    (("deepspeed.zero_stage=4",), "deepspeed.zero_stage"),
+])
+def test_bad_deepspeed_config_is_one_line(overrides: tuple[str, ...], expected: str) -> None:
+    assert expected in one_line_error(load_config, "tiny", list(overrides))
