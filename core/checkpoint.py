@@ -352,7 +352,8 @@ def load_model_weights(
     """
     step_dir = resolve_checkpoint(source)
     verify_checkpoint(step_dir)
-    if is_deepspeed_checkpoint(step_dir):
+    deepspeed = is_deepspeed_checkpoint(step_dir)
+    if deepspeed:
         from haina.core.parallel.zero import read_model_state
 
         full = read_model_state(step_dir)
@@ -371,7 +372,7 @@ def load_model_weights(
                 skipped.append(name)
             continue
         wanted[source_prefix + key] = tensor
-    if is_deepspeed_checkpoint(step_dir):
+    if deepspeed:
         wanted = {k: full[k] for k in wanted}
     else:
         _load({"model": wanted}, step_dir)

@@ -294,9 +294,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
         for part in engine.parts:
             load_model_weights(cfg.align.init_from, part)
     if cfg.parallel.dp_backend == "deepspeed":
-        from haina.core.parallel.zero import import_deepspeed
-
-        engine.attach(import_deepspeed(device))  # after setup: the weights are loaded before ZeRO shards them
+        engine.attach()  # after setup: the weights are loaded before ZeRO shards them
     if latest is not None:
         state = engine.load(latest)
         guard.load_state_dict(state.guard)

@@ -124,8 +124,9 @@ class ZeroEngine(Engine):
 
     ds: Any = None
 
-    def attach(self, deepspeed: Any) -> None:
+    def attach(self) -> None:
         """Hand the model and its optimizer to DeepSpeed (after the algorithm's ``setup`` loaded weights)."""
+        deepspeed = import_deepspeed(self.device)
         model = self.parts[0]
         optimizer = build_zero_optimizer(model, self.cfg)
         config = deepspeed_config(self.cfg, self.layout, on_cuda=self.device.type == "cuda")
