@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench-loss bench-dedup bench-layouts bench-speed clean
+.PHONY: setup demo test test-fast lint bench-loss bench-dedup bench-layouts bench-speed clean
 
 setup: $(STAMP)
 
@@ -21,20 +21,24 @@ demo: setup
 test: setup lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+# The tier without multi-process, Spark or CLI-training tests (marker `integration`): minutes, not half an hour.
+test-fast: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not integration"
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
 bench-loss: setup
-	$(PY) -m haina.tools.bench_loss
+	$(PY) -m haina.tools.bench.loss
 
 bench-dedup: setup
-	$(PY) -m haina.tools.bench_dedup
+	$(PY) -m haina.tools.bench.dedup
 
 bench-layouts: setup
-	$(PY) -m haina.tools.bench_layouts
+	$(PY) -m haina.tools.bench.layouts
 
 bench-speed: setup
-	$(PY) -m haina.tools.bench_speed
+	$(PY) -m haina.tools.bench.speed
 
 clean:
 	rm -rf runs build dist *.egg-info

@@ -35,16 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from haina.core import faults
-from haina.core.checkpoint_manifest import (
-    CheckpointError,
-    SafeLoadPlanner,
-    SafeReader,
-    fsync_dir,
-    verify_checkpoint,
-    write_durable,
-    write_manifest,
-)
+from haina.core.checkpoint_reader import SafeLoadPlanner, SafeReader
 from haina.core.distributed import is_main_process
+from haina.core.errors import InputFileError
+from haina.core.files import CheckpointError, publish_dir, verify_manifest, write_durable
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -214,23 +208,12 @@ class CheckpointManager:
 
 
 def _publish(tmp: Path, final: Path, trainer: TrainerState, keep: int) -> None:
-    """Trainer state, manifest (fsyncs every file), rename into place, then ``latest``; prune old ones."""
+    """Trainer state, then the one atomic publish (manifest, rename), then ``latest``; prune old ones."""
     faults.fire("save_written", trainer.step)
     (tmp / TRAINER_STATE).write_text(json.dumps(asdict(trainer)))
-    write_manifest(tmp)
-    fsync_dir(tmp)
-    faults.fire("save_manifest", trainer.step)
-    trash = None
-    if final.exists():  # saved again at the same step (after a rollback): replace it
-        trash = final.with_name(f".{final.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-    tmp.rename(final)
-    fsync_dir(final.parent)
+    publish_dir(tmp, final, before_rename=lambda: faults.fire("save_manifest", trainer.step))
     faults.fire("save_renamed", trainer.step)
     write_durable(final.parent / LATEST, final.name)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
     if keep > 0:
         for old in _published(final.parent)[:-keep]:
             if old != final:
@@ -281,7 +264,7 @@ def verify(step_dir: Path) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error: CheckpointError | None = None
     try:
-        verify_checkpoint(step_dir, (rank, world))
+        verify_manifest(step_dir, (rank, world))
     except CheckpointError as exc:
         error = exc
     if world > 1:
@@ -333,7 +316,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise FileNotFoundError(f"{source}: no checkpoint (neither a step directory nor a run with one)")
+    raise InputFileError(f"{source}: no checkpoint (neither a step directory nor a run with one)")
 
 
 def load_model_weights(
@@ -351,10 +334,10 @@ def load_model_weights(
     in this process; ``haina import deepspeed`` converts one once for sharded reads at scale.
     """
     step_dir = resolve_checkpoint(source)
-    verify_checkpoint(step_dir)
+    verify_manifest(step_dir)
     deepspeed = is_deepspeed_checkpoint(step_dir)
     if deepspeed:
-        from haina.core.parallel.zero import read_model_state
+        from haina.core.parallel.zero_state import read_model_state
 
         full = read_model_state(step_dir)
         shapes = {k: tuple(v.shape) for k, v in full.items()}

@@ -7,26 +7,143 @@ message is one line naming the field and what is allowed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from haina.core import registry
+from haina.core.attention import check_kernel_config
+from haina.core.errors import ConfigError, HainaError
+from haina.core.files import read_yaml
 
-class ConfigError(ValueError):
-    """Bad user input in a config; the CLI prints it as one line and exits with status 2."""
+__all__ = [
+    "AlignConfig",
+    "ConfigError",
+    "HainaConfig",
+    "ModelConfig",
+    "PluginSettings",
+    "alignment_config",
+    "apply_override",
+    "build_config",
+    "dump_config",
+    "load_config",
+    "plugin_settings",
+    "preset_names",
+]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check_plugin(kind: str, name: str) -> str:
-    import haina.plugins  # noqa: F401  (registers the built-ins)
-    from haina.plugins import registry  # late: plugins import this module for type hints only
+class PluginSettings(_Section):
+    """Base class of a plugin's own settings: typed fields with defaults and one-line descriptions.
 
+    Registered with the plugin (``register(kind, name, settings=MySettings)``), validated with the rest
+    of the config, listed by ``haina plugins``, written into the run's config.yaml and read back on resume.
+    """
+
+
+class SectionError(ValueError):
+    """A bad plugin section, raised inside validation; ``path`` is its place below the section."""
+
+    def __init__(self, path: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.path = tuple(str(p) for p in path)
+        self.message = message
+
+
+def _plugin_error_message(exc: ValidationError, settings: type[BaseModel]) -> tuple[tuple[str, ...], str]:
+    first = exc.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        model = settings
+        for part in first["loc"][:-1]:
+            annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
+        message = f"unknown setting; allowed: {', '.join(sorted(model.model_fields))}"
+    elif first["type"] not in ("value_error", "assertion_error"):
+        message = f"{message} (got {first.get('input')!r})"
+    return tuple(str(p) for p in first["loc"]), message
+
+
+class _WithPluginSections(_Section):
+    """A config section whose extra keys are the settings of plugins at home in it (by plugin name).
+
+    ``model.rope: {...}`` holds the settings of the position plugin ``rope``; a selected plugin always has
+    its section (defaults filled in); an unknown key fails listing what is allowed.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    section_name: ClassVar[str] = ""
+
+    @classmethod
+    def selected_plugins(cls, data: dict[str, Any]) -> list[str]:
+        """Names of the plugins this section's raw data selects (their sections get defaults)."""
+        return []
+
+    @classmethod
+    def allowed_keys(cls) -> list[str]:
+        sections = [e.name for e in registry.entries() if e.settings is not None
+                    and registry.SECTION_OF_KIND.get(e.kind, "") == cls.section_name]
+        return sorted({*cls.model_fields, *sections})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = cls.migrate(dict(data))
+        for name in cls.selected_plugins(data):
+            owner = registry.settings_owner(cls.section_name, name) if isinstance(name, str) else None
+            if owner is not None and name not in data:
+                data[name] = {}
+        for key, value in list(data.items()):
+            if key in cls.model_fields:
+                continue
+            owner = registry.settings_owner(cls.section_name, str(key))
+            if owner is None:
+                raise SectionError((key,), f"unknown key; allowed: {', '.join(cls.allowed_keys())}")
+            if isinstance(value, owner.settings):
+                continue
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise SectionError((key,), f"settings of the {owner.kind} plugin {key!r} must be a mapping")
+            try:
+                data[key] = owner.settings.model_validate(value)
+            except ValidationError as exc:
+                loc, message = _plugin_error_message(exc, owner.settings)
+                raise SectionError((key, *loc), message) from None
+        return data
+
+    @classmethod
+    def migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite keys of an older release's config (see :meth:`HainaConfig.migrate`)."""
+        return data
+
+    def settings_of(self, name: str) -> Any:
+        """The settings of plugin ``name`` at home in this section (its defaults when the config has none;
+        None when the plugin declares no settings)."""
+        extra = self.__pydantic_extra__ or {}
+        if name in extra:
+            return extra[name]
+        owner = registry.settings_owner(self.section_name, name)
+        return None if owner is None else owner.settings()
+
+
+def plugin_settings(cfg: HainaConfig, kind: str, name: str) -> Any:
+    """The settings of ``kind`` plugin ``name`` in ``cfg`` (defaults if absent; None if it has none)."""
+    home = registry.SECTION_OF_KIND.get(kind, "")
+    section = cfg if not home else getattr(cfg, home)
+    return section.settings_of(name)
+
+
+def _check_plugin(kind: str, name: str) -> str:
     if name not in registry.names(kind):
         raise ValueError(f"unknown {kind} plugin {name!r}; registered: {', '.join(registry.names(kind))}")
     return name
@@ -37,7 +154,10 @@ def swiglu_ffn_size(hidden_size: int) -> int:
     return math.ceil(8 * hidden_size / 3 / 128) * 128
 
 
-class ModelConfig(_Section):
+class ModelConfig(_WithPluginSections):
+    """Model shape and components; ``model.<plugin>:`` sections hold the components' own settings."""
+
+    section_name: ClassVar[str] = "model"
     vocab_size: int = Field(125696, gt=0, description="Vocabulary size (rows of the embedding and the head).")
     hidden_size: int = Field(4096, gt=0, description="Width of the residual stream.")
     num_layers: int = Field(32, gt=0, description="Number of transformer blocks.")
@@ -73,6 +193,11 @@ class ModelConfig(_Section):
             )
         return self
 
+    @classmethod
+    def selected_plugins(cls, data: dict[str, Any]) -> list[str]:
+        defaults = {k: f.default for k, f in cls.model_fields.items()}
+        return [data.get(kind, defaults[kind]) for kind in ("position", "attention", "norm", "mlp", "head")]
+
     @field_validator("position", "attention", "norm", "mlp", "head")
     @classmethod
     def _known_plugin(cls, name: str, info: Any) -> str:
@@ -82,19 +207,25 @@ class ModelConfig(_Section):
     @classmethod
     def _kernel_fits(cls, name: str, info: Any) -> str:
         """A kernel named explicitly must be installed and take the position encoding's bias."""
-        from haina.plugins.attention_select import check_kernel_config
-
         if "position" in info.data:
             check_kernel_config(name, info.data["position"])
         return name
 
 
-class LossConfig(_Section):
+class LossConfig(_WithPluginSections):
+    """Loss terms; ``loss.<term>:`` sections hold a term's own settings."""
+
+    section_name: ClassVar[str] = "loss"
     terms: dict[str, float] = Field(
         default_factory=lambda: {"cross_entropy": 1.0, "max_z": 2e-4},
         description="loss plugins and their coefficients, summed; computed together in sequence chunks.",
     )
     chunk_size: int = Field(1024, gt=0, description="Tokens per chunk of the split vocabulary loss.")
+
+    @classmethod
+    def selected_plugins(cls, data: dict[str, Any]) -> list[str]:
+        terms = data.get("terms")
+        return list(terms) if isinstance(terms, dict) else ["cross_entropy", "max_z"]
 
     @field_validator("terms")
     @classmethod
@@ -263,47 +394,28 @@ class TokenizerConfig(_Section):
     seed: int = Field(1234, description="Seed of sentence sampling.")
 
 
-class SamplingConfig(_Section):
-    max_new_tokens: int = Field(64, gt=0, description="Longest continuation.")
-    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = all).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass.")
-    repetition_penalty: float = Field(1.0, gt=0, description="CTRL-style penalty on seen tokens.")
-
-
-class PPOConfig(_Section):
-    kl_start: float = Field(0.2, ge=0, description="KL coefficient at the first step.")
-    kl_end: float = Field(0.005, ge=0, description="KL coefficient at the last step.")
-    kl_shape: Literal["linear", "cosine", "exponential"] = Field("linear", description="KL schedule.")
-    clip: float = Field(0.1, gt=0, description="PPO ratio clip epsilon.")
-    value_clip: float = Field(0.2, gt=0, description="Critic value clip.")
-    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    critic_warmup_steps: int = Field(20, ge=0, description="Steps in which only the critic trains.")
-    epochs: int = Field(2, gt=0, description="Optimizer steps on each rollout batch.")
-    value_coef: float = Field(0.5, ge=0, description="Weight of the critic loss.")
-
-
 class AlignConfig(_Section):
-    """Starting points and data of the alignment algorithms (sft, rm, ppo, dpo)."""
+    """What every alignment algorithm starts from and reads; each algorithm's own settings are its plugin
+    section (``sft:``, ``rm:``, ``ppo:``, ``dpo:``)."""
 
     init_from: str | None = Field(None, description="Checkpoint (run or step dir) the trained model starts from.")
-    reference: str | None = Field(None, description="Frozen reference (ppo, dpo); default: init_from.")
-    reward_model: str | None = Field(None, description="Frozen reward model checkpoint (ppo); also seeds the critic.")
     data: str | None = Field(None, description="JSONL: conversations (sft), pairs (rm, dpo), prompts (ppo).")
     eval_data: str | None = Field(None, description="Held-out JSONL scored after training (rm: pairs).")
-    taxonomy: str | None = Field(None, description="YAML prompt taxonomy (three levels); default: built-in.")
-    gate_reviews: str | None = Field(None, description="sft: reviewer verdicts (JSONL id/accept) for the gate.")
-    gate_sample: int = Field(5, gt=0, description="sft gate: items spot-checked per annotation batch.")
-    gate_threshold: float = Field(0.8, ge=0, le=1, description="sft gate: lowest acceptance rate kept.")
     tokenizer: str | None = Field(None, description="SentencePiece model with the chat role tokens.")
-    margin: bool = Field(False, description="rm: subtract the pair's score gap as a margin.")
-    beta: float = Field(0.1, gt=0, description="dpo: strength of the implicit KL constraint.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Rollouts (ppo).")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO.")
 
 
-class HainaConfig(_Section):
+def _is_default(settings: type, target: str, value: Any) -> bool:
+    """Whether ``value`` equals the default of ``settings`` field ``target`` ("" = the whole model)."""
+    default = settings().model_dump(mode="json")
+    if not target:
+        return isinstance(value, dict) and all(default.get(k) == v for k, v in value.items())
+    return default.get(target) == value
+
+
+class HainaConfig(_WithPluginSections):
+    """A whole run. Top-level ``<algorithm>:`` sections hold the algorithms' own settings."""
+
+    section_name: ClassVar[str] = ""
     algorithm: str = Field("pretrain", description="algorithm plugin that turns a batch into a loss.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model shape and components.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms.")
@@ -314,6 +426,43 @@ class HainaConfig(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer training.")
     align: AlignConfig = Field(default_factory=AlignConfig, description="Alignment algorithms.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO backend.")
+
+    @classmethod
+    def selected_plugins(cls, data: dict[str, Any]) -> list[str]:
+        return [data.get("algorithm", "pretrain")]
+
+    @classmethod
+    def migrate(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """An older release's ``align`` keys move to the plugin sections that declare them as ``legacy``
+        (the selected algorithm first); a key only another algorithm claims is kept there unless it holds
+        that algorithm's default."""
+        align = data.get("align")
+        if not isinstance(align, dict):
+            return data
+        selected = data.get("algorithm", "pretrain")
+        align = dict(align)
+        for key in [k for k in align if k not in AlignConfig.model_fields]:
+            claims = [(e, e.legacy[f"align.{key}"]) for e in registry.entries("algorithm")
+                      if f"align.{key}" in e.legacy and e.settings is not None]
+            if not claims:
+                continue
+            claims.sort(key=lambda c: c[0].name != selected)
+            value = align.pop(key)
+            for e, target in claims:
+                if e.name != selected and _is_default(e.settings, target, value):
+                    continue
+                section = data.setdefault(e.name, {})
+                if not isinstance(section, dict):
+                    continue
+                if target:
+                    section.setdefault(target, value)
+                elif isinstance(value, dict):
+                    for k, v in value.items():
+                        section.setdefault(k, v)
+                if e.name == selected:
+                    break
+        data["align"] = align
+        return data
 
     @field_validator("algorithm")
     @classmethod
@@ -351,20 +500,12 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(source: str) -> dict[str, Any]:
-    path = Path(source)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-    elif source in preset_names():
+    if Path(source).is_file():
+        return read_yaml(source, error=ConfigError)
+    if source in preset_names():
         text = (resources.files("haina.core") / "presets" / f"{source}.yaml").read_text(encoding="utf-8")
-    else:
-        raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    return data
+        return read_yaml(source, text=text, error=ConfigError)
+    raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -393,15 +534,20 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
             return []
         model = field.annotation
+    if issubclass(model, _WithPluginSections):
+        return model.allowed_keys()
     return sorted(model.model_fields)
 
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    loc = tuple(first["loc"])
-    where = ".".join(str(p) for p in loc) or "config"
+    loc = tuple(str(p) for p in first["loc"])
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, SectionError):
+        return f"{'.'.join((*loc, *cause.path))}: {cause.message}"
+    where = ".".join(loc) or "config"
     if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(tuple(first["loc"]))
         return f"{where}: unknown key; allowed: {', '.join(allowed)}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] not in ("value_error", "assertion_error"):
@@ -414,11 +560,16 @@ def build_config(data: dict[str, Any]) -> HainaConfig:
         return HainaConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+    except HainaError as exc:  # a plugin's own check, raised inside validation
+        raise ConfigError(str(exc).splitlines()[0]) from None
 
 
 def load_config(source: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> HainaConfig:
     """Read a YAML file or preset, apply dotted overrides, validate."""
-    data = _read_yaml(source) if source else {}
+    return _load(_read_yaml(source) if source else {}, overrides)
+
+
+def _load(data: dict[str, Any], overrides: Sequence[str]) -> HainaConfig:
     for override in overrides:
         apply_override(data, override)
     return build_config(data)
@@ -438,6 +589,12 @@ def alignment_config(
         run = Path(source)
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"--from {source}: not a run directory (no config.yaml)")
-        config = config or str(run / "config.yaml")
         base += [f"align.init_from={run}", f"train.run_dir={run.parent / f'{run.name}-{algorithm}'}"]
+        if config is None:  # the run's model, data and layout; not its algorithm's settings
+            data = _read_yaml(str(run / "config.yaml"))
+            for key in [k for k in data if k != algorithm]:
+                owner = registry.settings_owner("", str(key))
+                if owner is not None and owner.kind == "algorithm":
+                    del data[key]
+            return _load(data, [*base, *overrides])
     return load_config(config, [*base, *overrides])

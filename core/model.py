@@ -12,25 +12,27 @@ Big models are built on the meta device and materialized with ``model.to_empty(d
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
+from haina.core import registry
+from haina.core.attention import AttentionInputs
 from haina.core.config import ModelConfig
+from haina.core.errors import PluginError
 from haina.core.kv_cache import KVCache, LayerCache
-from haina.plugins import registry
-from haina.plugins.attention import AttentionInputs
 
 # Linear layers that write into the residual stream; their init is scaled down with depth.
 RESIDUAL_OUTPUTS: tuple[str, ...] = ("o_proj", "down_proj")
 
 
 def build_plugin(kind: str, name: str, cfg: ModelConfig) -> nn.Module:
-    """Construct the registered ``kind`` plugin ``name`` as ``Plugin(cfg)``."""
-    module = registry.get(kind, name)(cfg)
+    """Construct the registered ``kind`` plugin ``name``: ``Plugin(cfg)``, or ``Plugin(cfg, settings)`` when
+    it declares settings (its ``model.<name>`` section)."""
+    entry = registry.entry(kind, name)
+    module = entry.obj(cfg, cfg.settings_of(name)) if entry.settings is not None else entry.obj(cfg)
     if not isinstance(module, nn.Module):
-        raise registry.PluginError(f"{kind} plugin {name!r} built a {type(module).__name__}, not an nn.Module")
+        raise PluginError(f"{kind} plugin {name!r} built a {type(module).__name__}, not an nn.Module")
     return module
 
 
@@ -72,26 +74,6 @@ class Attention(nn.Module):
         # the dense additive bias (None = plain causal).
         out = self.kernel(q, k, v, attn if getattr(self.kernel, "takes_inputs", False) else attn.dense_bias())
         return self.o_proj(out.transpose(1, 2).flatten(2))
-
-    def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
-        """Q;K;V column-parallel by heads, o_proj row-parallel; under SP the input is gathered first and
-        the output reduce-scattered back to sequence shards (see haina.core.parallel.tensor_parallel)."""
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel
-
-        from haina.core.parallel.tensor_parallel import PackedColwiseParallel
-
-        plan: dict[str, Any] = {
-            "W_pack": PackedColwiseParallel(blocks=3),
-            "o_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
-        }
-        if sequence_parallel:
-            plan[""] = PrepareModuleInput(
-                input_layouts=(Shard(1), None, None, None),
-                desired_input_layouts=(Replicate(), None, None, None),
-                use_local_output=True,
-            )
-        return plan
 
 
 class Block(nn.Module):

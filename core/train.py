@@ -1,20 +1,9 @@
 """The training loop: one optimizer step at a time, under any parallel layout.
 
-What a step computes is the algorithm plugin's business (pretrain, sft, rm, dpo, ppo, third parties'); this
-loop owns everything around it: process group and mesh, seeding, per-rank data, the schedule, clipping,
-metrics, progress, saving and resuming. One process is a world of one, so there is one code path.
-
-An algorithm plugin is a class built as ``Algorithm(cfg)`` with
-
-- ``batches(cfg, run_dir, num_samples)``: an object whose ``batch(i)`` is micro-batch ``i`` of the run;
-- ``loss(model, batch) -> LossOutput``: the default step backpropagates it over the micro-batches;
-- optionally ``metrics``: the names of ``LossOutput.parts`` to log (default: the configured loss terms);
-- optionally ``build_model(cfg, device) -> nn.Module``: the trained module (default: the Transformer);
-- optionally ``setup(engine, resumed)``: build frozen models and load starting weights
-  (default: load ``align.init_from`` unless resuming);
-- optionally ``train_step(engine, step, micro_batches) -> dict[str, float]``: own the whole step
-  (rollouts, several optimizer updates...) using :class:`Engine`'s helpers;
-- optionally ``finish(engine, run_dir)``: work after the last step (evaluation, reports).
+What a step computes is the algorithm plugin's business (:class:`haina.core.algorithm.Algorithm`:
+pretrain, sft, rm, dpo, ppo, third parties'); this loop owns everything around it: process group and
+mesh, seeding, per-rank data, the schedule, clipping, metrics, progress, saving and resuming. One process
+is a world of one, so there is one code path.
 
 Reliability: checkpoints are atomic and written in the background (:class:`CheckpointManager`); a run
 resumes from ``latest`` by default; SIGTERM/SIGINT checkpoint at the end of the step and exit with
@@ -26,7 +15,6 @@ events in metrics.jsonl.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import resource
 import sys
@@ -37,108 +25,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from haina.core import faults
+from haina.core.algorithm import Algorithm, algorithm_class, check_algorithm
 from haina.core.checkpoint import (
     CheckpointManager,
     TrainerState,
     latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
 )
 from haina.core.config import HainaConfig, dump_config
 from haina.core.distributed import init_distributed, is_main_process
+from haina.core.engine import Engine, default_device
 from haina.core.guard import KINDS, NONFINITE_GRAD, OK, SpikeGuard, agree
 from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token, truncate_metrics
-from haina.core.model import Transformer
-from haina.core.optim import build_optimizer, lr_at, set_lr
+from haina.core.optim import build_optimizer, lr_at
 from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
-from haina.core.parallel.parallelize import clip_grad_norm, parallelize
+from haina.core.placement import lay_out
 from haina.core.preempt import Preempted, Preemption
-from haina.plugins import registry
-
-
-@dataclass
-class Engine:
-    """What an algorithm may use: the layout, the trained parts and their optimizers, frozen helpers."""
-
-    cfg: HainaConfig
-    layout: Layout
-    mesh: Any
-    device: torch.device
-    parts: list[nn.Module]
-    optimizers: list[torch.optim.Optimizer]
-    autocast: Any
-    pp_group: Any = None
-    dp_rank: int = 0
-    skipped_updates: int = 0  # updates refused for a non-finite gradient norm
-
-    def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
-        """A model that does not train (reference, reward model): weights, then the same parallel layout."""
-        if source is not None:
-            load_model_weights(source, module)
-        module.requires_grad_(False)
-        parallelize(module, self.mesh, self.layout, self.cfg, frozen=True)
-        return module.eval()
-
-    def set_lr(self, lr: float) -> None:
-        for optimizer in self.optimizers:
-            set_lr(optimizer, lr)
-
-    def forward_loss(self, loss_fn: Any, *args: Any) -> Any:
-        """``loss_fn(model, *args)``: the trained model's loss, run the way the backend needs it run."""
-        return loss_fn(self.parts[0], *args)
-
-    def set_gradient_sync(self, enabled: bool) -> None:
-        """FSDP2 reduces gradients on the last micro-batch only; earlier ones accumulate locally."""
-        for part in self.parts:
-            if hasattr(part, "set_requires_gradient_sync"):
-                part.set_requires_gradient_sync(enabled)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def zero_grad(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def clip_gradients(self, max_norm: float | None = None) -> float:
-        """Clip the global gradient norm (``optim.clip_grad`` unless given); the norm, equal on all ranks."""
-        params = [p for part in self.parts for p in part.parameters()]
-        clip = self.cfg.optim.clip_grad if max_norm is None else max_norm
-        return float(clip_grad_norm(params, clip, self.pp_group))
-
-    def step_optimizers(self) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def optimizer_step(self, max_norm: float | None = None) -> float:
-        """Clip, then step unless the (global) norm is non-finite (counted in ``skipped_updates``)."""
-        norm = self.clip_gradients(max_norm)
-        if math.isfinite(norm) or not self.cfg.train.guard.enabled:
-            self.step_optimizers()
-        else:
-            self.skipped_updates += 1
-        return norm
-
-    def update(self, pending: torch.Tensor | None, loss: float, guard: SpikeGuard) -> tuple[float, int]:
-        """The end of a step: backpropagate the last micro-batch's ``pending`` loss, clip, let the guard
-        judge the (reduced) loss and gradient norm, step if it agrees; (gradient norm, verdict)."""
-        if pending is not None:
-            self.backward(pending)
-        norm = self.clip_gradients()
-        verdict = agree(guard.verdict(loss, norm), self.device)
-        if verdict == OK:
-            self.step_optimizers()
-        return norm, verdict
-
-    def save(self, manager: CheckpointManager, trainer: TrainerState, block: bool = False) -> Path:
-        return manager.save(self.parts, self.optimizers, trainer, block=block)
-
-    def load(self, step_dir: Path) -> TrainerState:
-        """Model, optimizer and RNG from ``step_dir`` in place; the trainer state it was saved with."""
-        return load_checkpoint(step_dir, self.parts, self.optimizers)
 
 
 @dataclass
@@ -147,21 +50,6 @@ class TrainResult:
     steps: int
     final_loss: float
     records: list[dict[str, Any]]
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:
-    """fp32 parameters (the master copy), the same on every rank (same seed); bf16 lives in autocast."""
-    torch.manual_seed(cfg.train.seed)
-    with device:
-        model = Transformer(cfg.model)
-    model.init_weights()
-    return model
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -187,15 +75,8 @@ def _dp_rank(mesh: Any, layout: Layout) -> int:
     return mesh.get_local_rank("dp_replicate") * layout.dp_shard + mesh.get_local_rank("dp_shard")
 
 
-def check_algorithm(cfg: HainaConfig) -> None:
-    """The algorithm's own refusals (layouts, missing inputs), before any process group or model."""
-    check = getattr(registry.get("algorithm", cfg.algorithm), "check_config", None)
-    if check is not None:
-        check(cfg)
-
-
 def _forward_backward(
-    engine: Engine, algorithm: Any, pipeline: Any, micro_batches: list, names: list[str], poison: float = 1.0,
+    engine: Engine, algorithm: Algorithm, pipeline: Any, micro_batches: list, names: list[str], poison: float = 1.0,
 ) -> tuple[dict[str, float] | None, torch.Tensor | None]:
     """Backpropagate the algorithm's loss over this rank's micro-batches but the last; (metrics, the last
     micro-batch's scaled loss, for :meth:`Engine.update` to backpropagate once the guard has seen the loss).
@@ -258,9 +139,9 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
     tcfg = cfg.train
-    algorithm = registry.get("algorithm", cfg.algorithm)(cfg)
+    algorithm = algorithm_class(cfg)(cfg)
     torch.manual_seed(tcfg.seed)
-    model = algorithm.build_model(cfg, device) if hasattr(algorithm, "build_model") else build_model(cfg, device)
+    model = algorithm.build_model(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     dp_rank = _dp_rank(mesh, layout)
     pipeline = None
@@ -271,15 +152,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
         engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
     else:
-        if layout.pp > 1:
-            from haina.core.parallel.pipeline import build_pipeline
-
-            pipeline = build_pipeline(model, mesh["pp"], cfg, layout, algorithm, device)
-            parts = list(pipeline.model_parts)
-        else:
-            parts = [model]
-        for part in parts:
-            parallelize(part, mesh, layout, cfg)
+        parts, pipeline = lay_out(model, cfg, layout, mesh, device, stage_loss=algorithm)
         optimizers = [build_optimizer(part, cfg.optim) for part in parts]
         pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
         engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)
@@ -288,11 +161,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     manager = CheckpointManager(checkpoints, tcfg.keep_checkpoints, tcfg.async_save)
     guard = SpikeGuard(tcfg.guard)
     latest = latest_checkpoint(checkpoints) if tcfg.resume else None
-    if hasattr(algorithm, "setup"):
-        algorithm.setup(engine, resumed=latest is not None)
-    elif latest is None and cfg.align.init_from is not None:
-        for part in engine.parts:
-            load_model_weights(cfg.align.init_from, part)
+    algorithm.setup(engine, resumed=latest is not None)
     if cfg.parallel.dp_backend == "deepspeed":
         engine.attach()  # after setup: the weights are loaded before ZeRO shards them
     if latest is not None:
@@ -302,9 +171,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
         truncate_metrics(run_dir, state.step)  # steps after the checkpoint (if any) are computed again
     batches = algorithm.batches(cfg, run_dir, num_samples=tcfg.steps * layout.global_batch_size)
 
-    names = ["loss", *(getattr(algorithm, "metrics", None) or [
-        registry.get("loss", name).metric for name in cfg.loss.terms
-    ])]
+    names = ["loss", *algorithm.metric_names(cfg)]
     tokens_per_step = layout.global_batch_size * tcfg.seq_len
     flops_per_token = training_flops_per_token(cfg.model, tcfg.seq_len)
     peak = peak_tflops(device)
@@ -324,7 +191,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
                 engine.zero_grad()
                 first = state.consumed_samples // tcfg.micro_batch_size  # in micro-batches of the whole run
                 micro_batches = [batches.batch(first + m * layout.dp + dp_rank) for m in range(layout.grad_accum)]
-                if hasattr(algorithm, "train_step"):
+                if algorithm.owns_step:
                     skipped_before = engine.skipped_updates
                     values = algorithm.train_step(engine, state.step, micro_batches)
                     grad_norm = values.pop("grad_norm", float("nan"))
@@ -346,7 +213,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
                 if verdict != OK:
                     metrics.event(
                         KINDS[verdict], state.step, loss=reduced[0], grad_norm=float(grad_norm),
-                        update="skipped" if not hasattr(algorithm, "train_step") else "algorithm's",
+                        update="algorithm's" if algorithm.owns_step else "skipped",
                         bad_streak=guard.bad_streak,
                     )
                 faults.fire("step_end", state.step, rank)
@@ -385,8 +252,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
         manager.close()
     finally:
         metrics.close()
-    if hasattr(algorithm, "finish"):
-        algorithm.finish(engine, run_dir)
+    algorithm.finish(engine, run_dir)
     return TrainResult(run_dir=run_dir, steps=state.step, final_loss=last_loss, records=records)
 
 

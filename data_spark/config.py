@@ -7,12 +7,15 @@ so a run is fully described by its resolved ``config.yaml`` and a bad value fail
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from haina.core.config import ConfigError, apply_override
+from haina.core.config import apply_override
+from haina.core.errors import ConfigError
+from haina.core.files import read_yaml
+from haina.core.validation import allowed_keys_of, one_line_validation_error
 
 
 class _Section(BaseModel):
@@ -256,36 +259,15 @@ class PrepareConfig(_Section):
     keep_intermediate: bool = Field(False, description="keep per-stage Parquet under stages/ in the output")
 
 
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    if first["type"] == "extra_forbidden":
-        return f"{where}: unknown key"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] not in ("value_error", "assertion_error"):
-        message = f"{message} (got {first.get('input')!r})"
-    return f"{where}: {message}"
-
-
 def load_prepare_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PrepareConfig:
     """Read YAML (optional), apply ``a.b=value`` overrides, validate; ConfigError in one line otherwise."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_yaml(path, what="config file", error=ConfigError) if path is not None else {}
     for override in overrides:
         apply_override(data, override)
     try:
         return PrepareConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(one_line_validation_error(exc, allowed_keys_of(PrepareConfig))) from None
 
 
 def dump_prepare_config(config: PrepareConfig) -> str:

@@ -16,7 +16,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.batches import map_columns
+from haina.core.errors import HainaError, InputFileError, one_line
+from haina.data_spark.arrow_batches import map_columns
 from haina.data_spark.config import PrepareConfig
 from haina.data_spark.text import approx_tokens, detect_kind
 
@@ -37,24 +38,24 @@ DOC_COLUMNS = ["row_id", "doc_id", "source", "url", "file", "kind", "ntok", "tex
 
 
 def input_kind(path: Path) -> str:
-    """``"jsonl"`` or ``"parquet"`` (a folder counts as Parquet); ValueError in one line otherwise."""
+    """``"jsonl"`` or ``"parquet"`` (a folder counts as Parquet); InputFileError in one line otherwise."""
     name = path.name.lower()
     if path.is_dir() or name.endswith(PARQUET_SUFFIXES):
         return "parquet"
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    raise ValueError(f"{path}: unsupported input (expected {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)})")
+    raise InputFileError(f"{path}: unsupported input (expected {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)})")
 
 
 def check_inputs(inputs: list[Path]) -> list[Path]:
     """Every input must exist and have a known format: fail in a second, not after an hour."""
     if not inputs:
-        raise ValueError("no input files given")
+        raise HainaError("no input files given")
     out = []
     for path in inputs:
         path = Path(path).resolve()
         if not path.exists():
-            raise ValueError(f"{path}: input not found")
+            raise InputFileError(f"{path}: input not found")
         input_kind(path)
         out.append(path)
     return out
@@ -135,12 +136,12 @@ def _read_parquet(spark: SparkSession, path: Path, cfg: PrepareConfig) -> DataFr
     try:
         frame = spark.read.parquet(str(path))
     except Exception as exc:  # Spark raises AnalysisException for unreadable files
-        raise ValueError(f"{path}: not a readable Parquet input ({str(exc).splitlines()[0]})") from None
+        raise InputFileError(f"{path}: not a readable Parquet input ({one_line(exc)})") from None
     fields = {f.name: f.dataType for f in frame.schema.fields}
     if icfg.text_key not in fields:
-        raise ValueError(f"{path}: no {icfg.text_key!r} column (columns: {', '.join(sorted(fields)[:8])})")
+        raise InputFileError(f"{path}: no {icfg.text_key!r} column (columns: {', '.join(sorted(fields)[:8])})")
     if not isinstance(fields[icfg.text_key], T.StringType):
-        raise ValueError(f"{path}: column {icfg.text_key!r} is {fields[icfg.text_key].simpleString()}, not string")
+        raise InputFileError(f"{path}: column {icfg.text_key!r} is {fields[icfg.text_key].simpleString()}, not string")
 
     def optional(key: str) -> F.Column:
         return F.col(key).cast("string") if key in fields else F.lit(None).cast("string")

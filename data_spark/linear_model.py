@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from pyspark.sql import SparkSession
 
+from haina.core.errors import InputFileError
 from haina.data_spark.config import ModelTrainConfig
 from haina.data_spark.features import featurize
 
@@ -51,7 +52,7 @@ def read_seed(name: str, path: Path | None = None) -> list[tuple[float, str]]:
         where = f"resources/{name}"
     else:
         if not Path(path).is_file():
-            raise ValueError(f"{path}: seed file not found")
+            raise InputFileError(f"{path}: seed file not found")
         text, where = Path(path).read_text(encoding="utf-8"), str(path)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -59,10 +60,10 @@ def read_seed(name: str, path: Path | None = None) -> list[tuple[float, str]]:
             continue
         label, sep, body = line.partition("\t")
         if not sep or label not in ("0", "1") or not body.strip():
-            raise ValueError(f"{where}:{number}: expected '0|1<TAB>text'")
+            raise InputFileError(f"{where}:{number}: expected '0|1<TAB>text'")
         rows.append((float(label), body.strip()))
     if len({label for label, _ in rows}) < 2:
-        raise ValueError(f"{where}: needs examples of both labels")
+        raise InputFileError(f"{where}: needs examples of both labels")
     return rows
 
 

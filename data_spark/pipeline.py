@@ -1,13 +1,15 @@
 """The job runner: stages in the report's order, each materialised to Parquet, committed by one rename.
 
 Every stage reads the previous stage's Parquet and writes its own under a temporary folder beside the
-output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, and the final ``rename``
-makes the output appear complete or not at all.
+output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, and the final publish
+(:func:`haina.core.files.publish_dir`: fsync, rename, fsync of the parent) makes the output appear complete
+or not at all.
 
 Recovery: each stage writes into a hidden work folder, adds a completion marker holding its report row,
-and renames the folder into place; the temporary output records a fingerprint of the inputs (path, size,
-mtime) and the config. A job that was killed (SIGKILL, SIGTERM, Ctrl-C) and started again with the same
-inputs and config reuses the completed stages and redoes the rest; a changed fingerprint starts afresh.
+and publishes the folder into place the same way; the temporary output records a fingerprint of the
+inputs (path, size, mtime) and the config. A job that was killed (SIGKILL, SIGTERM, Ctrl-C) and started
+again with the same inputs and config reuses the completed stages and redoes the rest; a changed
+fingerprint starts afresh.
 An exception in a stage (a bug, bad data) still removes the temporary output.
 """
 
@@ -18,7 +20,6 @@ import hashlib
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,9 +29,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from haina.core import faults
+from haina.core.errors import HainaError
+from haina.core.files import fsync_tree, publish_dir, write_durable
 from haina.data_spark.config import PrepareConfig, dump_prepare_config
 from haina.data_spark.ingest import check_inputs, documents, quarantined, read_inputs
-from haina.data_spark.shards import blend_summary, write_shards
 from haina.data_spark.stages import (
     category,
     embedding,
@@ -43,6 +45,7 @@ from haina.data_spark.stages import (
     weighting,
 )
 from haina.data_spark.stages.base import StageContext, StageResult
+from haina.data_spark.tokenized_shards import blend_summary, write_shards
 
 StageFn = Callable[[DataFrame, StageContext], StageResult]
 
@@ -111,20 +114,26 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str) -> Path:
     """The temporary output: resumed when a killed run with the same fingerprint left one."""
     output = Path(output).resolve()
     if output.exists() and not overwrite:
-        raise ValueError(f"{output}: output exists (set overwrite=true to replace it)")
+        raise HainaError(f"{output}: output exists (set overwrite=true to replace it)")
     if output.exists() and not output.is_dir():
-        raise ValueError(f"{output}: exists and is not a directory")
+        raise HainaError(f"{output}: exists and is not a directory")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial"
     job = tmp / JOB_FILE
     if tmp.exists():
-        same = job.is_file() and json.loads(job.read_text(encoding="utf-8")).get("fingerprint") == fingerprint
-        if same:
+        if _fingerprint_of(job) == fingerprint:
             return tmp
         shutil.rmtree(tmp)
     tmp.mkdir()
-    job.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+    write_durable(job, json.dumps({"fingerprint": fingerprint}) + "\n")
     return tmp
+
+
+def _fingerprint_of(job: Path) -> str | None:
+    try:
+        return json.loads(job.read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):  # missing or unreadable: nothing to resume
+        return None
 
 
 def _lock(output: Path) -> Any:
@@ -136,7 +145,7 @@ def _lock(output: Path) -> Any:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise ValueError(f"{output}: another `haina data prepare` is writing this output") from None
+        raise HainaError(f"{output}: another `haina data prepare` is writing this output") from None
     return handle
 
 
@@ -154,22 +163,15 @@ def _work(path: Path) -> Path:
 
 
 def _publish(work: Path, path: Path, marker: dict[str, Any] | None = None) -> None:
-    """Marker inside, then one rename: the stage exists complete or not at all."""
+    """Marker inside, every file made durable, then one rename: the folder exists complete or not at all.
+
+    No ``manifest.json``: Spark and pyarrow would read it as a Parquet part (they skip only names
+    starting with ``_`` or ``.``, like the marker), and a manifest lists a folder's own files, not the
+    nested ones of an output. An old ``path`` is replaced."""
     if marker is not None:
-        (work / MARKER).write_text(json.dumps(marker, ensure_ascii=False) + "\n", encoding="utf-8")
-    shutil.rmtree(path, ignore_errors=True)
-    work.rename(path)
-
-
-def _commit(tmp: Path, output: Path) -> None:
-    """Swap the finished temporary folder in; an old output is moved aside first and deleted last."""
-    trash = None
-    if output.exists():
-        trash = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        output.rename(trash)
-    tmp.rename(output)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+        write_durable(work / MARKER, json.dumps(marker, ensure_ascii=False) + "\n")
+    fsync_tree(work)
+    publish_dir(work, path, manifest=False)
 
 
 def _quarantine_summary(df: DataFrame) -> dict[str, int]:
@@ -203,7 +205,7 @@ def _run_locked(
         report["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / JOB_FILE).unlink()
-        _commit(tmp, output)
+        _publish(tmp, output)  # an old output (overwrite=true) is moved aside and deleted last
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)  # a failing stage: nothing worth resuming
         raise  # (a kill or Ctrl-C leaves the temporary output for the next run to resume)

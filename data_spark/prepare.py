@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from haina.core.errors import ConfigError, InputFileError
+from haina.core.files import fsync_tree, publish_dir, replace_durable, write_durable
 from haina.data_spark.config import PrepareConfig, load_prepare_config
 
 
@@ -20,7 +22,7 @@ def prepare_main(
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole job; ValueError (ConfigError included) with a one-line message for bad user input."""
+    """Run the whole job; a :class:`HainaError` (ConfigError, InputFileError) in one line for bad user input."""
     from haina.data_spark.ingest import check_inputs
     from haina.data_spark.pipeline import run_pipeline
     from haina.data_spark.session import get_session
@@ -28,7 +30,7 @@ def prepare_main(
     cfg = load_prepare_config(config, overrides)
     inputs = check_inputs([Path(p) for p in inputs])
     if cfg.tokenize.model is not None and not Path(cfg.tokenize.model).is_file():
-        raise ValueError(f"tokenize.model={cfg.tokenize.model}: tokenizer model not found")
+        raise ConfigError(f"tokenize.model={cfg.tokenize.model}: tokenizer model not found")
     spark = get_session(cfg.spark, master)
     return run_pipeline(spark, inputs, Path(output), cfg, progress=progress)
 
@@ -37,7 +39,7 @@ def kept_files(prepared: Path) -> list[Path]:
     """The Parquet part files of a prepared output's kept documents (for tokenizer training)."""
     files = sorted((Path(prepared) / "kept").glob("part-*.parquet"))
     if not files:
-        raise ValueError(f"{prepared}: no kept documents (is this a `haina data prepare` output?)")
+        raise InputFileError(f"{prepared}: no kept documents (is this a `haina data prepare` output?)")
     return files
 
 
@@ -50,22 +52,22 @@ def tokenize_main(
 ) -> dict[str, Any]:
     """Tokenize a prepared output's kept documents into ``tokenized/`` + ``blend.json`` (replacing old ones)."""
     from haina.data_spark.session import get_session
-    from haina.data_spark.shards import blend_summary, write_shards
+    from haina.data_spark.tokenized_shards import blend_summary, write_shards
 
     prepared = Path(prepared).resolve()
     kept_files(prepared)
     cfg: PrepareConfig = load_prepare_config(config, overrides)
     if not Path(tokenizer_model).is_file():
-        raise ValueError(f"{tokenizer_model}: tokenizer model not found")
+        raise InputFileError(f"{tokenizer_model}: tokenizer model not found")
     spark = get_session(cfg.spark, master)
     staging = prepared / f".tokenize-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         blend = write_shards(spark, spark.read.parquet(str(prepared / "kept")), staging, Path(tokenizer_model),
                              partitions=cfg.tokenize.partitions, append_eos=cfg.tokenize.append_eos)
-        shutil.rmtree(prepared / "tokenized", ignore_errors=True)
-        (staging / "tokenized").rename(prepared / "tokenized")
-        (staging / "blend.json").replace(prepared / "blend.json")
+        fsync_tree(staging / "tokenized")  # parts written by the executors
+        publish_dir(staging / "tokenized", prepared / "tokenized", manifest=False)
+        replace_durable(staging / "blend.json", prepared / "blend.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = {"categories": blend_summary(blend), "parts": len(blend["datasets"]),
@@ -74,5 +76,5 @@ def tokenize_main(
     if report_path.is_file():
         report = json.loads(report_path.read_text(encoding="utf-8"))
         report["tokenized"] = summary
-        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_durable(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return summary

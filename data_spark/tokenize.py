@@ -11,11 +11,9 @@ so every tool accepts the same input formats and fails with the same one-line me
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from haina.tools.tokenizer import Tokenizer
+from haina.core.errors import HainaError, InputFileError, one_line
+from haina.core.files import read_jsonl_stream, replace_durable
+from haina.core.tokenizer import Tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -33,22 +33,30 @@ _BATCH_DOCS = 512
 _PARQUET_BATCH_ROWS = 1024
 
 
-def input_format(path: Path) -> str:
-    """``"jsonl"``, ``"jsonl.gz"`` or ``"parquet"`` by file name; a clear ValueError for anything else."""
-    name = path.name.lower()
+def document_format(path: Path) -> str | None:
+    """``"jsonl"``, ``"jsonl.gz"`` or ``"parquet"`` by file name; None for any other file."""
+    name = Path(path).name.lower()
     if name.endswith(".gz") and name[:-3].endswith(JSONL_SUFFIXES):
         return "jsonl.gz"
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    allowed = ", ".join([*JSONL_SUFFIXES, *(s + ".gz" for s in JSONL_SUFFIXES), *PARQUET_SUFFIXES])
-    raise ValueError(f"{path}: unsupported input extension (expected one of {allowed})")
+    return None
+
+
+def input_format(path: Path) -> str:
+    """:func:`document_format`, or an :class:`InputFileError` in one line for an unsupported file."""
+    fmt = document_format(path)
+    if fmt is None:
+        allowed = ", ".join([*JSONL_SUFFIXES, *(s + ".gz" for s in JSONL_SUFFIXES), *PARQUET_SUFFIXES])
+        raise InputFileError(f"{path}: unsupported input extension (expected one of {allowed})")
+    return fmt
 
 
 def _check_exists(path: Path) -> None:
     if not path.is_file():
-        raise ValueError(f"{path}: input file not found")
+        raise InputFileError(f"{path}: input file not found")
 
 
 def progress_total(path: Path) -> int:
@@ -69,7 +77,7 @@ def iter_documents(
 ) -> Iterator[dict[str, Any]]:
     """Yield ``{text_key: str | None, field: value | None ...}`` per record, streaming the file.
 
-    A record without ``text_key`` (or with a non-string value) raises ValueError naming the file and the
+    A record without ``text_key`` (or with a non-string value) raises InputFileError naming the file and the
     line/row, since silently dropping documents would bias the corpus. ``None`` text is passed through
     so the caller can count it as empty. ``advance(n)`` reports progress in :func:`progress_total` units.
     """
@@ -85,10 +93,10 @@ def iter_documents(
 def _checked_text(record: dict[str, Any], text_key: str, where: str) -> str | None:
     if text_key not in record:
         keys = ", ".join(sorted(record)[:8]) or "none"
-        raise ValueError(f"{where}: record has no {text_key!r} field (fields: {keys})")
+        raise InputFileError(f"{where}: record has no {text_key!r} field (fields: {keys})")
     text = record[text_key]
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_key!r} is {type(text).__name__}, expected a string")
+        raise InputFileError(f"{where}: field {text_key!r} is {type(text).__name__}, expected a string")
     return text
 
 
@@ -97,27 +105,15 @@ def _iter_jsonl(
 ) -> Iterator[dict[str, Any]]:
     with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else nullcontext(raw)) as stream:
         reported = 0
-        try:
-            for number, line in enumerate(stream, start=1):
-                if advance is not None and number % 256 == 0:
-                    position = raw.tell()
-                    advance(position - reported)
-                    reported = position
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise ValueError(f"{where}: invalid JSON ({exc})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                out = {text_key: _checked_text(record, text_key, where)}
-                for field in fields:
-                    out[field] = record.get(field)
-                yield out
-        except (OSError, EOFError, zlib.error) as exc:  # corrupt or truncated gzip
-            raise ValueError(f"{path}: cannot read ({exc})") from None
+        for count, (where, record) in enumerate(read_jsonl_stream(stream, path), start=1):
+            if advance is not None and count % 256 == 0:
+                position = raw.tell()  # bytes on disk, compressed ones for gzip
+                advance(position - reported)
+                reported = position
+            out = {text_key: _checked_text(record, text_key, where)}
+            for field in fields:
+                out[field] = record.get(field)
+            yield out
         if advance is not None:
             advance(raw.tell() - reported)
 
@@ -130,11 +126,11 @@ def _iter_parquet(
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid for non-Parquet bytes
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise InputFileError(f"{path}: not a readable Parquet file ({one_line(exc)})") from None
     names = set(parquet.schema_arrow.names)
     if text_key not in names:
         shown = ", ".join(sorted(names)[:8]) or "none"
-        raise ValueError(f"{path}: no {text_key!r} column (columns: {shown})")
+        raise InputFileError(f"{path}: no {text_key!r} column (columns: {shown})")
     wanted = [field for field in fields if field in names and field != text_key]
     row = 0
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_key, *wanted]):
@@ -200,13 +196,13 @@ def tokenize_to_indexed(
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
-        raise ValueError("no input files given")
+        raise HainaError("no input files given")
     for path in inputs:
         _check_exists(path)
         input_format(path)
     tokenizer_model = Path(tokenizer_model)
     if not tokenizer_model.is_file():
-        raise ValueError(f"{tokenizer_model}: tokenizer model not found")
+        raise InputFileError(f"{tokenizer_model}: tokenizer model not found")
     tokenizer = Tokenizer(tokenizer_model)
     dtype = np.uint16 if tokenizer.vocab_size < UINT16_VOCAB_LIMIT else np.int32
     eos = [tokenizer.eos_id] if append_eos else []
@@ -253,8 +249,8 @@ def tokenize_to_indexed(
                 if bar is not None:
                     bar.update(task, docs=documents, tokens=tokens)
         builder.finalize(str(tmp_idx))
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
+        replace_durable(tmp_bin, bin_path)
+        replace_durable(tmp_idx, idx_path)
     except BaseException:
         builder.data_file.close()
         for leftover in (tmp_bin, tmp_idx):

@@ -4,7 +4,7 @@ environment of --archives."""
 
 import sys
 
-from haina.core.cli import run
+from haina.tools.cli import run
 
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ("prepare", "tokenize") else "prepare"

@@ -7,4 +7,4 @@ set -euo pipefail
 exec torchrun \
   --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC_PER_NODE:-1}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-  -m haina.core.cli "$@"
+  -m haina.tools.cli "$@"

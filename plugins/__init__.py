@@ -1,33 +1,6 @@
-"""The plugin registry and every built-in plugin.
+"""haina's built-in plugins, grouped by what they are: model components (``model``), loss terms
+(``losses``), algorithms (``algorithms``), and the alignment helpers the algorithms share (``align``).
 
-Importing this package registers the built-ins; third-party plugins arrive through the
-``haina.plugins`` entry-point group the first time the registry is queried.
+:mod:`haina.plugins.builtins` is haina's own entry point in the ``haina.plugins`` group: the registry
+imports it the way it imports any third party's plugin package.
 """
-
-from haina.plugins import (  # noqa: F401  (register built-ins)
-    attention,
-    attention_gpu,
-    attention_select,
-    dpo,
-    head,
-    loss,
-    mlp,
-    norm,
-    position,
-    ppo,
-    pretrain,
-    reward,
-    sft,
-)
-from haina.plugins.registry import (
-    KINDS,
-    PluginEntry,
-    PluginError,
-    entries,
-    get,
-    load_entry_points,
-    names,
-    register,
-)
-
-__all__ = ["KINDS", "PluginEntry", "PluginError", "entries", "get", "load_entry_points", "names", "register"]

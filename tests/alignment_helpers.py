@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from haina.core.config import TokenizerConfig
-from haina.tools import alignment_task as task
+from haina.tools.align_data import task
 from haina.tools.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -53,7 +53,7 @@ def make_alignment_data(folder: Path) -> AlignmentData:
 
 def haina(*args: str, nproc: int = 1, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the CLI (under torchrun with ``nproc`` > 1); fails the test with the output on a non-zero exit."""
-    command = [sys.executable, "-m", "haina.core.cli", args[0]]
+    command = [sys.executable, "-m", "haina.tools.cli", args[0]]
     if nproc > 1:
         command += ["--nproc-per-node", str(nproc)]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from haina.core.cli import BAD_FILE_INPUT
 from haina.core.config import HainaConfig, load_config
+from haina.core.errors import HainaError
 
 EOS = 2
 
@@ -52,8 +52,8 @@ def tiny_config(run_dir: Path, data: Path, *overrides: str) -> HainaConfig:
 
 def one_line_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
     """The message of the bad-input error ``func`` raises: an exception the CLI turns into exit status 2
-    (core.cli.BAD_FILE_INPUT), on one line."""
-    with pytest.raises(BAD_FILE_INPUT) as info:
+    (a HainaError), on one line."""
+    with pytest.raises(HainaError) as info:
         func(*args, **kwargs)
     message = str(info.value)
     assert message and len(message.splitlines()) == 1, message

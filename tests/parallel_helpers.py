@@ -14,7 +14,7 @@ TIMEOUT_S = 240
 def run_pretrain(run_dir: Path, data: Path, nproc: int, *overrides: str) -> list[dict]:
     """Train the tiny preset with ``nproc`` processes; returns metrics.jsonl's records."""
     command = [
-        sys.executable, "-m", "haina.core.cli", "pretrain", "--nproc-per-node", str(nproc), "--config", "tiny",
+        sys.executable, "-m", "haina.tools.cli", "pretrain", "--nproc-per-node", str(nproc), "--config", "tiny",
         f"train.run_dir={run_dir}", f"data.prefixes=[{data}]", *overrides,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}

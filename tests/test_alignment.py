@@ -15,6 +15,9 @@ from haina.core.model import Transformer
 from tests.alignment_helpers import AlignmentData, haina, make_alignment_data, records
 from tests.conftest import install_plugin_package
 
+# Every test trains through the CLI (pretrain -> sft -> rm, then torchrun with 2 processes).
+pytestmark = pytest.mark.integration
+
 SHORT = ("train.log_every=1", "train.save_every=100", "optim.warmup_steps=0")
 LAYOUTS = {
     "tp2": ("parallel.tp=2", "parallel.sequence_parallel=false"),
@@ -38,9 +41,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _ppo_args(runs: dict, run_dir: Path, steps: int, warmup: int) -> list[str]:
     data: AlignmentData = runs["data"]
-    return ["--from", str(runs["sft"]), f"align.reward_model={runs['rm']}", f"align.data={data.prompts}",
-            f"train.run_dir={run_dir}", f"train.steps={steps}", f"align.ppo.critic_warmup_steps={warmup}",
-            "align.sampling.max_new_tokens=6", "optim.lr=1e-3", "optim.min_lr=1e-3", *SHORT]
+    return ["--from", str(runs["sft"]), f"ppo.reward_model={runs['rm']}", f"align.data={data.prompts}",
+            f"train.run_dir={run_dir}", f"train.steps={steps}", f"ppo.critic_warmup_steps={warmup}",
+            "ppo.sampling.max_new_tokens=6", "optim.lr=1e-3", "optim.min_lr=1e-3", *SHORT]
 
 
 def test_reward_model_reports_accuracy_by_gap_and_category(runs: dict) -> None:
@@ -55,7 +58,7 @@ def test_reward_model_reports_accuracy_by_gap_and_category(runs: dict) -> None:
 
 
 def _actor_critic(cfg_run: Path):
-    from haina.plugins.ppo import ActorCritic
+    from haina.plugins.algorithms.ppo import ActorCritic
 
     cfg = load_config(str(cfg_run / "config.yaml"))
     return cfg, ActorCritic(cfg)
@@ -120,7 +123,7 @@ def test_alignment_layout_errors_are_one_line(runs: dict, tmp_path: Path) -> Non
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "haina.core.cli", "dpo", "--nproc-per-node", "2", "--from", str(runs["sft"]), "parallel.pp=2",
+        [sys.executable, "-m", "haina.tools.cli", "dpo", "--nproc-per-node", "2", "--from", str(runs["sft"]), "parallel.pp=2",
          f"train.run_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
@@ -128,9 +131,9 @@ def test_alignment_layout_errors_are_one_line(runs: dict, tmp_path: Path) -> Non
 
 
 THIRD_PARTY_ALGORITHM = '''
-from haina.plugins.pretrain import Pretrain
-from haina.plugins.registry import register
-from haina.plugins.loss import LossOutput
+from haina.plugins.algorithms.pretrain import Pretrain
+from haina.core.registry import register
+from haina.core.loss import LossOutput
 
 
 @register("algorithm", "acme_scaled")

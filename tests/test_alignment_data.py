@@ -10,18 +10,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from haina.plugins.taxonomy import category_path, leaf_keywords, load_taxonomy
-from haina.tools import alignment_task as task
-from haina.tools.collect_responses import collect, load_collect_config
-from haina.tools.preference_pairs import build_pairs, scores_from_labels
-from haina.tools.prompt_taxonomy import (
+from haina.core.errors import ConfigError
+from haina.plugins.align.taxonomy import category_path, leaf_keywords, load_taxonomy
+from haina.tools.align_data import task
+from haina.tools.align_data.collect import collect, load_collect_config
+from haina.tools.align_data.pairs import build_pairs, scores_from_labels
+from haina.tools.align_data.prompts import (
     assign,
     coverage,
     distinct_2,
     format_coverage_report,
     stratified_sample,
 )
-from haina.tools.safety_eval import (
+from haina.tools.eval.safety import (
     ATTACKS,
     CATEGORIES,
     attack_prompts,
@@ -147,7 +148,7 @@ def test_safety_rates_on_a_planted_set(tmp_path: Path) -> None:
     assert sum(r["prompts"] for r in rates["by_attack"].values()) == len(items)
     words = make_judge("words")(items, replies)
     assert words == make_judge("refusal")(items, replies)  # the complying replies name unsafe terms
-    with pytest.raises(ValueError, match="use refusal, words"):
+    with pytest.raises(ConfigError, match="use refusal, words"):
         make_judge("magic")
 
 
@@ -179,6 +180,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_collection_is_resumable_records_provenance_and_runs_under_torchrun(two_checkpoints, tmp_path: Path) -> None:
     small, longer, prompts = two_checkpoints
@@ -217,11 +219,12 @@ def test_collection_is_resumable_records_provenance_and_runs_under_torchrun(two_
 
     # The pairs command on the collection, scored by the task's verifier.
     haina("rm", "pairs", "--responses", str(out), "--out", str(tmp_path / "pairs.jsonl"),
-          "--verifier", "haina.tools.alignment_task:reward")
+          "--verifier", "haina.tools.align_data.task:reward")
     for pair in _lines(tmp_path / "pairs.jsonl"):
         assert pair["gap"] > 0 and pair["chosen_from"]["model"] in ("small", "longer")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_safety_evaluation_before_and_after(two_checkpoints, tmp_path: Path) -> None:
     small, longer, _ = two_checkpoints

@@ -11,11 +11,16 @@ import pytest
 import torch
 
 from haina.core.config import TokenizerConfig
-from haina.plugins.alignment import IGNORE, shifted_targets, token_logps
-from haina.plugins.chat import pack_conversations, read_conversations, render_conversation, render_prompt
-from haina.plugins.preference import accuracy_by_bucket, dpo_loss, pairwise_loss
-from haina.plugins.quality_gate import group_by_batch, spot_check
-from haina.plugins.rl import (
+from haina.plugins.align.chat_format import (
+    pack_conversations,
+    read_conversations,
+    render_conversation,
+    render_prompt,
+)
+from haina.plugins.align.common import IGNORE, shifted_targets, token_logps
+from haina.plugins.align.preference_losses import accuracy_by_bucket, dpo_loss, pairwise_loss
+from haina.plugins.align.quality_gate import group_by_batch, spot_check
+from haina.plugins.align.rl import (
     CriticWarmup,
     KLSchedule,
     gae,
@@ -23,8 +28,8 @@ from haina.plugins.rl import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from haina.plugins.taxonomy import DEFAULT_TAXONOMY, coverage_report, validate_path
-from haina.tools import alignment_task as task
+from haina.plugins.align.taxonomy import DEFAULT_TAXONOMY, coverage_report, validate_path
+from haina.tools.align_data import task
 from haina.tools.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -214,7 +219,7 @@ def test_taxonomy_coverage() -> None:
 
 
 def test_chat_batches_are_deterministic_and_cycle(tok: Tokenizer) -> None:
-    from haina.plugins.chat import ChatBatches
+    from haina.plugins.align.chat_format import ChatBatches
 
     items = task.sft_conversations(30, 2)
     batches = ChatBatches(items, tok, seq_len=32, micro_batch_size=2, seed=4)
@@ -229,7 +234,7 @@ def test_chat_batches_are_deterministic_and_cycle(tok: Tokenizer) -> None:
 
 
 def test_whitening_and_entropy() -> None:
-    from haina.plugins.rl import entropy_from_logits, masked_whiten
+    from haina.plugins.align.rl import entropy_from_logits, masked_whiten
 
     x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
     w = masked_whiten(x, mask)

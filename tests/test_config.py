@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from haina.core.cli import run
 from haina.core.config import ConfigError, load_config, preset_names
+from haina.tools.cli import run
 
 
 def test_presets_ship_and_load() -> None:
@@ -89,8 +89,29 @@ def test_cli_exits_2_for_missing_data(capsys: pytest.CaptureFixture[str], tmp_pa
 
 def test_console_script_runs_as_a_process() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "haina.core.cli", "pretrain", "--config", "tiny", "model.head=tied"],
+        [sys.executable, "-m", "haina.tools.cli", "pretrain", "--config", "tiny", "model.head=tied"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert "model.head: unknown head plugin 'tied'; registered: linear, normhead" in proc.stderr
+
+
+def test_a_config_of_the_previous_release_migrates_into_plugin_sections() -> None:
+    """config.yaml written before plugins owned their settings: align.ppo/sampling/reward_model go to ppo:,
+    a non-default align.beta to dpo:, defaults of other algorithms are dropped, shared keys stay in align."""
+    from haina.core.config import build_config
+
+    old = {
+        "algorithm": "ppo",
+        "align": {
+            "init_from": "runs/sft", "reward_model": "runs/rm", "data": "p.jsonl", "beta": 0.3, "margin": False,
+            "gate_sample": 5, "sampling": {"top_k": 7}, "ppo": {"clip": 0.15, "critic_warmup_steps": 3},
+        },
+    }
+    cfg = build_config(old)
+    assert (cfg.ppo.clip, cfg.ppo.critic_warmup_steps, cfg.ppo.sampling.top_k) == (0.15, 3, 7)
+    assert cfg.ppo.reward_model == "runs/rm" and cfg.align.init_from == "runs/sft"
+    assert cfg.dpo.beta == 0.3
+    assert "rm" not in cfg.model_extra and "sft" not in cfg.model_extra  # only defaults there: dropped
+    with pytest.raises(ConfigError, match=r"^align\.frobnicate: unknown key; allowed: data, eval_data, init_from, tokenizer$"):
+        build_config({"align": {"frobnicate": 1}})

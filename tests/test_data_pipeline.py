@@ -11,6 +11,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from haina.core.errors import ConfigError, HainaError, InputFileError
 from haina.data_spark.config import load_prepare_config
 from haina.data_spark.pipeline import run_pipeline
 from haina.data_spark.prepare import kept_files, prepare_main
@@ -43,6 +44,7 @@ def _removed(out: Path) -> dict[str, str]:
     return dict(zip(table.column("doc_id").to_pylist(), table.column("stage").to_pylist(), strict=True))
 
 
+@pytest.mark.integration
 def test_every_document_meets_its_fate(job: dict) -> None:
     out = job["root"] / "out1"
     removed = _removed(out)
@@ -58,6 +60,7 @@ def test_every_document_meets_its_fate(job: dict) -> None:
     assert not any(c.startswith("_") for c in columns)
 
 
+@pytest.mark.integration
 def test_report_counts_and_quarantine(job: dict) -> None:
     report = job["reports"][0]
     on_disk = json.loads((job["root"] / "out1" / "report.json").read_text())
@@ -75,6 +78,7 @@ def test_report_counts_and_quarantine(job: dict) -> None:
     assert (job["root"] / "out1" / "config.yaml").is_file()
 
 
+@pytest.mark.integration
 def test_two_runs_are_identical(job: dict) -> None:
     def snapshot(out: Path) -> list:
         rows = pq.read_table(out / "kept").to_pylist()
@@ -87,8 +91,9 @@ def test_two_runs_are_identical(job: dict) -> None:
     assert blend1 == blend2
 
 
+@pytest.mark.integration
 def test_output_is_atomic(job: dict, spark, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    with pytest.raises(ValueError, match="output exists"):
+    with pytest.raises(HainaError, match="output exists"):
         run_pipeline(spark, job["inputs"], job["root"] / "out1", job["cfg"], progress=False)
     from haina.data_spark import pipeline
 
@@ -102,16 +107,22 @@ def test_output_is_atomic(job: dict, spark, monkeypatch: pytest.MonkeyPatch) -> 
     assert not [p for p in job["root"].iterdir() if p.name.startswith(".out3")]
 
 
-def test_bad_user_input_is_one_line_value_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="input not found"):
+def test_bad_user_input_is_one_line_haina_error(tmp_path: Path) -> None:
+    with pytest.raises(InputFileError, match="input not found"):
         prepare_main([tmp_path / "nope.jsonl"], tmp_path / "out")
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported input"):
+    with pytest.raises(InputFileError, match="unsupported input"):
         prepare_main([tmp_path / "x.csv"], tmp_path / "out")
-    with pytest.raises(ValueError, match="near_dedup.num_perm"):
+    with pytest.raises(ConfigError, match="near_dedup.num_perm"):
         prepare_main([tmp_path / "x.csv"], tmp_path / "out", overrides=["near_dedup.num_perm=0"])
+    good = write_jsonl(tmp_path / "a.jsonl", known_corpus()[:1])
+    with pytest.raises(ConfigError, match="tokenize.model=.*none.model: tokenizer model not found"):
+        prepare_main([good], tmp_path / "out", overrides=[f"tokenize.model={tmp_path / 'none.model'}"])
+    with pytest.raises(InputFileError, match="no kept documents"):
+        kept_files(tmp_path)
 
 
+@pytest.mark.integration
 def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
     """Realised sampling frequencies of megatron-core's blended dataset follow blend.json within 2%."""
     import warnings
@@ -123,7 +134,7 @@ def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
     import torch
 
     from haina.core.distributed import init_distributed
-    from haina.tools.tokenizer import Tokenizer
+    from haina.core.tokenizer import Tokenizer
 
     init_distributed(torch.device("cpu"))  # megatron's builders expect a process group (a world of one)
     out = job["root"] / "out1"
@@ -152,3 +163,18 @@ def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
     for index, entry in enumerate(entries):
         realised = counts[index] / len(dataset)
         assert abs(realised - entry["weight"]) <= 0.02 * entry["weight"] + 1 / n, (entry, realised)
+
+
+def test_retokenize_replaces_shards_atomically(job: dict) -> None:
+    """`haina data tokenize --prepared` republishes tokenized/ and blend.json in place of the old ones."""
+    from haina.data_spark.prepare import tokenize_main
+
+    out = job["root"] / "out2"
+    before = json.loads((out / "blend.json").read_text())
+    summary = tokenize_main(out, job["model"], overrides=TEST_OVERRIDES)
+    assert json.loads((out / "blend.json").read_text()) == before  # deterministic: the same shards again
+    assert summary["parts"] == len(before["datasets"])
+    assert json.loads((out / "report.json").read_text())["tokenized"] == summary
+    for entry in before["datasets"]:
+        assert (out / f"{entry['prefix']}.bin").is_file() and (out / f"{entry['prefix']}.idx").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no staging or old folders left"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from haina.data_spark.components import connected_components
 from haina.data_spark.config import load_prepare_config
+from haina.data_spark.connected_components import connected_components
 from haina.data_spark.ingest import documents, quarantined, read_inputs
 from haina.data_spark.minhash import shingles
 from haina.data_spark.stages import (
@@ -34,7 +34,7 @@ from tests.data_helpers import (
     write_jsonl,
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.integration]  # every test runs on the Spark session
 
 
 def _ctx(spark, tmp_path: Path, *overrides: str) -> StageContext:  # noqa: F811

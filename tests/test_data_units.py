@@ -7,7 +7,7 @@ import pytest
 from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 
-from haina.core.config import ConfigError
+from haina.core.errors import ConfigError
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.minhash import MinHasher, band_keys, candidate_probability, lsh_params, shingles
 from haina.data_spark.rules import clean_lines, document_reason
@@ -88,9 +88,11 @@ def test_category_factors_hit_targets() -> None:
 def test_config_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="near_dedup.threshold"):
         load_prepare_config(None, ["near_dedup.threshold=1.5"])
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"^heuristics.nope: unknown key; allowed: code, doc_blocklist, en, "):
         load_prepare_config(None, ["heuristics.nope=1"])
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match=r"^category.rules.0.bad: unknown key; allowed: keywords, kinds, name"):
+        load_prepare_config(None, ["category.rules=[{name: a, bad: 1}]"])
+    with pytest.raises(ConfigError, match="missing.yaml: no such config file"):
         load_prepare_config(tmp_path / "missing.yaml")
     cfg = load_prepare_config(None, ["safety.blocklist=[x, y]", "category.targets={en: 0.5}"])
     assert cfg.safety.blocklist == ["x", "y"] and cfg.category.targets == {"en": 0.5}

@@ -48,6 +48,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str,
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_zero_stage_matches_fsdp2(stage: str, runs: dict[str, Path]) -> None:
@@ -61,6 +62,7 @@ def test_zero_stage_matches_fsdp2(stage: str, runs: dict[str, Path]) -> None:
     assert (checkpoints / "step_5" / "manifest.json").is_file()
 
 
+@pytest.mark.integration
 def test_zero3_resume_is_exact(runs: dict[str, Path], tiny_data: Path, tmp_path: Path) -> None:
     """Stop at the step-2 checkpoint (same schedule: decay_steps is fixed), resume to step 5."""
     run = tmp_path / "resumed"
@@ -72,6 +74,7 @@ def test_zero3_resume_is_exact(runs: dict[str, Path], tiny_data: Path, tmp_path:
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
 
 
+@pytest.mark.integration
 def test_conversion_gives_the_same_logits(runs: dict[str, Path], tmp_path: Path) -> None:
     """ZeRO-3 shards -> a haina checkpoint: it loads strictly and computes what the FSDP2 run's weights do;
     the DeepSpeed checkpoint also loads directly (init_from) into the same tensors."""
@@ -90,11 +93,12 @@ def test_conversion_gives_the_same_logits(runs: dict[str, Path], tmp_path: Path)
         logits = {name: m(tokens, logits=slice(None)) for name, m in models.items()}
     scale = logits["fsdp2"].abs().max()
     assert (logits["converted"] - logits["fsdp2"]).abs().max() / scale < 1e-4
-    from haina.tools.hf_export import export_hf
+    from haina.tools.hf.export import export_hf
 
     assert (export_hf(str(converted), str(tmp_path / "hf"), "llama") / "config.json").is_file()
 
 
+@pytest.mark.integration
 def test_checkpoint_of_the_other_backend_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
     step = latest_checkpoint(runs["zero2"] / "checkpoints")
     model = Transformer(load_config("tiny").model)
@@ -106,6 +110,7 @@ def test_checkpoint_of_the_other_backend_is_refused(runs: dict[str, Path], tmp_p
     assert "not a DeepSpeed checkpoint" in message
 
 
+@pytest.mark.integration
 def test_guard_skips_and_rolls_back_on_deepspeed(tiny_data: Path, tmp_path: Path) -> None:
     """A NaN loss on batch 3: DeepSpeed skips the update and step 4 trains on unharmed weights. Batches 5-7:
     three skips, then the run reloads step 4 and goes on past the bad data."""
@@ -123,6 +128,7 @@ def test_guard_skips_and_rolls_back_on_deepspeed(tiny_data: Path, tmp_path: Path
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in [trajectory[3], *trajectory[7:]])
 
 
+@pytest.mark.integration
 def test_loss_spike_is_skipped_as_on_fsdp2(tiny_data: Path, tmp_path: Path) -> None:
     """A finite spike (batch 6's loss x1000) must leave the weights alone: DeepSpeed gets a NaN backward
     for it and skips the step, so the whole trajectory matches FSDP2's, which skips by not stepping."""

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from haina.core.model_loading import load_hf_model, load_model
 from haina.core.train import train
-from haina.tools.hf_export import export_hf, load_full_model
-from haina.tools.hf_import import import_hf, load_hf_model
+from haina.tools.hf.export import export_hf
+from haina.tools.hf.importer import import_hf
 from tests.conftest import one_line_error, tiny_config
 from tests.parallel_helpers import run_pretrain
 
@@ -52,7 +53,7 @@ def test_llama_export_matches_transformers_logits(runs: dict[str, Path], tmp_pat
 
     hf = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
     assert next(hf.parameters()).dtype == torch.float32
-    _, model, _ = load_full_model(runs["rope"])
+    _, model = load_model(runs["rope"])
     tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
     ours = _logits(model, tokens)
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_baichuan_export_uses_release_names(runs: dict[str, Path], tmp_path: Pat
     assert config["architectures"] == ["BaichuanForCausalLM"] and config["model_max_length"] == 128
     assert config["haina"]["position"] == "alibi"
     # NormHead: the release normalizes at run time, so the raw (not unit-norm) matrix is stored.
-    _, model, _ = load_full_model(runs["alibi"])
+    _, model = load_model(runs["alibi"])
     assert torch.equal(tensors["lm_head.weight"], model.head.weight.detach().to(torch.bfloat16))
 
 
@@ -96,7 +97,7 @@ def test_round_trip_is_exact(runs: dict[str, Path], tmp_path: Path, position: st
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The imported model computes what the original does.
-    _, original, _ = load_full_model(runs[position])
+    _, original = load_model(runs[position])
     cfg, imported = load_hf_model(first)
     assert cfg.model.position == position and cfg.model.head == "normhead"
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -106,8 +107,8 @@ def test_round_trip_is_exact(runs: dict[str, Path], tmp_path: Path, position: st
 def test_training_resumes_from_an_import(runs: dict[str, Path], tmp_path: Path, tiny_data: Path) -> None:
     export_hf(runs["rope"], tmp_path / "bc", "baichuan")
     import_hf(tmp_path / "bc", tmp_path / "run", base="tiny")
-    _, original, _ = load_full_model(runs["rope"])
-    _, imported, _ = load_full_model(tmp_path / "run")
+    _, original = load_model(runs["rope"])
+    _, imported = load_model(tmp_path / "run")
     assert all(torch.equal(original.state_dict()[k], v) for k, v in imported.state_dict().items())
     common = ("train.steps=1", "train.resume=true")
     resumed = train(tiny_config(tmp_path / "run", tiny_data, *common))
@@ -116,6 +117,7 @@ def test_training_resumes_from_an_import(runs: dict[str, Path], tmp_path: Path, 
     assert resumed.final_loss < fresh.final_loss - 0.5  # started from the trained weights, not from init
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("layout", ["tp=2", "pp=2"])
 def test_export_from_parallel_checkpoints(layout: str, tmp_path: Path, tiny_data: Path) -> None:
     """A tp=2 / pp=2 checkpoint exports to the weights a one-process run of the same steps exports, loads
@@ -130,7 +132,7 @@ def test_export_from_parallel_checkpoints(layout: str, tmp_path: Path, tiny_data
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
     hf = transformers.LlamaForCausalLM.from_pretrained(str(par)).eval()
-    _, model, _ = load_full_model(tmp_path / "par")
+    _, model = load_model(tmp_path / "par")
     tokens = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (hf(tokens).logits - _logits(model, tokens)).abs().max().item() < 1e-4

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from haina.plugins import registry
-from haina.plugins.loss import LossOutput, chunked_lm_loss, naive_lm_loss
+from haina.core import registry
+from haina.core.loss import LossOutput, chunked_lm_loss, naive_lm_loss
 
 ALL_TERMS = {"cross_entropy": 1.0, "max_z": 2e-4, "z_loss": 1e-3}
 
@@ -263,7 +263,7 @@ def test_no_op_produces_full_logits(fn) -> None:
 
 
 def test_chunked_peak_memory_is_a_fraction_of_naive() -> None:
-    from haina.tools.bench_loss import cpu_peak_bytes
+    from haina.tools.bench.loss import cpu_peak_bytes
 
     peaks = {}
     for fn in (naive_lm_loss, chunked_lm_loss):
@@ -280,7 +280,7 @@ def test_chunked_peak_memory_is_a_fraction_of_naive() -> None:
 
 
 def test_bench_runs_on_tiny_sizes(capsys: pytest.CaptureFixture[str]) -> None:
-    from haina.tools.bench_loss import main
+    from haina.tools.bench.loss import main
 
     assert (
         main(["--vocab", "512", "--tokens", "64", "--hidden", "16", "--chunk", "16", "--device", "cpu"]) == 0

@@ -14,10 +14,10 @@ import yaml
 
 from haina.core.config import ModelConfig
 from haina.core.model import Transformer, count_parameters
-from haina.plugins.attention import SDPAttention
-from haina.plugins.head import LinearHead, NormHead
-from haina.plugins.mlp import SwiGLU
-from haina.plugins.position import RotaryEmbedding, alibi_bias, alibi_slopes
+from haina.plugins.model.attention import SDPAttention
+from haina.plugins.model.head import LinearHead, NormHead
+from haina.plugins.model.mlp import SwiGLU
+from haina.plugins.model.position import RotaryEmbedding, alibi_bias, alibi_slopes
 
 
 def preset_model(name: str, **overrides: Any) -> ModelConfig:

@@ -23,10 +23,12 @@ def test_wheel_contents(tmp_path: Path) -> None:
     for package in ("core", "plugins", "data_spark", "tools"):
         assert f"haina/{package}/__init__.py" in names
     assert "haina/core/presets/baichuan2-7b.yaml" in names
-    assert "haina/plugins/registry.py" in names
+    assert "haina/core/registry.py" in names
     for module in ("core/parallel/tensor_parallel.py", "data_spark/stages/near_dedup.py",
-                   "data_spark/resources/quality_seed.tsv", "data_spark/resources/demo.yaml"):
+                   "data_spark/resources/quality_seed.tsv", "data_spark/resources/demo.yaml",
+                   "tools/hf/export.py", "tools/eval/perplexity.py", "tools/align_data/collect.py",
+                   "tools/demo/run.py", "tools/bench/loss.py"):
         assert f"haina/{module}" in names, module  # subpackages and data files ship too
     assert not any(name.startswith("haina/tests") or name.startswith("tests/") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "haina = haina.core.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "haina = haina.tools.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

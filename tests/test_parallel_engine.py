@@ -42,6 +42,7 @@ def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return position, run_pretrain(run, tiny_data, 1, *STEPS, f"model.position={position}")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(layout: str, reference, tmp_path: Path, tiny_data: Path) -> None:
@@ -52,6 +53,7 @@ def test_layout_matches_one_process(layout: str, reference, tmp_path: Path, tiny
     assert max_rel_diff(expected, got, "grad_norm") < 1e-4
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_checkpoint_reshards_between_layouts(tmp_path: Path, tiny_data: Path) -> None:
     """Saved under one layout, resumed under another: the next steps match an uninterrupted run.
@@ -121,12 +123,13 @@ def test_pipeline_stages_keep_full_model_names() -> None:
     assert first.head is None and first.norm is None
 
 
+@pytest.mark.integration
 def test_zero_bubble_refused_in_one_line(tmp_path: Path, tiny_data: Path) -> None:
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "haina.core.cli", "pretrain", "--nproc-per-node", "2", "--config", "tiny",
+        [sys.executable, "-m", "haina.tools.cli", "pretrain", "--nproc-per-node", "2", "--config", "tiny",
          "parallel.pp=2", "parallel.pp_schedule=zero_bubble", f"train.run_dir={tmp_path}",
          f"data.prefixes=[{tiny_data}]", *STEPS],
         capture_output=True, text=True, timeout=240,

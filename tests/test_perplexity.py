@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from haina.core.model_loading import load_model
 from haina.core.train import train
-from haina.tools.hf_export import export_hf, load_full_model
-from haina.tools.perplexity import evaluate_perplexity, format_table, windows
+from haina.tools.eval.perplexity import evaluate_perplexity, format_table, windows
+from haina.tools.hf.export import export_hf
 from haina.tools.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import one_line_error, tiny_config, write_indexed
 
@@ -58,7 +59,7 @@ def test_per_source_losses_match_a_direct_computation(trained: Path, tmp_path: P
     report = evaluate_perplexity(trained, [str(prefix_a), str(prefix_b)], out=tmp_path / "ppl.json", batch_size=3,
                                  seq_len=64)
     assert set(report["sources"]) == {"a", "b"}
-    _, model, _ = load_full_model(trained)
+    _, model = load_model(trained)
     sums = {}
     for name, docs in (("a", docs_a), ("b", docs_b)):
         nll, count = _direct_loss(model, [d + [2] for d in docs], 64)  # write_indexed appends eos = 2
@@ -102,7 +103,7 @@ def test_bad_input_is_one_line(trained: Path, sp_model: Path, tmp_path: Path) ->
     cases = [
         ({"data": [str(tmp_path / "missing")]}, "neither a JSONL file nor a .bin/.idx prefix"),
         ({"data": [str(bad)]}, "needs a tokenizer"),
-        ({"data": [str(bad)], "tokenizer": str(sp_model)}, "bad.jsonl:2: not a JSON object"),
+        ({"data": [str(bad)], "tokenizer": str(sp_model)}, "bad.jsonl:2: not valid JSON"),
         ({"data": [str(bad)], "seq_len": 100000}, "--seq-len 100000"),
         ({"data": [str(bad)], "batch_size": 0}, "--batch-size"),
         ({"data": [str(bad)], "tokenizer": str(sp_model), "overrides": ["model.num_layers=1"]}, "parallel.* and train"),
@@ -112,6 +113,7 @@ def test_bad_input_is_one_line(trained: Path, sp_model: Path, tmp_path: Path) ->
         assert message in one_line_error(evaluate_perplexity, trained, data, out=tmp_path / "o.json", **kwargs)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"], []], ids=["tp2-sp", "pp2", "dp2"])
 def test_parallel_layouts_match_one_process(trained: Path, tmp_path: Path, layout: list[str]) -> None:
@@ -126,7 +128,7 @@ def test_parallel_layouts_match_one_process(trained: Path, tmp_path: Path, layou
     docs_b = [rng.integers(3, 60, size=int(rng.integers(5, 90))).tolist() for _ in range(4)]
     data = [str(write_indexed(tmp_path / "a", docs_a)), str(write_indexed(tmp_path / "b", docs_b))]
     single = evaluate_perplexity(trained, data, out=tmp_path / "one.json", batch_size=2, seq_len=64)
-    command = [sys.executable, "-m", "haina.core.cli", "eval", "ppl", "--nproc-per-node", "2", "--checkpoint",
+    command = [sys.executable, "-m", "haina.tools.cli", "eval", "ppl", "--nproc-per-node", "2", "--checkpoint",
                str(trained), "--data", *data, "--out", str(tmp_path / "two.json"), "--batch-size", "2",
                "--seq-len", "64", *layout]
     env = dict(os.environ, OMP_NUM_THREADS="1")

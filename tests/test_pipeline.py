@@ -14,7 +14,7 @@ from haina.core.config import load_config
 from haina.core.model import Transformer
 from haina.core.parallel.mesh import build_mesh, resolve_layout
 from haina.core.parallel.pipeline import build_pipeline, stage_layer_ranges
-from haina.plugins.pretrain import Pretrain
+from haina.plugins.algorithms.pretrain import Pretrain
 
 MICRO, ACCUM, SEQ = 2, 4, 32
 
@@ -69,6 +69,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 @pytest.mark.parametrize(

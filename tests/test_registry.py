@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from haina.plugins import registry
+from haina.core import registry
 from tests.conftest import install_plugin_package
 
 BUILTINS = {
@@ -54,7 +54,7 @@ THIRD_PARTY_MODULE = '''
 import math
 import torch
 from torch import nn
-from haina.plugins.registry import register
+from haina.core.registry import register
 
 
 @register("position", "sinusoidal_qk")
@@ -81,10 +81,11 @@ class SinusoidalQK(nn.Module):
 def _haina(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(site))
     return subprocess.run(
-        [sys.executable, "-m", "haina.core.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=240
+        [sys.executable, "-m", "haina.tools.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=240
     )
 
 
+@pytest.mark.integration
 def test_third_party_position_plugin_trains(tmp_path: Path, tiny_data: Path) -> None:
     site = tmp_path / "site"
     install_plugin_package(site, "acme_positions", THIRD_PARTY_MODULE)

@@ -9,6 +9,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from haina.core.errors import HainaError
 from haina.core.faults import ENV, InjectedFault
 from haina.data_spark.config import load_prepare_config
 from haina.data_spark.pipeline import MARKER, run_pipeline
@@ -33,6 +34,7 @@ def _snapshot(out: Path) -> dict:
     return {"kept": kept, "removed": sorted(map(key, removed)), "quarantine": sorted(map(key, quarantine))}
 
 
+@pytest.mark.integration
 def test_killed_job_resumes_to_the_same_output(
     spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
@@ -79,7 +81,7 @@ def test_changed_config_does_not_reuse_stale_stages(tmp_path: Path) -> None:
     assert _prepare_output(tmp_path / "out", False, two) == tmp and not (tmp / "stages").exists()
     assert json.loads((tmp / JOB_FILE).read_text())["fingerprint"] == two
     held = _lock(tmp_path / "out")
-    with pytest.raises(ValueError, match="another `haina data prepare` is writing"):
+    with pytest.raises(HainaError, match="another `haina data prepare` is writing"):
         _lock(tmp_path / "out")
     held.close()
     _lock(tmp_path / "out").close()

@@ -20,6 +20,8 @@ from haina.core.checkpoint import latest_checkpoint
 from haina.core.faults import ENV
 from tests.parallel_helpers import TIMEOUT_S
 
+pytestmark = pytest.mark.integration  # two workers under torchrun in every test
+
 ARGS = ("optim.decay_steps=8", "train.steps=8", "train.save_every=2", "parallel.dp_shard=2")
 
 
@@ -27,7 +29,7 @@ def torchrun(run: Path, data: Path, *, restarts: int = 0, faults: str = "") -> s
     """Two workers under torchrun, as ``haina pretrain --nproc-per-node 2`` starts them (plus restarts)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        f"--max-restarts={restarts}", "-m", "haina.core.cli", "pretrain", "--config", "tiny",
+        f"--max-restarts={restarts}", "-m", "haina.tools.cli", "pretrain", "--config", "tiny",
         f"train.run_dir={run}", f"data.prefixes=[{data}]", *ARGS,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}

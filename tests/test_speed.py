@@ -13,14 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from haina.core import attention as kernels
 from haina.core.config import ConfigError, load_config
 from haina.core.kv_cache import KVCache
 from haina.core.model import Transformer
-from haina.plugins import attention_gpu, attention_select
-from haina.plugins.attention import FlexAttention, SDPAttention
-from haina.plugins.attention_gpu import FlashAttention, cu_seqlens_from_segments
-from haina.plugins.attention_select import select_kernel
-from haina.plugins.registry import PluginError
+from haina.core.registry import PluginError
+from haina.plugins.model import attention_auto, attention_gpu
+from haina.plugins.model.attention import FlexAttention, SDPAttention
+from haina.plugins.model.attention_auto import select_kernel
+from haina.plugins.model.attention_gpu import FlashAttention, cu_seqlens_from_segments
 from tests.test_model import preset_model
 
 
@@ -33,7 +34,7 @@ def few_threads() -> Iterator[None]:
 
 
 def fake_installed(monkeypatch: pytest.MonkeyPatch, installed: set[str]) -> None:
-    monkeypatch.setattr(attention_select, "kernel_available", lambda name: name == "sdpa" or name in installed)
+    monkeypatch.setattr(kernels, "kernel_available", lambda name: name == "sdpa" or name in installed)
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -62,12 +63,12 @@ def test_auto_selection_every_combination(monkeypatch: pytest.MonkeyPatch, insta
 
 def test_unsuitable_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_installed(monkeypatch, {"flash", "xformers", "flex"})
-    assert attention_select.unsuitable("flash", "none", "cpu", torch.bfloat16) == "runs on cuda, not cpu"
-    assert "fp16/bf16" in (attention_select.unsuitable("flash", "alibi", "cuda", torch.float32) or "")
-    assert "dense" in (attention_select.unsuitable("flex", "dense") or "")
-    assert attention_select.unsuitable("xformers", "alibi", "cuda", torch.float32) is None
+    assert kernels.unsuitable("flash", "none", "cpu", torch.bfloat16) == "runs on cuda, not cpu"
+    assert "fp16/bf16" in (kernels.unsuitable("flash", "alibi", "cuda", torch.float32) or "")
+    assert "dense" in (kernels.unsuitable("flex", "dense") or "")
+    assert kernels.unsuitable("xformers", "alibi", "cuda", torch.float32) is None
     fake_installed(monkeypatch, set())
-    assert "not installed" in (attention_select.unsuitable("flash", "none") or "")
+    assert "not installed" in (kernels.unsuitable("flash", "none") or "")
 
 
 @pytest.mark.parametrize("kernel", ["flash", "xformers"])
@@ -80,7 +81,7 @@ def test_missing_kernel_by_name_is_one_config_line(monkeypatch: pytest.MonkeyPat
 
 
 def test_missing_kernel_by_name_exits_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    from haina.core.cli import run
+    from haina.tools.cli import run
 
     fake_installed(monkeypatch, set())
     assert run(["pretrain", "--config", "tiny", "model.attention=flash"]) == 2
@@ -96,7 +97,7 @@ def test_kernel_on_wrong_device_fails_in_one_line(monkeypatch: pytest.MonkeyPatc
 
 
 def test_auto_logs_its_choice_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention_select, "_logged", set())
+    monkeypatch.setattr(attention_auto, "_logged", set())
     model = tiny(attention="auto")
     with caplog.at_level("INFO", logger="haina.attention"):
         model(torch.randint(0, 512, (1, 8)))
@@ -254,8 +255,8 @@ def test_flash_plumbing_matches_sdpa_with_packed_documents(monkeypatch: pytest.M
 # ------------------------------------------------------------------------------ compile, optim, tools
 
 def test_compiled_blocks_give_the_eager_loss() -> None:
+    from haina.core.loss import chunked_lm_loss
     from haina.core.parallel.compile import apply_compile
-    from haina.plugins.loss import chunked_lm_loss
 
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     losses, grads = [], []
@@ -286,7 +287,7 @@ def test_optimizer_backend_on_cpu() -> None:
 
 
 def test_backend_report_names_the_choices() -> None:
-    from haina.plugins.backends import backend_report
+    from haina.tools.backend_report import backend_report
 
     lines = backend_report(load_config("tiny"), torch.device("cpu"))
     text = "\n".join(lines)
@@ -307,7 +308,7 @@ def test_gpu_check_dry_run_counts_flops_and_formats(capsys: Any) -> None:
 
 def test_bench_speed_runs_and_reports_a_ratio(capsys: Any) -> None:
     pytest.importorskip("transformers")
-    from haina.tools import bench_speed
+    from haina.tools.bench import speed as bench_speed
 
     result = bench_speed.main(["--hidden", "64", "--layers", "1", "--heads", "2", "--vocab", "512", "--batch", "1",
                                "--seq", "32", "--rounds", "1", "--steps", "1", "--warmup", "0", "--chunk", "16"])
@@ -315,7 +316,7 @@ def test_bench_speed_runs_and_reports_a_ratio(capsys: Any) -> None:
 
 
 def test_apex_norm_by_name_fails_in_one_line_without_apex(monkeypatch: pytest.MonkeyPatch) -> None:
-    from haina.plugins import norm
+    from haina.plugins.model import norm
 
     monkeypatch.setattr(norm, "apex_available", lambda: False)
     with pytest.raises(PluginError, match=r"^norm=apex needs NVIDIA apex"):

@@ -17,13 +17,13 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from haina.core.config import load_config
+from haina.core.loss import chunked_lm_loss
 from haina.core.model import Transformer
 from haina.core.optim import build_optimizer
 from haina.core.parallel.mesh import build_mesh, resolve_layout
 from haina.core.parallel.tensor_parallel import TensorParallelError, apply_tensor_parallel, collect_tp_plans
-from haina.plugins.loss import chunked_lm_loss
-from haina.plugins.position import alibi_slopes
-from haina.plugins.pretrain import Pretrain
+from haina.plugins.algorithms.pretrain import Pretrain
+from haina.plugins.model.position import alibi_slopes
 
 TP = 2
 BATCH, SEQ = 2, 16
@@ -135,6 +135,7 @@ def _parity_worker(rank: int, position: str) -> None:
         _close(algorithm.loss(model, batch2).loss, algorithm.loss(reference, batch2).loss, f"loss after step {tag}")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("position", ["rope", "alibi"])
 def test_tp_matches_one_process(position: str) -> None:
@@ -163,7 +164,7 @@ class _Planless(nn.Module):
 
 
 def _units_worker(rank: int) -> None:
-    from haina.plugins import registry
+    from haina.core import registry
 
     cfg = _config("alibi", True)
     mesh = build_mesh(resolve_layout(cfg, TP), "cpu")["tp"]
@@ -231,6 +232,7 @@ def _units_worker(rank: int) -> None:
     assert not any(isinstance(p, DTensor) for p in model.parameters())
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_tp_units() -> None:
     """W_pack rows, ALiBi local slopes, the vocabulary-parallel loss alone, and the missing-plan error."""
@@ -288,6 +290,7 @@ def _generation_worker(rank: int) -> None:
             assert torch.equal(mine, theirs)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_generation_under_tp_matches_one_process() -> None:
     """KV-cached decoding with tp=2 (local heads cached per rank) gives one process's tokens."""

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from haina.core.config import TokenizerConfig
+from haina.core.errors import InputFileError
+from haina.core.tokenizer import Tokenizer
 from haina.data_spark.tokenize import tokenize_to_indexed
-from haina.tools.tokenizer import Tokenizer, train_tokenizer
+from haina.tools.tokenizer import train_tokenizer
 
 DOCS = [
     "First document.\nIt has two lines.",
@@ -101,7 +103,7 @@ def test_bad_inputs_fail_clearly(tmp_path: Path, model: Path) -> None:
     out = tmp_path / "out" / "x"
 
     def fails(inputs: list[Path], match: str, tokenizer: Path = model) -> None:
-        with pytest.raises(ValueError, match=match) as info:
+        with pytest.raises(InputFileError, match=match) as info:
             tokenize_to_indexed(inputs, out, tokenizer, progress=False)
         assert "\n" not in str(info.value)
         assert not out.parent.exists() or not list(out.parent.iterdir()), "no partial output"
@@ -115,7 +117,13 @@ def test_bad_inputs_fail_clearly(tmp_path: Path, model: Path) -> None:
     fails([good, no_key], r"no_key.jsonl:2: record has no 'text' field")
     not_json = tmp_path / "broken.jsonl"
     not_json.write_text('{"text": "ok"}\n{"text": \n')
-    fails([not_json], r"broken.jsonl:2: invalid JSON")
+    fails([not_json], r"broken.jsonl:2: not valid JSON")
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text('["text"]\n')
+    fails([not_object], r"list.jsonl:1: each line must be a JSON object")
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    fails([not_utf8], r"latin1.jsonl:1: not valid UTF-8")
     wrong_type = tmp_path / "number.jsonl"
     wrong_type.write_text('{"text": 5}\n')
     fails([wrong_type], r"number.jsonl:1: field 'text' is int")
@@ -129,7 +137,7 @@ def test_bad_inputs_fail_clearly(tmp_path: Path, model: Path) -> None:
 
 
 def test_demo_corpus(tmp_path: Path) -> None:
-    from haina.tools.demo_corpus import build_corpus
+    from haina.tools.demo.corpus import build_corpus
 
     paths = build_corpus(tmp_path / "demo", max_mb=0.12, seed=3)
     train = [json.loads(line) for line in paths["train"].read_text(encoding="utf-8").splitlines()]

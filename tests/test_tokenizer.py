@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from haina.core.config import TokenizerConfig
+from haina.core.errors import ConfigError, InputFileError
 from haina.tools.tokenizer import SPACE, Tokenizer, compression_report, format_report, train_tokenizer
 
 CODE = (
@@ -154,15 +155,15 @@ def test_training_is_deterministic(tmp_path: Path, trained: Path, cfg: Tokenizer
 
 
 def test_training_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(InputFileError, match="not found"):
         train_tokenizer([tmp_path / "missing.jsonl"], tmp_path / "x", TokenizerConfig(vocab_size=512))
     rich = tmp_path / "cjk.txt"
     rich.write_text("".join(chr(0x4E00 + i) for i in range(600)) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="vocab_size 300 is too small"):
+    with pytest.raises(ConfigError, match="vocab_size 300 is too small"):
         train_tokenizer([rich], tmp_path / "x", TokenizerConfig(vocab_size=300, character_coverage=1.0))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"content": "no text key"}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.jsonl:1: record has no 'text' field"):
+    with pytest.raises(InputFileError, match="bad.jsonl:1: record has no 'text' field"):
         train_tokenizer([bad], tmp_path / "x", TokenizerConfig(vocab_size=512))
 
 

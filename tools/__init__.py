@@ -1,1 +1,1 @@
-"""Tools: tokenizer training, benchmarks, demo corpus."""
+"""The haina command and its jobs: HF interchange, evaluation, alignment data, demo, benchmarks, tokenizer."""

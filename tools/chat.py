@@ -11,30 +11,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from haina.core.config import HainaConfig
+from haina.core.errors import ConfigError, InputFileError
 from haina.core.generate import Sampling, generate
 from haina.core.model import Transformer
-
-
-def load_policy(checkpoint: str | Path, prefix: str = "") -> tuple[HainaConfig, Transformer]:
-    """A model to sample from; ``prefix`` picks a sub-model of the checkpoint (``actor.`` of a PPO run)."""
-    if not prefix:
-        from haina.tools.perplexity import load_any
-
-        return load_any(checkpoint)
-    from haina.tools.hf_export import load_full_model
-
-    cfg, model, _ = load_full_model(checkpoint, prefix=prefix)
-    return cfg, model
-
-
-def tokenizer_of(cfg: HainaConfig, override: str | None) -> Any:
-    from haina.tools.tokenizer import Tokenizer
-
-    path = override or cfg.align.tokenizer or cfg.data.tokenizer
-    if path is None or not Path(path).is_file():
-        raise ValueError(f"tokenizer {path!r} not found; pass --tokenizer MODEL")
-    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token)
+from haina.core.model_loading import load_model, load_tokenizer
 
 
 def generate_texts(model: Transformer, tokenizer: Any, prompts: list[str], sampling: Sampling) -> list[str]:
@@ -47,7 +27,7 @@ def chat_loop(
     model: Transformer, tokenizer: Any, sampling: Sampling, lines: Iterable[str], say: Callable[[str], None]
 ) -> list[dict[str, str]]:
     """One reply per user line; the whole conversation is the context of each reply. Returns the turns."""
-    from haina.plugins.chat import render_prompt
+    from haina.plugins.align.chat_format import render_prompt
 
     turns: list[dict[str, str]] = []
     for line in lines:
@@ -69,19 +49,21 @@ def chat_loop(
 
 
 def run_generate(args: Any) -> int:
-    cfg, model = load_policy(args.checkpoint, args.prefix)
-    tokenizer = tokenizer_of(cfg, args.tokenizer)
+    if args.prompts and not Path(args.prompts).is_file():
+        raise InputFileError(f"--prompts {args.prompts}: no such file")
     prompts = list(args.prompt or []) + (Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else [])
     if not prompts:
-        raise ValueError("generate: give --prompt TEXT (repeatable) or --prompts FILE")
+        raise ConfigError("generate: give --prompt TEXT (repeatable) or --prompts FILE")
+    cfg, model = load_model(args.checkpoint, prefix=args.prefix)
+    tokenizer = load_tokenizer(cfg, args.tokenizer)
     for prompt, text in zip(prompts, generate_texts(model, tokenizer, prompts, sampling_of(args)), strict=True):
         print(f"{prompt}{text}")
     return 0
 
 
 def run_chat(args: Any) -> int:
-    cfg, model = load_policy(args.checkpoint, args.prefix)
-    tokenizer = tokenizer_of(cfg, args.tokenizer)
+    cfg, model = load_model(args.checkpoint, prefix=args.prefix)
+    tokenizer = load_tokenizer(cfg, args.tokenizer)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat: type a message; /reset starts over, /exit ends", flush=True)

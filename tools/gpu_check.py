@@ -73,7 +73,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def available_kernels(position: str, device: str, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """Kernels that can run here, and the reason for each that cannot."""
-    from haina.plugins.attention_select import position_bias_kind, unsuitable
+    from haina.plugins.model.attention_auto import position_bias_kind, unsuitable
 
     usable, skipped = [], {}
     for name in KERNEL_ORDER:
@@ -88,10 +88,10 @@ def available_kernels(position: str, device: str, dtype: torch.dtype) -> tuple[l
 def measure(kernel: str, compiled: bool, args: argparse.Namespace, peak: float) -> Row:
     """Train ``args.warmup + args.steps`` steps of the 1B model with ``kernel``; time the last ones."""
     from haina.core.config import OptimConfig
+    from haina.core.loss import chunked_lm_loss
     from haina.core.model import Transformer
     from haina.core.optim import build_optimizer
     from haina.core.parallel.compile import apply_compile
-    from haina.plugins.loss import chunked_lm_loss
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()

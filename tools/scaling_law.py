@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from haina.core.config import ModelConfig, load_config
+from haina.core.errors import ConfigError, InputFileError
+from haina.core.files import read_yaml
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,10 @@ def read_ladder(ladder: str) -> dict[str, Any]:
         return LADDERS[ladder]
     path = Path(ladder)
     if not path.is_file():
-        raise ValueError(f"--ladder {ladder!r}: not a built-in ladder ({', '.join(LADDERS)}) or a YAML file")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("rungs"), list) or not data["rungs"]:
-        raise ValueError(f"{path}: a ladder needs a non-empty 'rungs' list")
+        raise ConfigError(f"--ladder {ladder!r}: not a built-in ladder ({', '.join(LADDERS)}) or a YAML file")
+    data = read_yaml(path, what="ladder")
+    if not isinstance(data.get("rungs"), list) or not data["rungs"]:
+        raise InputFileError(f"{path}: a ladder needs a non-empty 'rungs' list")
     return data
 
 
@@ -96,7 +97,7 @@ def _rungs(ladder: dict[str, Any], cfg_of: Any) -> list[tuple[Rung, Any]]:
             shape = {k: int(raw[k]) for k in ("hidden_size", "ffn_hidden_size", "num_layers", "num_heads")}
             name = str(raw.get("name", f"h{shape['hidden_size']}"))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"ladder rung {raw!r}: missing or bad field {exc}") from None
+            raise InputFileError(f"ladder rung {raw!r}: missing or bad field {exc}") from None
         cfg = cfg_of(shape)
         n = matmul_params(cfg.model)
         flops = float(raw["flops"]) if "flops" in raw else 6.0 * n * float(ladder["tokens_per_param"]) * n
@@ -117,7 +118,7 @@ def sweep(
     from haina.core.train import train
 
     if budget_scale <= 0:
-        raise ValueError(f"--budget-scale must be positive, got {budget_scale}")
+        raise ConfigError(f"--budget-scale must be positive, got {budget_scale}")
     spec = read_ladder(ladder)
     out = Path(out)
 
@@ -157,10 +158,10 @@ def sweep(
 
 def heldout_loss(run_dir: Path, prefix: str, seq_len: int, max_windows: int = 256) -> float:
     """Mean cross-entropy per token of the run's final model on the first windows of a .bin/.idx set."""
-    from haina.tools.hf_export import load_full_model
-    from haina.tools.perplexity import nll_sum, read_documents, windows
+    from haina.core.model_loading import load_model
+    from haina.tools.eval.perplexity import nll_sum, read_documents, windows
 
-    _, model, _ = load_full_model(run_dir)
+    _, model = load_model(run_dir)
     docs = [d for docs in read_documents([prefix], None).values() for d in docs]
     pieces = windows(docs, seq_len)[:max_windows]
     nll, count = 0.0, 0
@@ -286,19 +287,22 @@ def fit_command(
         points = json.loads(path.read_text(encoding="utf-8"))["points"]
         points = [dict(p, flops=float(p["flops"]), loss=float(p["loss"])) for p in points]
     except FileNotFoundError:
-        raise FileNotFoundError(f"--sweep {path}: no such file") from None
+        raise InputFileError(f"--sweep {path}: no such file") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"--sweep {path}: not a sweep.json ({type(exc).__name__}: {exc})") from None
+        raise InputFileError(f"--sweep {path}: not a sweep.json ({type(exc).__name__}: {exc})") from None
     if (target_params is None) != (target_tokens is None):
-        raise ValueError("--target-params and --target-tokens go together")
+        raise ConfigError("--target-params and --target-tokens go together")
     if target_params is not None and target_tokens is not None:
         target_flops = 6.0 * target_params * target_tokens
     if target_flops is not None and target_flops <= 0:
-        raise ValueError(f"target compute must be positive, got {target_flops}")
+        raise ConfigError(f"target compute must be positive, got {target_flops}")
     points.sort(key=lambda p: p["flops"])
     held = points[-1] if holdout_largest else None
     used = points[:-1] if holdout_largest else points
-    fit = fit_power_law([p["flops"] for p in used], [p["loss"] for p in used])
+    try:
+        fit = fit_power_law([p["flops"] for p in used], [p["loss"] for p in used])
+    except ValueError as exc:  # the points cannot be fitted: the sweep's fault, not the program's
+        raise InputFileError(f"--sweep {path}: {exc}") from None
     report: dict[str, Any] = {"sweep": str(path), "fit": asdict(fit), "points": used}
     lines = [
         f"L(C) = a * C^b + L_inf over {len(used)} runs:",

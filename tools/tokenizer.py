@@ -1,4 +1,4 @@
-"""SentencePiece BPE tokenizer with the Baichuan 2 settings: training, loading, compression report.
+"""SentencePiece BPE tokenizer with the Baichuan 2 settings: training and the compression report.
 
 The settings follow the Baichuan 2 report: raw text in (identity normalization, no dummy prefix, no
 whitespace squeezing) so that every string comes back exactly; digits split one by one so numbers get a
@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
 
+from haina.core.errors import ConfigError, InputFileError
+from haina.core.tokenizer import SPACE, Tokenizer
+
 if TYPE_CHECKING:
     from haina.core.config import TokenizerConfig
 
 # SentencePiece's visible space. It stands for " " inside pieces, so whitespace pieces are spelled with it.
-SPACE = "\u2581"
 NEWLINE_PIECES = ("\n",)
 TAB_PIECES = ("\t", "\t\t")
 # Lines longer than this (characters) are cut for training: SentencePiece silently skips long sentences.
@@ -43,13 +45,9 @@ def user_defined_symbols(cfg: TokenizerConfig) -> list[str]:
 
 
 def _is_plain_text(path: Path) -> bool:
-    from haina.data_spark.tokenize import input_format
+    from haina.data_spark.tokenize import document_format
 
-    try:
-        input_format(path)
-    except ValueError:
-        return True
-    return False
+    return document_format(path) is None
 
 
 def iter_texts(path: Path, text_key: str = "text") -> Iterator[str]:
@@ -58,13 +56,13 @@ def iter_texts(path: Path, text_key: str = "text") -> Iterator[str]:
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: input file not found")
+        raise InputFileError(f"{path}: input file not found")
     if _is_plain_text(path):
         try:
             with open(path, encoding="utf-8", newline="") as handle:
                 yield from handle
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text and not JSONL/Parquet ({exc.reason})") from None
+            raise InputFileError(f"{path}: not UTF-8 text and not JSONL/Parquet ({exc.reason})") from None
         return
     for record in iter_documents(path, text_key):
         if record[text_key]:
@@ -86,19 +84,19 @@ def train_tokenizer(inputs: list[Path], model_prefix: Path, cfg: TokenizerConfig
 
     Inputs are JSONL/Parquet (``text`` field) or plain text files. The same inputs, config, seed and
     prefix give a byte-identical model. A vocabulary too small for the characters the coverage demands
-    fails with a ValueError that says so, rather than SentencePiece's internal check message.
+    fails with a :class:`ConfigError` that says so, rather than SentencePiece's internal check message.
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
-        raise ValueError("no tokenizer training input given")
+        raise ConfigError("no tokenizer training input given")
     for path in inputs:
         if not path.is_file():
-            raise ValueError(f"{path}: input file not found")
+            raise InputFileError(f"{path}: input file not found")
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     symbols = user_defined_symbols(cfg)
     if len(set(symbols)) != len(symbols):
-        raise ValueError(f"tokenizer user-defined pieces repeat: {symbols}")
+        raise ConfigError(f"tokenizer user-defined pieces repeat: {symbols}")
 
     # The sentence file's path is recorded in the model, so it is derived from the prefix (not a random
     # temporary name) to keep the model byte-identical across runs.
@@ -112,7 +110,7 @@ def train_tokenizer(inputs: list[Path], model_prefix: Path, cfg: TokenizerConfig
                     out.write("\n")
                     lines += 1
         if lines == 0:
-            raise ValueError(f"no text in tokenizer inputs: {', '.join(map(str, inputs))}")
+            raise InputFileError(f"no text in tokenizer inputs: {', '.join(map(str, inputs))}")
         spm.set_random_generator_seed(cfg.seed)
         options: dict[str, Any] = {
             "input": str(corpus),
@@ -154,116 +152,11 @@ def _training_error(exc: RuntimeError, cfg: TokenizerConfig) -> Exception:
     if "Vocabulary size is smaller than required_chars" in message:
         # e.g. "... required_chars. 300 vs 359. Increase vocab_size ..."
         need = message.split("required_chars.")[-1].split(".")[0].strip()
-        return ValueError(
+        return ConfigError(
             f"tokenizer vocab_size {cfg.vocab_size} is too small for this corpus ({need} = vocab vs pieces "
             f"required by character_coverage {cfg.character_coverage}); raise vocab_size or lower the coverage"
         )
     return RuntimeError(f"SentencePiece training failed: {message.splitlines()[0] if message else exc}")
-
-
-class Tokenizer:
-    """A trained SentencePiece model with the ids training and chat formatting need.
-
-    ``encode`` never adds bos/eos: the data pipeline decides where documents end. Text holding the
-    literal character ``▁`` (which SentencePiece would turn into a space) is encoded with byte pieces for
-    it, so decode(encode(s)) == s for every string.
-    """
-
-    def __init__(
-        self,
-        model: Path | str,
-        *,
-        user_token: str = "<reserved_106>",
-        assistant_token: str = "<reserved_107>",
-    ) -> None:
-        model = Path(model)
-        if not model.is_file():
-            raise ValueError(f"{model}: tokenizer model not found")
-        self.path = model
-        self._sp = spm.SentencePieceProcessor(model_file=str(model))
-        self._user_token = user_token
-        self._assistant_token = assistant_token
-        space_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode("utf-8")]
-        self._space_ids = space_bytes if all(self._sp.is_byte(i) for i in space_bytes) else None
-
-    # ------------------------------------------------------------------------------------ ids
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    @property
-    def pad_id(self) -> int:
-        """-1: the model has no pad piece; batches pad with eos and mask the loss."""
-        return self._sp.pad_id()
-
-    def _special(self, piece: str) -> int:
-        token = self._sp.piece_to_id(piece)
-        if token == self.unk_id and piece != self._sp.id_to_piece(self.unk_id):
-            raise ValueError(f"{self.path}: tokenizer has no {piece!r} piece")
-        return token
-
-    @property
-    def user_id(self) -> int:
-        return self._special(self._user_token)
-
-    @property
-    def assistant_id(self) -> int:
-        return self._special(self._assistant_token)
-
-    def is_byte(self, token: int) -> bool:
-        return self._sp.is_byte(int(token))
-
-    def id_to_piece(self, token: int) -> str:
-        return self._sp.id_to_piece(int(token))
-
-    def piece_to_id(self, piece: str) -> int:
-        return self._sp.piece_to_id(piece)
-
-    # ---------------------------------------------------------------------------------- text
-    def encode(self, text: str) -> list[int]:
-        if self._space_ids is None or SPACE not in text:
-            return self._sp.encode(text)
-        ids: list[int] = []
-        for i, part in enumerate(text.split(SPACE)):
-            if i:
-                ids.extend(self._space_ids)
-            if part:
-                ids.extend(self._sp.encode(part))
-        return ids
-
-    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
-        """Many documents at once on all cores (SentencePiece's own thread pool); same ids as encode."""
-        texts = list(texts)
-        plain = [i for i, t in enumerate(texts) if self._space_ids is None or SPACE not in t]
-        out: list[list[int]] = [[] for _ in texts]
-        if plain:
-            encoded = self._sp.encode([texts[i] for i in plain], num_threads=num_threads)
-            for i, ids in zip(plain, encoded, strict=True):
-                out[i] = ids
-        if len(plain) != len(texts):
-            plain_set = set(plain)
-            for i, text in enumerate(texts):
-                if i not in plain_set:
-                    out[i] = self.encode(text)
-        return out
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
 
 
 # ---------------------------------------------------------------------------------- compression
@@ -293,7 +186,7 @@ def compression_report(model: Path, heldout: Path, *, text_key: str = "text") ->
     tokenizer = Tokenizer(model)
     heldout = Path(heldout)
     if not heldout.is_file():
-        raise ValueError(f"{heldout}: held-out file not found")
+        raise InputFileError(f"{heldout}: held-out file not found")
     per_source: dict[str | None, list[int]] = {}
 
     def add(source: str | None, text: str) -> None:
@@ -314,7 +207,7 @@ def compression_report(model: Path, heldout: Path, *, text_key: str = "text") ->
     nbytes = sum(c[1] for c in per_source.values())
     tokens = sum(c[2] for c in per_source.values())
     if nbytes == 0:
-        raise ValueError(f"{heldout}: no text to measure")
+        raise InputFileError(f"{heldout}: no text to measure")
     report: dict[str, Any] = {"model": str(model), "heldout": str(heldout), "vocab_size": tokenizer.vocab_size}
     report.update(_stats(documents, nbytes, tokens))
     if any(name is not None for name in per_source):

@@ -2,9 +2,10 @@
 
 Every component that owns parameters or buffers declares its own plan, so a third-party plugin needs no
 change here: a method ``tp_plan(self, sequence_parallel: bool) -> dict[str, ParallelStyle | list]`` whose
-keys are submodule names relative to the component (``""`` is the component itself). Classes that cannot
-carry the method (the core ``Transformer``, someone else's module) register a plan function with
-:func:`register_tp_plan`. :func:`apply_tensor_parallel` collects every plan, refuses a model in which some
+keys are submodule names relative to the component (``""`` is the component itself). A plugin class that
+cannot carry the method (someone else's module) declares a plan function at registration
+(``register(kind, name, tp_plan=fn)``, ``fn(module, sequence_parallel) -> plan``); the engine's own
+modules (the ``Transformer`` and its ``Attention``) have their plans here. :func:`apply_tensor_parallel` collects every plan, refuses a model in which some
 module with parameters or buffers is covered by none, and only then applies them.
 
 The contract between components, which every built-in plan keeps:
@@ -36,8 +37,13 @@ from torch.distributed.tensor.parallel import (
     ParallelStyle,
     PrepareModuleInput,
     PrepareModuleOutput,
+    RowwiseParallel,
     parallelize_module,
 )
+
+from haina.core import registry
+from haina.core.errors import PluginError
+from haina.core.model import Attention, Transformer
 
 __all__ = [
     "PackedColwiseParallel",
@@ -49,7 +55,6 @@ __all__ = [
     "VocabParallelHead",
     "apply_tensor_parallel",
     "collect_tp_plans",
-    "register_tp_plan",
     "sequence_gather",
     "sequence_scatter",
 ]
@@ -57,31 +62,30 @@ __all__ = [
 TPPlan = dict[str, ParallelStyle | Sequence[ParallelStyle]]
 PlanFn = Callable[[nn.Module, bool], TPPlan]
 
-_EXTERNAL_PLANS: dict[type, PlanFn] = {}
 
-
-class TensorParallelError(ValueError):
+class TensorParallelError(PluginError):
     """A model that cannot be tensor-parallelized as asked; the message is one line naming the module."""
 
 
-def register_tp_plan(cls: type) -> Callable[[PlanFn], PlanFn]:
-    """Declare the plan of a class that cannot carry a ``tp_plan`` method: ``fn(module, sp) -> plan``."""
-
-    def decorator(fn: PlanFn) -> PlanFn:
-        _EXTERNAL_PLANS[cls] = fn
-        return fn
-
-    return decorator
+def _registered_plan(cls: type) -> PlanFn | None:
+    """The ``tp_plan`` declared at the registration of ``cls`` (or of a base class), if any."""
+    for base in cls.__mro__:
+        for e in registry.entries():
+            if e.tp_plan is not None and e.obj is base:
+                return e.tp_plan
+    return None
 
 
 def _plan_of(module: nn.Module, sequence_parallel: bool) -> TPPlan | None:
     method = getattr(module, "tp_plan", None)
     if callable(method):
         return method(sequence_parallel)
-    for cls in type(module).__mro__:
-        if cls in _EXTERNAL_PLANS:
-            return _EXTERNAL_PLANS[cls](module, sequence_parallel)
-    return None
+    if isinstance(module, Transformer):
+        return _transformer_plan(module, sequence_parallel)
+    if isinstance(module, Attention):
+        return _attention_plan(sequence_parallel)
+    fn = _registered_plan(type(module))
+    return None if fn is None else fn(module, sequence_parallel)
 
 
 def _owns_state(module: nn.Module) -> bool:
@@ -117,7 +121,7 @@ def collect_tp_plans(model: nn.Module, sequence_parallel: bool) -> list[tuple[st
             raise TensorParallelError(
                 f"tensor parallelism: {name or 'the model'} ({type(module).__name__}) has parameters or "
                 f"buffers but no TP plan; give {type(module).__name__} a tp_plan(sequence_parallel) method "
-                "or register one with haina.core.parallel.tensor_parallel.register_tp_plan"
+                "or declare one at registration (register(..., tp_plan=fn))"
             )
     return entries
 
@@ -391,11 +395,17 @@ def _transformer_plan(model: nn.Module, sequence_parallel: bool) -> TPPlan:
     return plan
 
 
-def _register_builtin_plans() -> None:
-    from haina.core.model import Transformer
-
-    register_tp_plan(Transformer)(_transformer_plan)
-
-
-_register_builtin_plans()
-
+def _attention_plan(sequence_parallel: bool) -> TPPlan:
+    """Q;K;V column-parallel by heads, o_proj row-parallel; under SP the input is gathered first and the
+    output reduce-scattered back to sequence shards."""
+    plan: TPPlan = {
+        "W_pack": PackedColwiseParallel(blocks=3),
+        "o_proj": RowwiseParallel(output_layouts=Shard(1) if sequence_parallel else Replicate()),
+    }
+    if sequence_parallel:
+        plan[""] = PrepareModuleInput(
+            input_layouts=(Shard(1), None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
+            use_local_output=True,
+        )
+    return plan

@@ -18,14 +18,11 @@ Checkpoints are DeepSpeed's own (partitioned optimizer states included), written
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import io
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +40,11 @@ from haina.core.checkpoint import (
     verify,
 )
 from haina.core.config import HainaConfig
+from haina.core.engine import Engine
 from haina.core.guard import NONFINITE_GRAD, OK, SpikeGuard, agree
 from haina.core.optim import build_optimizer, param_groups
 from haina.core.parallel.mesh import Layout
-from haina.core.train import Engine
-
-PREFIX = "model."  # LossModule's name for the trained model inside DeepSpeed's state dicts
-
-
-def import_deepspeed(device: torch.device) -> Any:
-    """``deepspeed``, on its CPU accelerator (gloo) when training on the CPU; a one-line error if absent."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise RuntimeError(
-            f"parallel.dp_backend=deepspeed needs DeepSpeed: pip install 'haina[deepspeed]' ({exc})"
-        ) from None
-    return deepspeed
+from haina.core.parallel.zero_state import import_deepspeed, read_model_state
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -208,23 +191,6 @@ class ZeroEngine(Engine):
         return TrainerState(**json.loads((step_dir / TRAINER_STATE).read_text()))
 
 
-def read_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The trained model's full fp32 tensors from a DeepSpeed checkpoint (ZeRO partitions joined, on the CPU)."""
-    import_deepspeed(torch.device("cpu"))
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with _quiet_reader():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    return {k.removeprefix(PREFIX): v.contiguous() for k, v in state.items()}
-
-
-@contextlib.contextmanager
-def _quiet_reader() -> Iterator[None]:
-    """DeepSpeed's reader prints a progress bar and a line per file to stdout; keep stdout for results."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
 def convert_checkpoint(source: str | Path, out: str | Path, config: str | None = None) -> Path:
     """A DeepSpeed checkpoint (run directory or step folder) -> a haina run directory with the same weights.
 
@@ -236,7 +202,7 @@ def convert_checkpoint(source: str | Path, out: str | Path, config: str | None =
 
     from haina.core.checkpoint import resolve_checkpoint
     from haina.core.config import build_config, dump_config
-    from haina.tools.hf_export import run_config
+    from haina.core.model_loading import run_config
 
     step_dir = resolve_checkpoint(source)
     if not is_deepspeed_checkpoint(step_dir):

@@ -13,7 +13,7 @@ from pyspark.ml.functions import array_to_vector
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.batches import map_columns, texts
+from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.features import embed, projection
 from haina.data_spark.stages.base import StageContext, StageResult
 

@@ -9,7 +9,7 @@ from pyspark.sql import Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.batches import map_columns, texts
+from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import normalize
 

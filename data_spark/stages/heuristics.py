@@ -6,7 +6,7 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.batches import map_columns, texts
+from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import HeuristicsConfig
 from haina.data_spark.rules import clean_lines, document_reason
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows

@@ -24,9 +24,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.batches import map_columns, texts
-from haina.data_spark.components import connected_components
+from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig
+from haina.data_spark.connected_components import connected_components
 from haina.data_spark.minhash import MinHasher, band_keys, lsh_params, shingles
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 

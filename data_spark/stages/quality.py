@@ -11,7 +11,7 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.batches import map_columns, texts
+from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import QualityConfig
 from haina.data_spark.linear_model import LinearModel, fit_and_save, read_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows

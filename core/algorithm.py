@@ -1,0 +1,93 @@
+"""The algorithm contract: what the training loop asks of an algorithm plugin, each hook declared once.
+
+An algorithm plugin subclasses :class:`Algorithm` and is registered as ``@register("algorithm", NAME,
+settings=MySettings)``. The loop builds it as ``Algorithm(cfg)``; ``self.settings`` is then its own
+settings from the config's ``NAME:`` section. Every hook but :meth:`batches` has a default that does the
+ordinary thing, so a plugin overrides only what it changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from haina.core import registry
+from haina.core.checkpoint import load_model_weights
+from haina.core.config import HainaConfig, plugin_settings
+from haina.core.errors import PluginError
+
+if TYPE_CHECKING:
+    from haina.core.engine import Engine
+    from haina.core.loss import LossOutput
+
+
+class Algorithm:
+    """Base of algorithm plugins: turns micro-batches into a loss (or owns the whole step)."""
+
+    # names of LossOutput.parts to log; None = the configured loss terms' metrics
+    metrics: ClassVar[Sequence[str] | None] = None
+
+    def __init__(self, cfg: HainaConfig) -> None:
+        self.cfg = cfg
+        self.settings: Any = plugin_settings(cfg, "algorithm", cfg.algorithm)
+
+    @classmethod
+    def check_config(cls, cfg: HainaConfig) -> None:
+        """Refuse layouts or missing inputs in one line (raise ConfigError), before any process starts."""
+
+    def build_model(self, cfg: HainaConfig, device: torch.device) -> nn.Module:
+        """The trained module (default: the Transformer of ``cfg.model``, initialised from the seed)."""
+        from haina.core.engine import build_model
+
+        return build_model(cfg, device)
+
+    def setup(self, engine: Engine, resumed: bool) -> None:
+        """Build frozen models and load starting weights (default: ``align.init_from`` unless resuming)."""
+        if not resumed and self.cfg.align.init_from is not None:
+            for part in engine.parts:
+                load_model_weights(self.cfg.align.init_from, part)
+
+    def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> Any:
+        """An object whose ``batch(i)`` is micro-batch ``i`` of the run (the same on every rank)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement batches()")
+
+    def loss(self, model: nn.Module, batch: Any) -> LossOutput:
+        """The loss of one micro-batch; the default step backpropagates it over the micro-batches."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss() or train_step()")
+
+    def train_step(self, engine: Engine, step: int, micro_batches: list[Any]) -> dict[str, float]:
+        """Own the whole step (rollouts, several updates ...) with the engine's helpers; return metrics
+        (``loss`` and any others, ``grad_norm`` optional). Only called when a subclass overrides it."""
+        raise NotImplementedError
+
+    def finish(self, engine: Engine, run_dir: Path) -> None:
+        """Work after the last step (evaluation, reports)."""
+
+    # ------------------------------------------------------------------------------- for the loop
+    @property
+    def owns_step(self) -> bool:
+        return type(self).train_step is not Algorithm.train_step
+
+    def metric_names(self, cfg: HainaConfig) -> list[str]:
+        if self.metrics is not None:
+            return list(self.metrics)
+        return [registry.get("loss", name).metric for name in cfg.loss.terms]
+
+
+def algorithm_class(cfg: HainaConfig) -> type[Algorithm]:
+    """The registered algorithm of ``cfg``; a plugin that does not subclass :class:`Algorithm` is refused."""
+    cls = registry.get("algorithm", cfg.algorithm)
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise PluginError(
+            f"algorithm plugin {cfg.algorithm!r} must be a subclass of haina.core.algorithm.Algorithm"
+        )
+    return cls
+
+
+def check_algorithm(cfg: HainaConfig) -> None:
+    """The algorithm's own refusals (layouts, missing inputs), before any process group or model."""
+    algorithm_class(cfg).check_config(cfg)

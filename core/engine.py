@@ -1,0 +1,122 @@
+"""The engine an algorithm trains with: the layout, the trained parts and their optimizers, frozen helpers.
+
+The training loop (:mod:`haina.core.train`) drives an :class:`Engine` through a few methods (``set_lr``,
+``forward_loss``, ``set_gradient_sync``, ``backward``, ``update``, ``save``, ``load``) so that another
+data-parallel backend (:class:`haina.core.parallel.zero.ZeroEngine`) is a subclass, not a second loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from haina.core.checkpoint import CheckpointManager, TrainerState, load_checkpoint, load_model_weights
+from haina.core.config import HainaConfig
+from haina.core.guard import OK, SpikeGuard, agree
+from haina.core.model import Transformer
+from haina.core.optim import set_lr
+from haina.core.parallel.mesh import Layout
+from haina.core.parallel.parallelize import clip_grad_norm, parallelize
+
+
+@dataclass
+class Engine:
+    """What an algorithm may use: the layout, the trained parts and their optimizers, frozen helpers."""
+
+    cfg: HainaConfig
+    layout: Layout
+    mesh: Any
+    device: torch.device
+    parts: list[nn.Module]
+    optimizers: list[torch.optim.Optimizer]
+    autocast: Any
+    pp_group: Any = None
+    dp_rank: int = 0
+    skipped_updates: int = 0  # updates refused for a non-finite gradient norm
+
+    def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
+        """A model that does not train (reference, reward model): weights, then the same parallel layout."""
+        if source is not None:
+            load_model_weights(source, module)
+        module.requires_grad_(False)
+        parallelize(module, self.mesh, self.layout, self.cfg, frozen=True)
+        return module.eval()
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
+
+    def forward_loss(self, loss_fn: Any, *args: Any) -> Any:
+        """``loss_fn(model, *args)``: the trained model's loss, run the way the backend needs it run."""
+        return loss_fn(self.parts[0], *args)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """FSDP2 reduces gradients on the last micro-batch only; earlier ones accumulate locally."""
+        for part in self.parts:
+            if hasattr(part, "set_requires_gradient_sync"):
+                part.set_requires_gradient_sync(enabled)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def clip_gradients(self, max_norm: float | None = None) -> float:
+        """Clip the global gradient norm (``optim.clip_grad`` unless given); the norm, equal on all ranks."""
+        params = [p for part in self.parts for p in part.parameters()]
+        clip = self.cfg.optim.clip_grad if max_norm is None else max_norm
+        return float(clip_grad_norm(params, clip, self.pp_group))
+
+    def step_optimizers(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def optimizer_step(self, max_norm: float | None = None) -> float:
+        """Clip, then step unless the (global) norm is non-finite (counted in ``skipped_updates``)."""
+        norm = self.clip_gradients(max_norm)
+        if math.isfinite(norm) or not self.cfg.train.guard.enabled:
+            self.step_optimizers()
+        else:
+            self.skipped_updates += 1
+        return norm
+
+    def update(self, pending: torch.Tensor | None, loss: float, guard: SpikeGuard) -> tuple[float, int]:
+        """The end of a step: backpropagate the last micro-batch's ``pending`` loss, clip, let the guard
+        judge the (reduced) loss and gradient norm, step if it agrees; (gradient norm, verdict)."""
+        if pending is not None:
+            self.backward(pending)
+        norm = self.clip_gradients()
+        verdict = agree(guard.verdict(loss, norm), self.device)
+        if verdict == OK:
+            self.step_optimizers()
+        return norm, verdict
+
+    def save(self, manager: CheckpointManager, trainer: TrainerState, block: bool = False) -> Path:
+        return manager.save(self.parts, self.optimizers, trainer, block=block)
+
+    def load(self, step_dir: Path) -> TrainerState:
+        """Model, optimizer and RNG from ``step_dir`` in place; the trainer state it was saved with."""
+        return load_checkpoint(step_dir, self.parts, self.optimizers)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:
+    """fp32 parameters (the master copy), the same on every rank (same seed); bf16 lives in autocast."""
+    torch.manual_seed(cfg.train.seed)
+    with device:
+        model = Transformer(cfg.model)
+    model.init_weights()
+    return model

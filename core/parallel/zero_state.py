@@ -1,0 +1,49 @@
+"""A DeepSpeed checkpoint's model weights, read without the training engine (``haina.core.checkpoint``
+reads them through here; the backend itself is :mod:`haina.core.parallel.zero`).
+
+The one place that imports DeepSpeed: on its CPU accelerator when there is no GPU, and with a one-line
+error when it is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "model."  # LossModule's name for the trained model inside DeepSpeed's state dicts
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """``deepspeed``, on its CPU accelerator (gloo) when training on the CPU; a one-line error if absent."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise RuntimeError(
+            f"parallel.dp_backend=deepspeed needs DeepSpeed: pip install 'haina[deepspeed]' ({exc})"
+        ) from None
+    return deepspeed
+
+
+def read_model_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained model's full fp32 tensors from a DeepSpeed checkpoint (ZeRO partitions joined, on the CPU)."""
+    import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _quiet_reader():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {k.removeprefix(PREFIX): v.contiguous() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _quiet_reader() -> Iterator[None]:
+    """DeepSpeed's reader prints a progress bar and a line per file to stdout; keep stdout for results."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

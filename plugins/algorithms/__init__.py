@@ -1,0 +1,1 @@
+"""Algorithm plugins: pretrain, sft, rm, ppo and dpo on the same engine."""

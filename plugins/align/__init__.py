@@ -1,0 +1,1 @@
+"""What the alignment algorithms share: chat format, preference data and losses, RL maths, taxonomy."""

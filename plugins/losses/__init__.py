@@ -1,0 +1,1 @@
+"""Loss-term plugins (kind ``loss``): cross_entropy, max_z, z_loss."""

@@ -1,0 +1,1 @@
+"""Model-component plugins: position encodings, attention kernels, norms, MLPs and output heads."""

@@ -1,0 +1,1 @@
+"""Alignment data: the synthetic task, response collection, preference pairs, prompt taxonomy."""

@@ -1,0 +1,1 @@
+"""Model evaluation: perplexity per data source, safety (harmless-response rate)."""

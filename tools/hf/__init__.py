@@ -1,0 +1,1 @@
+"""Hugging Face interchange: export a haina checkpoint, import an HF model directory."""
