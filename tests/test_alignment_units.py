@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from haina.core.config import TokenizerConfig
+from haina.core.errors import HainaError
 from haina.plugins.align.chat_format import (
     pack_conversations,
     read_conversations,
@@ -81,7 +82,7 @@ def test_conversation_file_errors_name_the_line(tmp_path: Path) -> None:
     for line, message in cases.items():
         path = tmp_path / "c.jsonl"
         path.write_text(json.dumps(good) + "\n" + line + "\n")
-        with pytest.raises(ValueError, match=message) as info:
+        with pytest.raises(HainaError, match=message) as info:
             read_conversations(path)
         assert f"{path}:2:" in str(info.value)
 
@@ -113,7 +114,7 @@ def test_quality_gate_rejects_weak_batches_and_reports(tmp_path: Path) -> None:
 
     reviews = tmp_path / "reviews.jsonl"
     reviews.write_text(json.dumps({"id": "A0", "accept": True}) + "\n")
-    with pytest.raises(ValueError, match="no verdict for sampled item id"):
+    with pytest.raises(HainaError, match="no verdict for sampled item id"):
         spot_check(group_by_batch(items), 2, 0.5, reviews, seed=0)
 
 
@@ -251,5 +252,5 @@ def test_wrong_answers_grow_with_the_gap() -> None:
     assert all(abs(int(task.wrong_answer("40", g, rng)) - 40) == g for g in range(1, 5))
     assert abs(int(task.wrong_answer("40", 5, rng)) - 40) >= 20
     assert sum(a != b for a, b in zip("tree", task.wrong_answer("tree", 2, rng), strict=True)) == 2
-    with pytest.raises(ValueError, match="no items"):
+    with pytest.raises(HainaError, match="no items"):
         spot_check({"A": []}, 2, 0.5, lambda item: True)

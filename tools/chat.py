@@ -86,15 +86,3 @@ def sampling_of(args: Any) -> Sampling:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
     )
-
-
-def add_arguments(parser: Any) -> None:
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/step_N, or an HF export")
-    parser.add_argument("--prefix", default="", help="sub-model of the checkpoint, e.g. actor. for a PPO run")
-    parser.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--repetition-penalty", type=float, default=1.05)
-    parser.add_argument("--seed", type=int, default=0)

@@ -15,15 +15,20 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from haina.core.config import HainaConfig, alignment_config, load_config
 from haina.core.errors import ConfigError, HainaError, one_line
+
+if TYPE_CHECKING:  # the config (pydantic, torch) is imported by the commands that need it: --help stays fast
+    from haina.core.config import HainaConfig
 
 # What exits with status 2: bad input, and only that (a ValueError from deep inside is a failure).
 BAD_INPUT: tuple[type[BaseException], ...] = (HainaError,)
 
 
 def _config(args: argparse.Namespace) -> HainaConfig:
+    from haina.core.config import load_config
+
     cfg = load_config(args.config, args.overrides)
     args.run_dir = cfg.train.run_dir
     return cfg
@@ -177,6 +182,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
+    from haina.core.config import alignment_config
+
     cfg = alignment_config(args.command, args.source, args.config, args.overrides)
     args.run_dir = cfg.train.run_dir
     return _train_command(cfg, args)
@@ -294,6 +301,19 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parser
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """The model and sampling arguments of generate and chat."""
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoints/step_N, or an HF export")
+    parser.add_argument("--prefix", default="", help="sub-model of the checkpoint, e.g. actor. for a PPO run")
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repetition-penalty", type=float, default=1.05)
+    parser.add_argument("--seed", type=int, default=0)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haina", description=__doc__.splitlines()[0])
@@ -445,15 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tokens", type=float)
     p.set_defaults(func=cmd_scaling_fit, bad_input=BAD_INPUT)
 
-    from haina.tools.chat import add_arguments
-
     p = sub.add_parser("generate", help="continue text prompts with a checkpoint or an HF export")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a file with one prompt per line")
-    add_arguments(p)
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_generate, bad_input=BAD_INPUT)
     p = sub.add_parser("chat", help="chat with a model in the chat format (role tokens), keeping the conversation")
-    add_arguments(p)
+    _add_sampling_args(p)
     p.set_defaults(func=cmd_chat, bad_input=BAD_INPUT)
 
     p = sub.add_parser("demo", help="end to end on embedded data: corpus, Spark prep, tokenizer, pretrain, SFT, RM, PPO")
@@ -503,9 +521,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: let the agent see the failure's error file
+        from torch.distributed.elastic.multiprocessing.errors import record
 
-    sys.exit(record(run)())
+        sys.exit(record(run)())
+    sys.exit(run())
 
 
 if __name__ == "__main__":

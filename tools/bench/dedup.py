@@ -78,7 +78,7 @@ def make_corpus(n: int, seed: int, size: int) -> tuple[list[dict], list[tuple[in
 
 def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set], float]:
     """(verified links, pairs in one final cluster, (kept, removed) pairs, band keys per document, seconds)."""
-    from haina.data_spark.components import connected_components
+    from haina.data_spark.connected_components import connected_components
     from haina.data_spark.session import get_session
     from haina.data_spark.stages.near_dedup import candidate_edges, copies, signatures, verified
 
