@@ -165,6 +165,7 @@ def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
         assert abs(realised - entry["weight"]) <= 0.02 * entry["weight"] + 1 / n, (entry, realised)
 
 
+@pytest.mark.integration
 def test_retokenize_replaces_shards_atomically(job: dict) -> None:
     """`haina data tokenize --prepared` republishes tokenized/ and blend.json in place of the old ones."""
     from haina.data_spark.prepare import tokenize_main
