@@ -8,6 +8,7 @@ ordinary thing, so a plugin overrides only what it changes.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from haina.core.loss import LossOutput
 
 
-class Algorithm:
+class Algorithm(abc.ABC):
     """Base of algorithm plugins: turns micro-batches into a loss (or owns the whole step)."""
 
     # names of LossOutput.parts to log; None = the configured loss terms' metrics
@@ -35,7 +36,7 @@ class Algorithm:
         self.cfg = cfg
         self.settings: Any = plugin_settings(cfg, "algorithm", cfg.algorithm)
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: does nothing by default)
     def check_config(cls, cfg: HainaConfig) -> None:
         """Refuse layouts or missing inputs in one line (raise ConfigError), before any process starts."""
 
@@ -51,20 +52,21 @@ class Algorithm:
             for part in engine.parts:
                 load_model_weights(self.cfg.align.init_from, part)
 
+    @abc.abstractmethod
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> Any:
         """An object whose ``batch(i)`` is micro-batch ``i`` of the run (the same on every rank)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement batches()")
 
     def loss(self, model: nn.Module, batch: Any) -> LossOutput:
-        """The loss of one micro-batch; the default step backpropagates it over the micro-batches."""
-        raise NotImplementedError(f"{type(self).__name__} must implement loss() or train_step()")
+        """The loss of one micro-batch; the default step backpropagates it over the micro-batches.
+        A plugin overrides this or :meth:`train_step` (checked by :func:`algorithm_class`)."""
+        raise NotImplementedError
 
     def train_step(self, engine: Engine, step: int, micro_batches: list[Any]) -> dict[str, float]:
         """Own the whole step (rollouts, several updates ...) with the engine's helpers; return metrics
         (``loss`` and any others, ``grad_norm`` optional). Only called when a subclass overrides it."""
         raise NotImplementedError
 
-    def finish(self, engine: Engine, run_dir: Path) -> None:
+    def finish(self, engine: Engine, run_dir: Path) -> None:  # noqa: B027 (an optional hook)
         """Work after the last step (evaluation, reports)."""
 
     # ------------------------------------------------------------------------------- for the loop
@@ -85,6 +87,11 @@ def algorithm_class(cfg: HainaConfig) -> type[Algorithm]:
         raise PluginError(
             f"algorithm plugin {cfg.algorithm!r} must be a subclass of haina.core.algorithm.Algorithm"
         )
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if cls.loss is Algorithm.loss and cls.train_step is Algorithm.train_step:
+        missing.append("loss() or train_step()")
+    if missing:
+        raise PluginError(f"algorithm plugin {cfg.algorithm!r} ({cls.__module__}) must implement {', '.join(missing)}")
     return cls
 
 

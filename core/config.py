@@ -19,6 +19,7 @@ from haina.core import registry
 from haina.core.attention import check_kernel_config
 from haina.core.errors import ConfigError, HainaError
 from haina.core.files import read_yaml
+from haina.core.validation import SectionError, allowed_keys_of, first_error, one_line_validation_error
 
 __all__ = [
     "AlignConfig",
@@ -46,29 +47,6 @@ class PluginSettings(_Section):
     Registered with the plugin (``register(kind, name, settings=MySettings)``), validated with the rest
     of the config, listed by ``haina plugins``, written into the run's config.yaml and read back on resume.
     """
-
-
-class SectionError(ValueError):
-    """A bad plugin section, raised inside validation; ``path`` is its place below the section."""
-
-    def __init__(self, path: Sequence[str | int], message: str) -> None:
-        super().__init__(message)
-        self.path = tuple(str(p) for p in path)
-        self.message = message
-
-
-def _plugin_error_message(exc: ValidationError, settings: type[BaseModel]) -> tuple[tuple[str, ...], str]:
-    first = exc.errors()[0]
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        model = settings
-        for part in first["loc"][:-1]:
-            annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
-        message = f"unknown setting; allowed: {', '.join(sorted(model.model_fields))}"
-    elif first["type"] not in ("value_error", "assertion_error"):
-        message = f"{message} (got {first.get('input')!r})"
-    return tuple(str(p) for p in first["loc"]), message
 
 
 class _WithPluginSections(_Section):
@@ -117,7 +95,7 @@ class _WithPluginSections(_Section):
             try:
                 data[key] = owner.settings.model_validate(value)
             except ValidationError as exc:
-                loc, message = _plugin_error_message(exc, owner.settings)
+                loc, message = first_error(exc, allowed_keys_of(owner.settings), unknown="unknown setting")
                 raise SectionError((key, *loc), message) from None
         return data
 
@@ -527,39 +505,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = HainaConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return []
-        model = field.annotation
-    if issubclass(model, _WithPluginSections):
-        return model.allowed_keys()
-    return sorted(model.model_fields)
-
-
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = tuple(str(p) for p in first["loc"])
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, SectionError):
-        return f"{'.'.join((*loc, *cause.path))}: {cause.message}"
-    where = ".".join(loc) or "config"
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(tuple(first["loc"]))
-        return f"{where}: unknown key; allowed: {', '.join(allowed)}"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] not in ("value_error", "assertion_error"):
-        message = f"{message} (got {first.get('input')!r})"
-    return f"{where}: {message}"
-
-
 def build_config(data: dict[str, Any]) -> HainaConfig:
     try:
         return HainaConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(one_line_validation_error(exc, allowed_keys_of(HainaConfig))) from None
     except HainaError as exc:  # a plugin's own check, raised inside validation
         raise ConfigError(str(exc).splitlines()[0]) from None
 

@@ -52,23 +52,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """(``file:line``, object) for each non-blank line; a bad line fails naming it."""
     if not Path(path).is_file():
         raise InputFileError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputFileError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(item, dict):
-                raise InputFileError(f"{where}: each line must be a JSON object")
-            yield where, item
+    with open(path, "rb") as handle:
+        yield from read_jsonl_stream(handle, path)
 
 
 def read_jsonl_stream(stream: BinaryIO, name: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """:func:`read_jsonl` over an open binary stream (a gzip file, say) called ``name`` in errors; the
-    caller may ask the underlying file for its position between items (progress). Bytes that are not
+    """The one JSONL parser: (``name:line``, object) per non-blank line of an open binary stream (a plain
+    or gzip file) called ``name`` in errors; a bad line fails naming it. The caller may ask the underlying file for its position between items (progress). Bytes that are not
     UTF-8, and a stream that cannot be read (a corrupt gzip), fail in one line too."""
     try:
         for number, raw in enumerate(stream, start=1):

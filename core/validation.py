@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["SectionError", "allowed_keys_of", "one_line_validation_error"]
+__all__ = ["SectionError", "allowed_keys_of", "first_error", "one_line_validation_error"]
 
 
 class SectionError(ValueError):
@@ -25,25 +25,34 @@ class SectionError(ValueError):
         self.message = message
 
 
-def one_line_validation_error(
-    error: ValidationError, allowed_keys: Callable[[tuple[Any, ...]], list[str]] | None = None
-) -> str:
-    """``a.b.c: message`` for the first error of ``error``. ``allowed_keys(loc)`` names the keys allowed
+def first_error(
+    error: ValidationError,
+    allowed_keys: Callable[[tuple[Any, ...]], list[str]] | None = None,
+    unknown: str = "unknown key",
+) -> tuple[tuple[str, ...], str]:
+    """(dotted place, message) of the first error of ``error``. ``allowed_keys(loc)`` names the keys allowed
     beside the unknown key at ``loc`` (the key itself is ``loc[-1]``); without it, or when it returns
-    nothing, an unknown key is reported without the list."""
+    nothing, an unknown key is reported without the list. ``unknown`` words that case."""
     first = error.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, SectionError):
-        return f"{'.'.join((*loc, *cause.path))}: {cause.message}"
-    where = ".".join(loc) or "config"
+        return (*loc, *cause.path), cause.message
     if first["type"] == "extra_forbidden":
         allowed = allowed_keys(tuple(first["loc"])) if allowed_keys is not None else []
-        return f"{where}: unknown key; allowed: {', '.join(allowed)}" if allowed else f"{where}: unknown key"
+        return loc, f"{unknown}; allowed: {', '.join(allowed)}" if allowed else unknown
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] not in ("value_error", "assertion_error"):
         message = f"{message} (got {first.get('input')!r})"
-    return f"{where}: {message}"
+    return loc, message
+
+
+def one_line_validation_error(
+    error: ValidationError, allowed_keys: Callable[[tuple[Any, ...]], list[str]] | None = None
+) -> str:
+    """``a.b.c: message`` for the first error of ``error`` (see :func:`first_error`)."""
+    loc, message = first_error(error, allowed_keys)
+    return f"{'.'.join(loc) or 'config'}: {message}"
 
 
 def _model(annotation: Any) -> type[BaseModel] | None:

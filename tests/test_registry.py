@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,31 @@ def test_third_party_position_plugin_trains(tmp_path: Path, tiny_data: Path) -> 
     missing = _haina(["pretrain", "--config", "tiny", "model.position=sinusoidal_qk"], tmp_path / "empty", tmp_path)
     assert missing.returncode == 2
     assert "unknown position plugin 'sinusoidal_qk'" in missing.stderr
+
+
+def test_an_incomplete_algorithm_is_refused_in_one_line() -> None:
+    """The contract is checked when the config names the plugin, not deep inside the first step."""
+    from haina.core.algorithm import Algorithm, check_algorithm
+    from haina.core.config import load_config
+
+    @registry.register("algorithm", "test_no_loss")
+    class NoLoss(Algorithm):
+        def batches(self, cfg, run_dir, num_samples):
+            return None
+
+    @registry.register("algorithm", "test_no_batches")
+    class NoBatches(Algorithm):
+        def loss(self, model, batch):
+            return None
+
+    @registry.register("algorithm", "test_not_an_algorithm")
+    class Plain:
+        pass
+
+    for name, expected in (
+        ("test_no_loss", "must implement loss() or train_step()"),
+        ("test_no_batches", "must implement batches"),
+        ("test_not_an_algorithm", "must be a subclass of haina.core.algorithm.Algorithm"),
+    ):
+        with pytest.raises(registry.PluginError, match=re.escape(expected)):
+            check_algorithm(load_config("tiny", [f"algorithm={name}"]))
