@@ -12,6 +12,13 @@ import torch
 import torch.distributed as dist
 
 
+def default_device() -> torch.device:
+    """This rank's device: its GPU (``LOCAL_RANK``) when there is CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

@@ -8,7 +8,6 @@ data-parallel backend (:class:`haina.core.parallel.zero.ZeroEngine`) is a subcla
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from haina.core.guard import OK, SpikeGuard, agree
 from haina.core.model import Transformer
 from haina.core.optim import set_lr
 from haina.core.parallel.mesh import Layout
-from haina.core.parallel.parallelize import clip_grad_norm, parallelize
+from haina.core.parallel.parallelize import clip_grad_norm
+from haina.core.placement import lay_out
 
 
 @dataclass
@@ -44,9 +44,8 @@ class Engine:
         """A model that does not train (reference, reward model): weights, then the same parallel layout."""
         if source is not None:
             load_model_weights(source, module)
-        module.requires_grad_(False)
-        parallelize(module, self.mesh, self.layout, self.cfg, frozen=True)
-        return module.eval()
+        (part,), _ = lay_out(module, self.cfg, self.layout, self.mesh, self.device, frozen=True)
+        return part
 
     def set_lr(self, lr: float) -> None:
         for optimizer in self.optimizers:
@@ -105,12 +104,6 @@ class Engine:
     def load(self, step_dir: Path) -> TrainerState:
         """Model, optimizer and RNG from ``step_dir`` in place; the trainer state it was saved with."""
         return load_checkpoint(step_dir, self.parts, self.optimizers)
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:

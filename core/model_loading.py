@@ -11,7 +11,7 @@
 
 Checkpoint weights are read by :func:`haina.core.checkpoint.load_model_weights`, the one weight reader.
 The model comes back in fp32 on the CPU in eval mode; :mod:`haina.core.placement` lays it out on a world.
-:func:`load_tokenizer` gives the tokenizer that goes with it.
+:func:`haina.core.tokenizer.load_tokenizer` gives the tokenizer that goes with it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from haina.core.config import HainaConfig, build_config, load_config
 from haina.core.errors import InputFileError
 from haina.core.hf_layout import HFFormatError
 from haina.core.model import Transformer
-from haina.core.tokenizer import Tokenizer
 
 HF_CONFIG = "config.json"
 
@@ -151,12 +150,3 @@ def load_model(
             raise InputFileError(f"{source}: a Hugging Face model directory has no sub-model {prefix!r}")
         return load_hf_model(source, base=config)
     return load_checkpoint_model(source, prefix=prefix, config=config, value_head=value_head)
-
-
-def load_tokenizer(cfg: HainaConfig, override: str | Path | None = None) -> Tokenizer:
-    """The model's SentencePiece tokenizer with its chat role tokens: ``override`` (``--tokenizer``), else
-    the config's ``align.tokenizer``, else its ``data.tokenizer`` (an HF export's own ``tokenizer.model``)."""
-    path = override or cfg.align.tokenizer or cfg.data.tokenizer
-    if path is None or not Path(path).is_file():
-        raise InputFileError(f"tokenizer {str(path) if path else None!r} not found; pass --tokenizer MODEL")
-    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token)

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from haina.core.config import ConfigError, HainaConfig, apply_override, build_config
-from haina.core.parallel.mesh import Layout
+from haina.core.distributed import default_device
+from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
 from haina.core.parallel.parallelize import parallelize
+from haina.core.parallel.pipeline import build_pipeline
 
 OVERRIDE_PREFIXES = ("parallel.", "train.precision=")
 
@@ -41,8 +43,6 @@ def lay_out(
     if layout.pp > 1:
         if stage_loss is None:
             raise ConfigError("parallel.pp: this command decodes token by token, which pipeline stages do not run")
-        from haina.core.parallel.pipeline import build_pipeline
-
         pipeline = build_pipeline(model, mesh["pp"], cfg, layout, stage_loss, device)
         parts: list[nn.Module] = list(pipeline.model_parts)
     else:
@@ -92,8 +92,6 @@ class Placed:
 def place(model: nn.Module, cfg: HainaConfig, world: int, stage_loss: Any = None) -> Placed:
     """Cut ``model`` for inference under ``cfg``'s layout on a world of ``world`` ranks (the process group
     must exist); pipeline layouts need ``stage_loss`` (see :func:`lay_out`)."""
-    from haina.core.engine import default_device
-    from haina.core.parallel.mesh import build_mesh, resolve_layout
 
     device = default_device()
     p = cfg.parallel

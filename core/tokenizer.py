@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
-from haina.core.errors import InputFileError
+from haina.core.errors import ConfigError, InputFileError
+
+if TYPE_CHECKING:
+    from haina.core.config import HainaConfig
 
 SPACE = "\u2581"
 
@@ -119,3 +123,17 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+def tokenizer_path(cfg: HainaConfig, override: str | Path | None = None) -> str | Path | None:
+    """The SentencePiece model a run uses: ``override`` (``--tokenizer``), else ``align.tokenizer``, else
+    ``data.tokenizer`` (an HF export's own ``tokenizer.model``)."""
+    return override or cfg.align.tokenizer or cfg.data.tokenizer
+
+
+def load_tokenizer(cfg: HainaConfig, override: str | Path | None = None) -> Tokenizer:
+    """The run's tokenizer with its chat role tokens (see :func:`tokenizer_path`)."""
+    path = tokenizer_path(cfg, override)
+    if path is None:
+        raise ConfigError("align.tokenizer: no SentencePiece model named (set align.tokenizer or data.tokenizer)")
+    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token)

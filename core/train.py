@@ -34,8 +34,8 @@ from haina.core.checkpoint import (
     latest_checkpoint,
 )
 from haina.core.config import HainaConfig, dump_config
-from haina.core.distributed import init_distributed, is_main_process
-from haina.core.engine import Engine, default_device
+from haina.core.distributed import default_device, init_distributed, is_main_process
+from haina.core.engine import Engine
 from haina.core.guard import KINDS, NONFINITE_GRAD, OK, SpikeGuard, agree
 from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token, truncate_metrics
 from haina.core.optim import build_optimizer, lr_at

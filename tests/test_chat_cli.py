@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from haina.core.generate import Sampling
-from haina.core.model_loading import load_model, load_tokenizer
+from haina.core.model_loading import load_model
+from haina.core.tokenizer import load_tokenizer
 from haina.tools.chat import chat_loop, generate_texts
 from tests.alignment_helpers import haina, make_alignment_data
 

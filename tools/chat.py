@@ -14,7 +14,8 @@ from typing import Any
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.generate import Sampling, generate
 from haina.core.model import Transformer
-from haina.core.model_loading import load_model, load_tokenizer
+from haina.core.model_loading import load_model
+from haina.core.tokenizer import load_tokenizer
 
 
 def generate_texts(model: Transformer, tokenizer: Any, prompts: list[str], sampling: Sampling) -> list[str]:

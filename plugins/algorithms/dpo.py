@@ -18,7 +18,8 @@ from torch import nn
 from haina.core.algorithm import Algorithm
 from haina.core.config import PluginSettings
 from haina.core.registry import register
-from haina.plugins.align.common import config_check, load_tokenizer, shifted_targets, token_logps
+from haina.core.tokenizer import load_tokenizer
+from haina.plugins.align.common import config_check, shifted_targets, token_logps
 from haina.plugins.align.preference_data import PairBatches, read_pairs
 
 if TYPE_CHECKING:

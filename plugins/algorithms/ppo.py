@@ -23,7 +23,8 @@ from haina.core.algorithm import Algorithm
 from haina.core.config import PluginSettings
 from haina.core.generate import Sampling, generate
 from haina.core.registry import register
-from haina.plugins.align.common import config_check, load_tokenizer, shifted_targets, token_logps
+from haina.core.tokenizer import load_tokenizer
+from haina.plugins.align.common import config_check, shifted_targets, token_logps
 from haina.plugins.align.preference_data import PromptBatches, read_prompts, response_mask_from_prompts
 
 if TYPE_CHECKING:

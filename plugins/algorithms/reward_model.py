@@ -20,7 +20,8 @@ from haina.core.algorithm import Algorithm
 from haina.core.config import PluginSettings
 from haina.core.distributed import is_main_process
 from haina.core.registry import register
-from haina.plugins.align.common import config_check, load_tokenizer
+from haina.core.tokenizer import load_tokenizer
+from haina.plugins.align.common import config_check
 from haina.plugins.align.preference_data import PairBatches, category_key, read_pairs
 
 if TYPE_CHECKING:

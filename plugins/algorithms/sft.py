@@ -16,8 +16,9 @@ from pydantic import Field
 
 from haina.core.config import PluginSettings
 from haina.core.registry import register
+from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.pretrain import Pretrain
-from haina.plugins.align.common import config_check, load_tokenizer
+from haina.plugins.align.common import config_check
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from haina.core.config import ConfigError, plugin_settings
 from haina.core.files import read_jsonl
+from haina.core.tokenizer import tokenizer_path
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
-    from haina.core.tokenizer import Tokenizer
 
 IGNORE = -100
 
@@ -64,19 +64,6 @@ def config_check(name: str, needs: tuple[str, ...] = ()) -> classmethod:
                 raise ConfigError(f"{key}: the {name} algorithm needs it")
 
     return classmethod(check)
-
-
-def tokenizer_path(cfg: HainaConfig) -> str | None:
-    return cfg.align.tokenizer or cfg.data.tokenizer
-
-
-def load_tokenizer(cfg: HainaConfig) -> Tokenizer:
-    from haina.core.tokenizer import Tokenizer
-
-    path = tokenizer_path(cfg)
-    if path is None:
-        raise ConfigError("align.tokenizer: no SentencePiece model named")
-    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token)
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

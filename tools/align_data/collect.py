@@ -128,11 +128,11 @@ def collect(cfg: CollectConfig, overrides: list[str] | None = None, progress: bo
     """Generate every missing record; returns counts. Runs as one process or under torchrun."""
     import torch.distributed as dist
 
-    from haina.core.distributed import init_distributed, is_main_process
-    from haina.core.engine import default_device
+    from haina.core.distributed import default_device, init_distributed, is_main_process
     from haina.core.generate import Sampling, generate
-    from haina.core.model_loading import load_model, load_tokenizer
+    from haina.core.model_loading import load_model
     from haina.core.placement import inference_config, place
+    from haina.core.tokenizer import load_tokenizer
     from haina.plugins.align.chat_format import render_prompt
     from haina.plugins.align.preference_data import read_prompts
 

@@ -57,7 +57,8 @@ def scores_from_reward_model(records: list[dict[str, Any]], run: str, batch_size
     """A trained reward model's score of each prompt + response (its last token's value)."""
     import torch
 
-    from haina.core.model_loading import load_model, load_tokenizer
+    from haina.core.model_loading import load_model
+    from haina.core.tokenizer import load_tokenizer
     from haina.plugins.algorithms.reward_model import last_token_scores
     from haina.plugins.align.chat_format import render_prompt
     from haina.plugins.align.preference_data import render_pair_side

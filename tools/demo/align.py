@@ -50,7 +50,8 @@ def write_task(folder: Path) -> dict[str, Path]:
 def policy_reward(cfg: HainaConfig, policy: Path, source_prefix: str, rm_run: Path, prompts: Path) -> dict[str, float]:
     """Greedy replies of a checkpointed policy to held-out prompts: mean reward-model score and task reward."""
     from haina.core.generate import Sampling, generate
-    from haina.core.model_loading import load_model, load_tokenizer
+    from haina.core.model_loading import load_model
+    from haina.core.tokenizer import load_tokenizer
     from haina.plugins.algorithms.reward_model import last_token_scores
     from haina.plugins.align.chat_format import render_prompt
     from haina.plugins.align.preference_data import read_prompts

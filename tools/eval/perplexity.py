@@ -181,8 +181,7 @@ def evaluate_perplexity(
     torchrun gives); write and return the JSON report (written by rank 0)."""
     import os
 
-    from haina.core.distributed import init_distributed, is_main_process
-    from haina.core.engine import default_device
+    from haina.core.distributed import default_device, init_distributed, is_main_process
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")

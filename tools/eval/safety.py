@@ -163,7 +163,8 @@ def replies_of(checkpoint: str, items: list[dict[str, Any]], max_new_tokens: int
                prefix: str = "") -> list[str]:
     """Greedy replies of a model (checkpoint of any layout, PPO actor via ``prefix``, or an HF export)."""
     from haina.core.generate import Sampling, generate
-    from haina.core.model_loading import load_model, load_tokenizer
+    from haina.core.model_loading import load_model
+    from haina.core.tokenizer import load_tokenizer
     from haina.plugins.align.chat_format import render_prompt
 
     cfg, model = load_model(checkpoint, prefix=prefix)
