@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from haina.core.config import ModelConfig
+from haina.core.files import write_durable
 
 # Dense bf16 peak TFLOPS by device-name fragment, for MFU; unknown devices (CPUs) report no MFU.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -87,9 +88,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
             continue  # a line cut short by a kill
         if int(record.get("step", 0)) <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_durable(path, "".join(kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

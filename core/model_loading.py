@@ -106,22 +106,12 @@ def load_hf_model(
     return cfg, model.eval()
 
 
-def step_dir_of(source: str | Path) -> Path:
-    """The step directory a run or step directory names (the run's latest); a one-line error otherwise."""
-    try:
-        return resolve_checkpoint(source)
-    except FileNotFoundError:
-        raise InputFileError(
-            f"{source}: no checkpoint (neither a step directory, a run with one, nor a Hugging Face model directory)"
-        ) from None
-
-
 def load_checkpoint_model(
     source: str | Path, *, prefix: str = "", config: str | None = None, value_head: bool = False
 ) -> tuple[HainaConfig, Transformer]:
     """(config, full fp32 model in eval mode) of a haina run or step directory (fsdp2 or DeepSpeed);
     ``prefix`` picks a sub-model of the checkpoint (``actor.`` of a PPO run)."""
-    step_dir = step_dir_of(source)
+    step_dir = resolve_checkpoint(source)
     cfg = run_config(step_dir, config)
     if cfg.model.head == "value" and not value_head:
         raise InputFileError(f"{step_dir}: a value-head model (reward model or critic) is not a language model")

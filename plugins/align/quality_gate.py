@@ -7,7 +7,6 @@ whose acceptance rate falls below ``threshold`` is dropped whole, as the report'
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from haina.core.errors import InputFileError
+from haina.core.files import read_jsonl
 
 Reviewer = Callable[[dict[str, Any]], bool]
 
@@ -47,15 +47,10 @@ class GateReport:
 def reviewer_from_file(path: str | Path) -> Reviewer:
     """Verdicts by item id from JSONL; asking about an id the reviewer never judged is an error."""
     verdicts: dict[str, bool] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                verdicts[str(row["id"])] = bool(row["accept"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputFileError(f"{path}:{number}: expected {{\"id\": ..., \"accept\": true|false}}") from None
+    for where, row in read_jsonl(path):
+        if "id" not in row or "accept" not in row:
+            raise InputFileError(f"{where}: expected {{\"id\": ..., \"accept\": true|false}}")
+        verdicts[str(row["id"])] = bool(row["accept"])
 
     def review(item: dict[str, Any]) -> bool:
         key = str(item.get("id"))

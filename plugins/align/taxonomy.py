@@ -7,9 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from haina.core.errors import InputFileError
+from haina.core.files import read_yaml
 
 Taxonomy = dict[str, dict[str, list[str]]]
 
@@ -24,8 +23,8 @@ DEFAULT_TAXONOMY: Taxonomy = {
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not all(
+    data = read_yaml(path, what="taxonomy file")
+    if not all(
         isinstance(mid, dict) and all(isinstance(leaves, list) for leaves in mid.values()) for mid in data.values()
     ):
         raise InputFileError(f"{path}: a taxonomy is a mapping top -> mapping middle -> list of leaf categories")

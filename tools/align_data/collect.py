@@ -20,8 +20,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from haina.core.checkpoint import TRAINER_STATE, resolve_checkpoint
+from haina.core.config import apply_override
+from haina.core.distributed import default_device, init_distributed, is_main_process
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl, read_yaml, write_durable
+from haina.core.generate import Sampling, generate
+from haina.core.model_loading import is_hf_dir, load_model
+from haina.core.placement import inference_config, place
+from haina.core.tokenizer import load_tokenizer
+from haina.plugins.align.chat_format import render_prompt
+from haina.plugins.align.preference_data import read_prompts
 
 
 class _Strict(BaseModel):
@@ -55,8 +64,6 @@ class CollectConfig(_Strict):
 
 
 def load_collect_config(path: str | Path, overrides: list[str] | None = None) -> CollectConfig:
-    from haina.core.config import apply_override
-
     data = read_yaml(path, what="collection config", error=ConfigError)
     for override in overrides or []:
         apply_override(data, override)
@@ -112,12 +119,9 @@ def _parts_dir(out: Path) -> Path:
 
 
 def _step_of(checkpoint: str) -> int | None:
-    from haina.core.checkpoint import TRAINER_STATE
-    from haina.core.model_loading import is_hf_dir, step_dir_of
-
     if is_hf_dir(checkpoint):
         return None  # a Hugging Face export
-    return int(json.loads((step_dir_of(checkpoint) / TRAINER_STATE).read_text())["step"])
+    return int(json.loads((resolve_checkpoint(checkpoint) / TRAINER_STATE).read_text())["step"])
 
 
 def _prompt_fields(item: dict[str, Any]) -> dict[str, Any]:
@@ -127,14 +131,6 @@ def _prompt_fields(item: dict[str, Any]) -> dict[str, Any]:
 def collect(cfg: CollectConfig, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate every missing record; returns counts. Runs as one process or under torchrun."""
     import torch.distributed as dist
-
-    from haina.core.distributed import default_device, init_distributed, is_main_process
-    from haina.core.generate import Sampling, generate
-    from haina.core.model_loading import load_model
-    from haina.core.placement import inference_config, place
-    from haina.core.tokenizer import load_tokenizer
-    from haina.plugins.align.chat_format import render_prompt
-    from haina.plugins.align.preference_data import read_prompts
 
     items = read_prompts(cfg.prompts)
     for number, item in enumerate(items):
