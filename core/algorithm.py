@@ -19,6 +19,7 @@ from torch import nn
 from haina.core import registry
 from haina.core.checkpoint import load_model_weights
 from haina.core.config import HainaConfig, plugin_settings
+from haina.core.engine import build_model
 from haina.core.errors import PluginError
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ class Algorithm(abc.ABC):
 
     def build_model(self, cfg: HainaConfig, device: torch.device) -> nn.Module:
         """The trained module (default: the Transformer of ``cfg.model``, initialised from the seed)."""
-        from haina.core.engine import build_model
-
         return build_model(cfg, device)
 
     def setup(self, engine: Engine, resumed: bool) -> None:

@@ -39,6 +39,7 @@ from haina.core.checkpoint_reader import SafeLoadPlanner, SafeReader
 from haina.core.distributed import is_main_process
 from haina.core.errors import InputFileError
 from haina.core.files import CheckpointError, publish_dir, verify_manifest, write_durable
+from haina.core.parallel.zero_state import read_model_state
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -337,8 +338,6 @@ def load_model_weights(
     verify_manifest(step_dir)
     deepspeed = is_deepspeed_checkpoint(step_dir)
     if deepspeed:
-        from haina.core.parallel.zero_state import read_model_state
-
         full = read_model_state(step_dir)
         shapes = {k: tuple(v.shape) for k, v in full.items()}
     else:

@@ -115,6 +115,8 @@ def load_checkpoint_model(
     cfg = run_config(step_dir, config)
     if cfg.model.head == "value" and not value_head:
         raise InputFileError(f"{step_dir}: a value-head model (reward model or critic) is not a language model")
+    if value_head:  # a reward model's run config names the LM head it started from; its weights have a value head
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head": "value"})})
     model = empty_model(cfg)
     missing = load_model_weights(step_dir, model, source_prefix=prefix)
     if missing:

@@ -39,7 +39,9 @@ from haina.core.engine import Engine
 from haina.core.guard import KINDS, NONFINITE_GRAD, OK, SpikeGuard, agree
 from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token, truncate_metrics
 from haina.core.optim import build_optimizer, lr_at
+from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
 from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
+from haina.core.parallel.zero import ZeroEngine
 from haina.core.placement import lay_out
 from haina.core.preempt import Preempted, Preemption
 
@@ -146,9 +148,6 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     dp_rank = _dp_rank(mesh, layout)
     pipeline = None
     if cfg.parallel.dp_backend == "deepspeed":
-        from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
-        from haina.core.parallel.zero import ZeroEngine
-
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
         engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
     else:

@@ -23,6 +23,7 @@ def prepare_main(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the whole job; a :class:`HainaError` (ConfigError, InputFileError) in one line for bad user input."""
+    # pyspark only once a job runs: config errors and kept_files() come without it
     from haina.data_spark.ingest import check_inputs
     from haina.data_spark.pipeline import run_pipeline
     from haina.data_spark.session import get_session
@@ -51,6 +52,7 @@ def tokenize_main(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Tokenize a prepared output's kept documents into ``tokenized/`` + ``blend.json`` (replacing old ones)."""
+    # pyspark only once a job runs, as in prepare_main
     from haina.data_spark.session import get_session
     from haina.data_spark.tokenized_shards import blend_summary, write_shards
 

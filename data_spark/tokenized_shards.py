@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from haina.core.errors import HainaError, InputFileError
 from haina.core.files import write_durable
+from haina.core.tokenizer import Tokenizer
 from haina.data_spark.tokenize import UINT16_VOCAB_LIMIT, _builder_class
 
 PART_SCHEMA = "category string, bucket string, prefix string, documents long, tokens long, weighted double"
@@ -33,8 +34,6 @@ def safe_name(name: str) -> str:
 def _writer(model_path: str, root: str, append_eos: bool):
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         from pyspark import SparkFiles, TaskContext
-
-        from haina.core.tokenizer import Tokenizer
 
         local = model_path if os.path.isfile(model_path) else SparkFiles.get(os.path.basename(model_path))
         tokenizer = Tokenizer(local)

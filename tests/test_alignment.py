@@ -11,6 +11,7 @@ import torch
 
 from haina.core.checkpoint import load_model_weights
 from haina.core.config import load_config
+from haina.core.errors import InputFileError
 from haina.core.model import Transformer
 from tests.alignment_helpers import AlignmentData, haina, make_alignment_data, records
 from tests.conftest import install_plugin_package
@@ -44,6 +45,24 @@ def _ppo_args(runs: dict, run_dir: Path, steps: int, warmup: int) -> list[str]:
     return ["--from", str(runs["sft"]), f"ppo.reward_model={runs['rm']}", f"align.data={data.prompts}",
             f"train.run_dir={run_dir}", f"train.steps={steps}", f"ppo.critic_warmup_steps={warmup}",
             "ppo.sampling.max_new_tokens=6", "optim.lr=1e-3", "optim.min_lr=1e-3", *SHORT]
+
+
+def test_reward_model_run_loads_for_scoring(runs: dict) -> None:
+    """Tools (pairs, the demo, the safety judge) load a reward-model run with its value head and score."""
+    from haina.core.model_loading import load_model
+    from haina.core.tokenizer import load_tokenizer
+    from haina.plugins.algorithms.reward_model import last_token_scores
+    from haina.plugins.model.head import ValueHead
+    from haina.tools.align_data.pairs import scores_from_reward_model
+
+    cfg, model = load_model(runs["rm"], value_head=True)
+    assert isinstance(model.head, ValueHead)
+    tokens = torch.tensor([load_tokenizer(cfg).encode("1 + 1 = 2")])
+    assert torch.isfinite(last_token_scores(model, tokens, torch.tensor([tokens.shape[1] - 1]))).all()
+    records = [{"id": "a", "prompt": [{"role": "user", "content": "1 + 1 ="}], "response": "2"}]
+    assert set(scores_from_reward_model(records, str(runs["rm"]))) == {"a"}
+    with pytest.raises(InputFileError, match="not a reward model run"):
+        scores_from_reward_model(records, str(runs["sft"]))
 
 
 def test_reward_model_reports_accuracy_by_gap_and_category(runs: dict) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from haina.core import attention as kernels
 from haina.core.config import HainaConfig
+from haina.core.optim import apex_adam_available
 from haina.plugins.model import norm
 
 
@@ -20,8 +21,6 @@ def _device() -> torch.device:
 
 def backend_report(cfg: HainaConfig | None = None, device: torch.device | None = None) -> list[str]:
     """Lines describing the selection for ``cfg`` (default config) on ``device`` (default: this machine)."""
-    from haina.core.optim import apex_adam_available
-
     cfg = cfg or HainaConfig()
     device = device or _device()
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32

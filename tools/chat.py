@@ -16,6 +16,7 @@ from haina.core.generate import Sampling, generate
 from haina.core.model import Transformer
 from haina.core.model_loading import load_model
 from haina.core.tokenizer import load_tokenizer
+from haina.plugins.align.chat_format import render_prompt
 
 
 def generate_texts(model: Transformer, tokenizer: Any, prompts: list[str], sampling: Sampling) -> list[str]:
@@ -28,8 +29,6 @@ def chat_loop(
     model: Transformer, tokenizer: Any, sampling: Sampling, lines: Iterable[str], say: Callable[[str], None]
 ) -> list[dict[str, str]]:
     """One reply per user line; the whole conversation is the context of each reply. Returns the turns."""
-    from haina.plugins.align.chat_format import render_prompt
-
     turns: list[dict[str, str]] = []
     for line in lines:
         text = line.strip()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the config (pydantic, torch) is imported by the commands th
 BAD_INPUT: tuple[type[BaseException], ...] = (HainaError,)
 
 
+# Each command imports what it needs inside its own body: `haina --help` loads almost nothing (no torch, no Spark).
 def _config(args: argparse.Namespace) -> HainaConfig:
     from haina.core.config import load_config
 

@@ -25,8 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from haina.core.config import ModelConfig
+from haina.core.attention import position_bias_kind, unsuitable
+from haina.core.config import ModelConfig, OptimConfig
+from haina.core.loss import chunked_lm_loss
 from haina.core.metrics import PEAK_BF16_TFLOPS, training_flops_per_token
+from haina.core.model import Transformer
+from haina.core.optim import build_optimizer
+from haina.core.parallel.compile import apply_compile
 
 KERNEL_ORDER: tuple[str, ...] = ("flash", "flex", "xformers", "sdpa")
 
@@ -73,8 +78,6 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def available_kernels(position: str, device: str, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """Kernels that can run here, and the reason for each that cannot."""
-    from haina.plugins.model.attention_auto import position_bias_kind, unsuitable
-
     usable, skipped = [], {}
     for name in KERNEL_ORDER:
         why = unsuitable(name, position_bias_kind(position), device, dtype)
@@ -87,12 +90,6 @@ def available_kernels(position: str, device: str, dtype: torch.dtype) -> tuple[l
 
 def measure(kernel: str, compiled: bool, args: argparse.Namespace, peak: float) -> Row:
     """Train ``args.warmup + args.steps`` steps of the 1B model with ``kernel``; time the last ones."""
-    from haina.core.config import OptimConfig
-    from haina.core.loss import chunked_lm_loss
-    from haina.core.model import Transformer
-    from haina.core.optim import build_optimizer
-    from haina.core.parallel.compile import apply_compile
-
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -131,8 +128,6 @@ def measure(kernel: str, compiled: bool, args: argparse.Namespace, peak: float) 
 
 def parity(kernel: str, position: str) -> float:
     """Largest relative difference (output and gradients) between ``kernel`` and sdpa on packed documents."""
-    from haina.core.model import Transformer
-
     device = torch.device("cuda")
     cfg = ModelConfig(vocab_size=1024, hidden_size=512, num_layers=2, num_heads=8, max_seq_len=512,
                       position=position, attention="sdpa")
@@ -178,8 +173,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
 
     cfg = model_config(args.position, "sdpa", args.layers, args.seq)
     fpt = training_flops_per_token(cfg, args.seq)
-    from haina.core.model import Transformer
-
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     print(f"model: {n_params / 1e9:.2f}B parameters, seq {args.seq}, {fpt / 1e9:.1f} GFLOP per token (fwd+bwd)")

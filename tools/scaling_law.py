@@ -22,8 +22,12 @@ from typing import Any
 import numpy as np
 
 from haina.core.config import ModelConfig, load_config
+from haina.core.distributed import is_main_process
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_yaml
+from haina.core.model_loading import load_model
+from haina.core.train import train
+from haina.tools.eval.perplexity import nll_sum, read_documents, windows
 
 
 @dataclass(frozen=True)
@@ -114,9 +118,6 @@ def sweep(
     The loss of a rung is its held-out cross-entropy on ``eval_data`` (a .bin/.idx prefix) when given, else
     the mean training cross-entropy over the last tenth of its steps.
     """
-    from haina.core.distributed import is_main_process
-    from haina.core.train import train
-
     if budget_scale <= 0:
         raise ConfigError(f"--budget-scale must be positive, got {budget_scale}")
     spec = read_ladder(ladder)
@@ -158,9 +159,6 @@ def sweep(
 
 def heldout_loss(run_dir: Path, prefix: str, seq_len: int, max_windows: int = 256) -> float:
     """Mean cross-entropy per token of the run's final model on the first windows of a .bin/.idx set."""
-    from haina.core.model_loading import load_model
-    from haina.tools.eval.perplexity import nll_sum, read_documents, windows
-
     _, model = load_model(run_dir)
     docs = [d for docs in read_documents([prefix], None).values() for d in docs]
     pieces = windows(docs, seq_len)[:max_windows]

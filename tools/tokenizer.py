@@ -21,6 +21,7 @@ import sentencepiece as spm
 
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.tokenizer import SPACE, Tokenizer
+from haina.data_spark.tokenize import document_format, iter_documents
 
 if TYPE_CHECKING:
     from haina.core.config import TokenizerConfig
@@ -45,15 +46,11 @@ def user_defined_symbols(cfg: TokenizerConfig) -> list[str]:
 
 
 def _is_plain_text(path: Path) -> bool:
-    from haina.data_spark.tokenize import document_format
-
     return document_format(path) is None
 
 
 def iter_texts(path: Path, text_key: str = "text") -> Iterator[str]:
     """Documents of a JSONL/Parquet file; any other file is UTF-8 text, streamed line by line."""
-    from haina.data_spark.tokenize import iter_documents
-
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: input file not found")
@@ -181,8 +178,6 @@ def compression_report(model: Path, heldout: Path, *, text_key: str = "text") ->
     JSONL/Parquet are counted per document; a plain text file line by line (the newline is its own
     piece, so this equals encoding the whole file at once).
     """
-    from haina.data_spark.tokenize import iter_documents
-
     tokenizer = Tokenizer(model)
     heldout = Path(heldout)
     if not heldout.is_file():

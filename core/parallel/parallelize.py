@@ -22,6 +22,7 @@ from haina.core.parallel.activation_checkpoint import apply_activation_checkpoin
 from haina.core.parallel.compile import apply_compile
 from haina.core.parallel.data_parallel import apply_fsdp, dp_mesh
 from haina.core.parallel.mesh import Layout
+from haina.core.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(
@@ -29,8 +30,6 @@ def parallelize(
 ) -> None:
     """Apply the layout to ``part`` in place; a ``frozen`` model (no backward) skips checkpointing."""
     if layout.tp > 1:
-        from haina.core.parallel.tensor_parallel import apply_tensor_parallel
-
         apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
     if not frozen:
         apply_activation_checkpointing(part, cfg.parallel.activation_checkpoint)

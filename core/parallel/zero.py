@@ -35,13 +35,16 @@ from haina.core.checkpoint import (
     CheckpointManager,
     TrainerState,
     is_deepspeed_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
     rng_state,
     set_rng_state,
     verify,
 )
-from haina.core.config import HainaConfig
+from haina.core.config import HainaConfig, build_config, dump_config
 from haina.core.engine import Engine
 from haina.core.guard import NONFINITE_GRAD, OK, SpikeGuard, agree
+from haina.core.model_loading import run_config
 from haina.core.optim import build_optimizer, param_groups
 from haina.core.parallel.mesh import Layout
 from haina.core.parallel.zero_state import import_deepspeed, read_model_state
@@ -121,8 +124,6 @@ class ZeroEngine(Engine):
 
     def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
         """Frozen models stay whole on every rank: ZeRO shards what trains."""
-        from haina.core.checkpoint import load_model_weights
-
         if source is not None:
             load_model_weights(source, module)
         module.requires_grad_(False)
@@ -199,10 +200,6 @@ def convert_checkpoint(source: str | Path, out: str | Path, config: str | None =
     ``align.init_from``, ``haina export hf``, ``eval`` and ``generate`` then read it like any other.
     """
     import torch.distributed.checkpoint as dcp
-
-    from haina.core.checkpoint import resolve_checkpoint
-    from haina.core.config import build_config, dump_config
-    from haina.core.model_loading import run_config
 
     step_dir = resolve_checkpoint(source)
     if not is_deepspeed_checkpoint(step_dir):

@@ -16,16 +16,19 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
+from haina.core.checkpoint import load_model_weights
 from haina.core.config import PluginSettings
+from haina.core.engine import build_model
+from haina.core.loss import LossOutput
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.common import config_check, shifted_targets, token_logps
 from haina.plugins.align.preference_data import PairBatches, read_pairs
+from haina.plugins.align.preference_losses import dpo_loss
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
     from haina.core.engine import Engine
-    from haina.core.loss import LossOutput
 
 
 def response_logps(model: nn.Module, tokens: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
@@ -51,9 +54,6 @@ class DPO(Algorithm):
         self.reference: nn.Module | None = None
 
     def setup(self, engine: Engine, resumed: bool) -> None:
-        from haina.core.checkpoint import load_model_weights
-        from haina.core.engine import build_model
-
         init_from = self.cfg.align.init_from
         if not resumed:
             load_model_weights(init_from, engine.parts[0])
@@ -66,9 +66,6 @@ class DPO(Algorithm):
         )
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        from haina.core.loss import LossOutput
-        from haina.plugins.align.preference_losses import dpo_loss
-
         device = next(model.parameters()).device
         tokens, response = batch["tokens"].to(device), batch["response"].to(device)
         policy = response_logps(model, tokens, response)

@@ -20,12 +20,27 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
+from haina.core.checkpoint import load_model_weights
 from haina.core.config import PluginSettings
+from haina.core.engine import build_model
 from haina.core.generate import Sampling, generate
+from haina.core.model import Transformer
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
+from haina.plugins.algorithms.reward_model import build_value_model, value_config
 from haina.plugins.align.common import config_check, shifted_targets, token_logps
 from haina.plugins.align.preference_data import PromptBatches, read_prompts, response_mask_from_prompts
+from haina.plugins.align.rl import (
+    CriticWarmup,
+    KLSchedule,
+    entropy_from_logits,
+    gae,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
@@ -37,9 +52,6 @@ class ActorCritic(nn.Module):
     ``critic.*``) and one parallel layout cover both."""
 
     def __init__(self, cfg: HainaConfig) -> None:
-        from haina.core.model import Transformer
-        from haina.plugins.algorithms.reward_model import value_config
-
         super().__init__()
         self.actor = Transformer(cfg.model)
         self.critic = Transformer(value_config(cfg))
@@ -84,8 +96,6 @@ class PPO(Algorithm):
     check_config = config_check("ppo", needs=("align.init_from", "ppo.reward_model"))
 
     def __init__(self, cfg: HainaConfig) -> None:
-        from haina.plugins.align.rl import CriticWarmup, KLSchedule
-
         super().__init__(cfg)
         p = self.settings
         self.kl = KLSchedule(start=p.kl_start, end=p.kl_end, steps=cfg.train.steps, shape=p.kl_shape)
@@ -101,10 +111,6 @@ class PPO(Algorithm):
         return model
 
     def setup(self, engine: Engine, resumed: bool) -> None:
-        from haina.core.checkpoint import load_model_weights
-        from haina.core.engine import build_model
-        from haina.plugins.algorithms.reward_model import build_value_model
-
         init_from, p = self.cfg.align.init_from, self.settings
         model = engine.parts[0]
         if not resumed:
@@ -124,8 +130,6 @@ class PPO(Algorithm):
     @torch.no_grad()
     def rollout(self, engine: Engine, step: int, prompts: list[list[int]]) -> dict[str, Any]:
         """Generate, then score everything PPO needs from the models as they are now."""
-        from haina.plugins.align.rl import gae, kl_penalty_rewards, masked_whiten
-
         model = engine.parts[0]
         s = self.settings.sampling
         sampling = Sampling(
@@ -168,8 +172,6 @@ class PPO(Algorithm):
     # ----------------------------------------------------------------------------------------- training
 
     def train_step(self, engine: Engine, step: int, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        from haina.plugins.align.rl import entropy_from_logits, masked_mean, ppo_policy_loss, ppo_value_loss
-
         model = engine.parts[0]
         prompts = [ids for batch in micro_batches for ids in batch["ids"]]
         roll = self.rollout(engine, step, prompts)

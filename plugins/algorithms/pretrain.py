@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from haina.core.algorithm import Algorithm
+from haina.core.data import PretrainBatches
+from haina.core.loss import chunked_lm_loss, vocab_shard_of
 from haina.core.registry import register
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
-    from haina.core.data import PretrainBatches
     from haina.core.loss import LossOutput
 
 BAICHUAN_EOS_ID = 2
@@ -38,8 +39,6 @@ class Pretrain(Algorithm):
         self.chunk_size = cfg.loss.chunk_size
 
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> PretrainBatches:
-        from haina.core.data import PretrainBatches
-
         tcfg = cfg.train
         return PretrainBatches(
             cfg.data,
@@ -64,8 +63,6 @@ class Pretrain(Algorithm):
         arrive as a sequence-sharded DTensor); ``labels`` must be the same on every tp rank.
         """
         from torch.distributed.tensor import DTensor, Replicate
-
-        from haina.core.loss import chunked_lm_loss, vocab_shard_of
 
         weight, shard = vocab_shard_of(model.head.effective_weight())
         if isinstance(hidden, DTensor):

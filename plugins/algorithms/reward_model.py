@@ -19,15 +19,18 @@ from torch import nn
 from haina.core.algorithm import Algorithm
 from haina.core.config import PluginSettings
 from haina.core.distributed import is_main_process
+from haina.core.loss import LossOutput
+from haina.core.model import Transformer
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.common import config_check
 from haina.plugins.align.preference_data import PairBatches, category_key, read_pairs
+from haina.plugins.align.preference_losses import accuracy_by_bucket, pairwise_loss
+from haina.plugins.align.taxonomy import coverage_report, load_taxonomy
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
     from haina.core.engine import Engine
-    from haina.core.loss import LossOutput
 
 
 def value_config(cfg: HainaConfig) -> Any:
@@ -36,8 +39,6 @@ def value_config(cfg: HainaConfig) -> Any:
 
 
 def build_value_model(cfg: HainaConfig, device: torch.device) -> nn.Module:
-    from haina.core.model import Transformer
-
     with device:
         model = Transformer(value_config(cfg))
     model.init_weights()
@@ -80,9 +81,6 @@ class RewardModelTraining(Algorithm):
         return r[:m], r[m:]
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        from haina.core.loss import LossOutput
-        from haina.plugins.align.preference_losses import pairwise_loss
-
         chosen, rejected = self.scores(model, batch)
         margin = batch["gap"].to(chosen.device) if self.settings.margin else None
         loss = pairwise_loss(chosen, rejected, margin)
@@ -94,8 +92,6 @@ class RewardModelTraining(Algorithm):
             return
         report = evaluate_pairs(engine.parts[0], self.cfg, read_pairs(self.cfg.align.eval_data))
         train_items = read_pairs(self.cfg.align.data)
-        from haina.plugins.align.taxonomy import coverage_report, load_taxonomy
-
         report["coverage"] = coverage_report(train_items, load_taxonomy(self.settings.taxonomy))
         if is_main_process():
             (run_dir / "rm_eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -104,8 +100,6 @@ class RewardModelTraining(Algorithm):
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, cfg: HainaConfig, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Held-out accuracy overall, by score gap and by top- and second-level category."""
-    from haina.plugins.align.preference_losses import accuracy_by_bucket
-
     batches = PairBatches(pairs, load_tokenizer(cfg), cfg.train.seq_len, 1, cfg.train.seed)
     chosen, rejected, items = [], [], []
     algorithm = RewardModelTraining.__new__(RewardModelTraining)

@@ -15,10 +15,13 @@ import torch
 from pydantic import Field
 
 from haina.core.config import PluginSettings
+from haina.core.distributed import is_main_process
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.pretrain import Pretrain
+from haina.plugins.align.chat_format import ChatBatches, read_conversations
 from haina.plugins.align.common import config_check
+from haina.plugins.align.quality_gate import format_gate, group_by_batch, spot_check
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
@@ -42,8 +45,6 @@ class SFT(Pretrain):
     check_config = config_check("sft")
 
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> Any:
-        from haina.plugins.align.chat_format import ChatBatches, read_conversations
-
         items = read_conversations(cfg.align.data)
         if self.settings.gate_reviews is not None:
             items = self.gate(items, cfg, self.settings, run_dir)
@@ -52,9 +53,6 @@ class SFT(Pretrain):
     @staticmethod
     def gate(items: list[dict[str, Any]], cfg: HainaConfig, a: SFTSettings, run_dir: Path) -> list[dict[str, Any]]:
         """The batch spot-check before training; its report goes to ``run_dir/gate_report.json``."""
-        from haina.core.distributed import is_main_process
-        from haina.plugins.align.quality_gate import format_gate, group_by_batch, spot_check
-
         report = spot_check(group_by_batch(items), a.gate_sample, a.gate_threshold, a.gate_reviews, cfg.train.seed)
         if is_main_process():
             (run_dir / "gate_report.json").write_text(json.dumps(report.to_json(), indent=2))

@@ -15,12 +15,11 @@ from typing import Any
 import torch
 
 from haina.core.errors import InputFileError
+from haina.plugins.align.chat_format import render_prompt, validate_turns
 from haina.plugins.align.common import IGNORE, epoch_order, read_jsonl_objects
 
 
 def _turns(value: Any, where: str) -> list[dict[str, str]]:
-    from haina.plugins.align.chat_format import validate_turns
-
     if isinstance(value, str) and value:
         return [{"role": "user", "content": value}]
     turns = validate_turns(value, where, reply_last=False)
@@ -84,8 +83,6 @@ class PairBatches:
 
     def _encode(self, k: int) -> tuple[list[int], int, list[int], int]:
         if k not in self._encoded:
-            from haina.plugins.align.chat_format import render_prompt
-
             item, tok = self.pairs[k], self.tokenizer
             prompt = render_prompt(item["prompt"], tok)
             chosen = render_pair_side(prompt, tok.encode(item["chosen"]) + [tok.eos_id], self.seq_len)
@@ -124,8 +121,6 @@ class PromptBatches:
     seed: int
 
     def batch(self, i: int) -> dict[str, Any]:
-        from haina.plugins.align.chat_format import render_prompt
-
         n, m = len(self.prompts), self.micro_batch_size
         index = [epoch_order(n, self.seed, p // n)[p % n] for p in range(i * m, (i + 1) * m)]
         items = [self.prompts[k] for k in index]

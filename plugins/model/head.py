@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from haina.core.parallel.tensor_parallel import ReplicatedParallel, VocabParallelHead
 from haina.core.registry import register
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ class LinearHead(nn.Module):
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """Rows split by vocabulary; effective_weight() of a subclass must be row-local (NormHead's is)."""
-        from haina.core.parallel.tensor_parallel import VocabParallelHead
-
         return {"": VocabParallelHead()}
 
     def extra_repr(self) -> str:
@@ -90,6 +89,4 @@ class ValueHead(nn.Module):
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """A single output row: replicated on every tp rank."""
-        from haina.core.parallel.tensor_parallel import ReplicatedParallel
-
         return {"": ReplicatedParallel()}

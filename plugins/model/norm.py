@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from haina.core.parallel.tensor_parallel import ReplicatedParallel
 from haina.core.registry import PluginError, register
 
 if TYPE_CHECKING:
@@ -77,8 +78,6 @@ class RMSNorm(nn.Module):
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """Per-token math: under SP it runs on this rank's sequence shard, else replicated."""
         from torch.distributed.tensor.parallel import SequenceParallel
-
-        from haina.core.parallel.tensor_parallel import ReplicatedParallel
 
         return {"": SequenceParallel(use_local_output=True) if sequence_parallel else ReplicatedParallel()}
 

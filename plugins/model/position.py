@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from haina.core.errors import ConfigError
+from haina.core.parallel.tensor_parallel import ShardHeads
 from haina.core.registry import register
 from haina.plugins.model.norm import autocast_off
 
@@ -168,8 +169,6 @@ class ALiBi(nn.Module):
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """Each tp rank biases only its own heads."""
-        from haina.core.parallel.tensor_parallel import ShardHeads
-
         return {"": ShardHeads()}
 
     def forward(

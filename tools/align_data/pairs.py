@@ -23,8 +23,14 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from haina.core.checkpoint import resolve_checkpoint
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl, write_durable
+from haina.core.model_loading import load_model, run_config
+from haina.core.tokenizer import load_tokenizer
+from haina.plugins.algorithms.reward_model import last_token_scores
+from haina.plugins.align.chat_format import render_prompt
+from haina.plugins.align.preference_data import render_pair_side
 
 PROVENANCE = ("model", "setting", "step", "id")
 
@@ -57,15 +63,10 @@ def scores_from_reward_model(records: list[dict[str, Any]], run: str, batch_size
     """A trained reward model's score of each prompt + response (its last token's value)."""
     import torch
 
-    from haina.core.model_loading import load_model
-    from haina.core.tokenizer import load_tokenizer
-    from haina.plugins.algorithms.reward_model import last_token_scores
-    from haina.plugins.align.chat_format import render_prompt
-    from haina.plugins.align.preference_data import render_pair_side
-
+    algorithm = run_config(resolve_checkpoint(run)).algorithm
+    if algorithm != "rm":
+        raise InputFileError(f"{run}: not a reward model run (algorithm={algorithm})")
     cfg, model = load_model(run, value_head=True)
-    if cfg.model.head != "value":
-        raise InputFileError(f"{run}: not a reward model (model.head={cfg.model.head}, not value)")
     tokenizer = load_tokenizer(cfg)
     scores: dict[str, float] = {}
     for start in range(0, len(records), batch_size):

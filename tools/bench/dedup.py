@@ -21,7 +21,12 @@ import time
 from itertools import combinations
 from pathlib import Path
 
+from haina.data_spark.config import load_prepare_config
+from haina.data_spark.connected_components import connected_components
 from haina.data_spark.minhash import MinHasher, candidate_probability, lsh_params, shingles
+from haina.data_spark.prepare import prepare_main
+from haina.data_spark.session import get_session
+from haina.data_spark.stages.near_dedup import candidate_edges, copies, signatures, verified
 
 BUCKETS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.75), (0.75, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01)]
 
@@ -78,10 +83,6 @@ def make_corpus(n: int, seed: int, size: int) -> tuple[list[dict], list[tuple[in
 
 def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set], float]:
     """(verified links, pairs in one final cluster, (kept, removed) pairs, band keys per document, seconds)."""
-    from haina.data_spark.connected_components import connected_components
-    from haina.data_spark.session import get_session
-    from haina.data_spark.stages.near_dedup import candidate_edges, copies, signatures, verified
-
     spark = get_session(cfg.spark, "local[2]")
     df = spark.createDataFrame([(int(d["id"]), d["text"]) for d in docs], "row_id long, text string").repartition(8)
     df = df.cache()
@@ -126,8 +127,6 @@ def datasketch_lsh(docs: list[dict], cfg) -> float:
 
 
 def whole_job(docs: list[dict], folder: Path) -> float:
-    from haina.data_spark.prepare import prepare_main
-
     path = folder / "docs.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     start = time.perf_counter()
@@ -141,8 +140,6 @@ def whole_job(docs: list[dict], folder: Path) -> float:
 
 
 def main() -> None:
-    from haina.data_spark.config import load_prepare_config
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,7 @@ from haina.core.config import LossConfig, ModelConfig, OptimConfig, swiglu_ffn_s
 from haina.core.loss import chunked_lm_loss
 from haina.core.model import Transformer
 from haina.core.optim import build_optimizer
+from haina.core.parallel.compile import apply_compile
 
 Step = Callable[[], float]
 
@@ -63,8 +64,6 @@ def haina_step(
     model = Transformer(cfg)
     model.init_weights()
     if compile:
-        from haina.core.parallel.compile import apply_compile
-
         apply_compile(model)
     optim = build_optimizer(model, OptimConfig(warmup_steps=0))
     LossConfig(terms=terms)  # validates the names

@@ -20,7 +20,26 @@ from rich.console import Console
 from rich.table import Table
 
 from haina.core.config import HainaConfig, alignment_config, load_config
+from haina.core.generate import Sampling, generate
+from haina.core.metrics import read_metrics
+from haina.core.model_loading import load_model
+from haina.core.tokenizer import load_tokenizer
+from haina.core.train import train
+from haina.plugins.algorithms.reward_model import last_token_scores
+from haina.plugins.align.chat_format import render_prompt
+from haina.plugins.align.preference_data import read_prompts
+from haina.plugins.align.taxonomy import DEFAULT_TAXONOMY
 from haina.tools.align_data import task
+from haina.tools.align_data.collect import collect, load_collect_config
+from haina.tools.align_data.pairs import build_pairs
+from haina.tools.align_data.prompts import coverage, format_coverage_report, read_items, stratified_sample
+from haina.tools.eval.safety import (
+    attack_prompts,
+    evaluate_safety,
+    format_safety_table,
+    plot_safety,
+    refusal_conversations,
+)
 
 # Sized for a few minutes on two CPU cores with the demo preset.
 SFT = ("train.steps=300", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=20")
@@ -34,8 +53,6 @@ COMMON = ("train.log_every=10", "train.save_every=1000", "train.progress=true")
 
 
 def write_task(folder: Path) -> dict[str, Path]:
-    from haina.tools.eval.safety import refusal_conversations
-
     return {
         "sft": task.write_jsonl(task.sft_conversations(2000, 1) + refusal_conversations(), folder / "sft.jsonl"),
         "pairs": task.write_jsonl(task.preference_pairs(1500, 2), folder / "pairs.jsonl"),
@@ -49,13 +66,6 @@ def write_task(folder: Path) -> dict[str, Path]:
 @torch.no_grad()
 def policy_reward(cfg: HainaConfig, policy: Path, source_prefix: str, rm_run: Path, prompts: Path) -> dict[str, float]:
     """Greedy replies of a checkpointed policy to held-out prompts: mean reward-model score and task reward."""
-    from haina.core.generate import Sampling, generate
-    from haina.core.model_loading import load_model
-    from haina.core.tokenizer import load_tokenizer
-    from haina.plugins.algorithms.reward_model import last_token_scores
-    from haina.plugins.align.chat_format import render_prompt
-    from haina.plugins.align.preference_data import read_prompts
-
     tok = load_tokenizer(cfg)
     _, actor = load_model(policy, prefix=source_prefix)
     _, rm = load_model(rm_run, value_head=True)
@@ -74,9 +84,6 @@ def policy_reward(cfg: HainaConfig, policy: Path, source_prefix: str, rm_run: Pa
 
 
 def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> dict[str, Any]:
-    from haina.core.metrics import read_metrics
-    from haina.core.train import train
-
     data = write_task(workdir / "align_data")
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -141,11 +148,6 @@ def collect_pairs(folder: Path, pool: Path, models: dict[str, Path], console: Co
     sampled setting, and the verifier's preference pairs (haina prompts / rm collect / rm pairs)."""
     import yaml
 
-    from haina.plugins.align.taxonomy import DEFAULT_TAXONOMY
-    from haina.tools.align_data.collect import collect, load_collect_config
-    from haina.tools.align_data.pairs import build_pairs
-    from haina.tools.align_data.prompts import coverage, format_coverage_report, read_items, stratified_sample
-
     console.rule("[bold]prompt taxonomy and response collection")
     items = read_items(pool)
     report = coverage(items, DEFAULT_TAXONOMY, min_count=20)
@@ -170,8 +172,6 @@ def collect_pairs(folder: Path, pool: Path, models: dict[str, Path], console: Co
 
 def safety_table(workdir: Path, models: dict[str, Path], console: Console) -> dict[str, float]:
     """Harmless rate per safety category on the held-out attack prompts (refusal judge), with a plot."""
-    from haina.tools.eval.safety import attack_prompts, evaluate_safety, format_safety_table, plot_safety
-
     console.rule("[bold]safety evaluation (held-out attack prompts)")
     prefixes = {"ppo": "actor."}
     report = evaluate_safety({k: (str(v), prefixes.get(k, "")) for k, v in models.items()}, attack_prompts("eval"),

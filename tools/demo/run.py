@@ -18,6 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from haina.core.config import load_config
+from haina.core.metrics import read_metrics
+from haina.core.train import train
+from haina.data_spark.prepare import kept_files, prepare_main, tokenize_main
+from haina.tools.demo.align import run_alignment_demo
+from haina.tools.demo.corpus import build_corpus
+from haina.tools.tokenizer import compression_report, format_report, train_tokenizer
 
 
 def plot_loss(records: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
@@ -43,12 +49,6 @@ def plot_loss(records: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
 
 def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -> dict[str, Any]:
     from importlib import resources
-
-    from haina.core.metrics import read_metrics
-    from haina.core.train import train
-    from haina.data_spark.prepare import kept_files, prepare_main, tokenize_main
-    from haina.tools.demo.corpus import build_corpus
-    from haina.tools.tokenizer import compression_report, format_report, train_tokenizer
 
     console = Console()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -124,8 +124,6 @@ def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -
     if not records[-1]["loss"] < records[0]["loss"]:
         raise RuntimeError("the demo's loss did not fall")
     if align:
-        from haina.tools.demo.align import run_alignment_demo
-
         summary["alignment"] = run_alignment_demo(workdir, result.run_dir, console)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -26,11 +26,14 @@ import torch.nn.functional as F
 
 from haina.core.config import HainaConfig
 from haina.core.data import IGNORE_INDEX
+from haina.core.distributed import default_device, init_distributed, is_main_process
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl
 from haina.core.model import Transformer
 from haina.core.model_loading import load_model
-from haina.core.placement import inference_config
+from haina.core.placement import inference_config, place
+from haina.core.tokenizer import Tokenizer
+from haina.plugins.algorithms.pretrain import Pretrain
 
 CHUNK = 1024
 
@@ -66,8 +69,6 @@ def read_documents(
             if tokenizer is None:
                 if tokenizer_model is None:
                     raise ConfigError(f"{item}: JSONL needs a tokenizer (--tokenizer, or data.tokenizer in the run)")
-                from haina.core.tokenizer import Tokenizer
-
                 tokenizer = Tokenizer(tokenizer_model)
             documents: Iterator[tuple[str, list[int]]] = _jsonl_documents(path, tokenizer, text_key)
         elif Path(item + ".bin").is_file() and Path(item + ".idx").is_file():
@@ -125,9 +126,6 @@ class _Scorer:
     holds no loss (pipeline stages before the last; tp ranks but the first count once)."""
 
     def __init__(self, model: Transformer, cfg: HainaConfig, world: int) -> None:
-        from haina.core.placement import place
-        from haina.plugins.algorithms.pretrain import Pretrain
-
         cfg.loss.terms = {"cross_entropy": 1.0}
         self.scorer = Pretrain(cfg)
         placed = place(model, cfg, world, stage_loss=self.scorer)
@@ -180,8 +178,6 @@ def evaluate_perplexity(
     """Score ``data`` with the model of ``checkpoint`` under the layout of ``overrides`` (any world size
     torchrun gives); write and return the JSON report (written by rank 0)."""
     import os
-
-    from haina.core.distributed import default_device, init_distributed, is_main_process
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")

@@ -25,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from haina.core.errors import ConfigError, InputFileError
+from haina.core.generate import Sampling, generate
+from haina.core.model_loading import load_model
+from haina.core.tokenizer import load_tokenizer
+from haina.plugins.align.chat_format import render_prompt
+from haina.plugins.align.preference_data import read_prompts
+from haina.tools.align_data.pairs import scores_from_reward_model
 
 # category -> (requests used to teach refusals, held-out requests, unsafe terms); each request (en, zh).
 CATEGORIES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
@@ -138,15 +144,13 @@ def make_judge(spec: str, threshold: float = 0.0) -> Callable[[list[dict[str, An
             return out
         return words
     if kind == "classifier":
-        from haina.data_spark.linear_model import LinearModel
+        from haina.data_spark.linear_model import LinearModel  # pyspark: only this judge needs it
 
         if not arg or not Path(arg).is_file():
             raise InputFileError(f"--judge {spec!r}: classifier:PATH needs the safety model file (models/safety.npz)")
         model = LinearModel.load(Path(arg))
         return lambda items, replies: [model.score(r) < 0.5 for r in replies]
     if kind == "reward-model":
-        from haina.tools.align_data.pairs import scores_from_reward_model
-
         if not arg:
             raise ConfigError(f"--judge {spec!r}: reward-model:RUN needs the reward model's run directory")
 
@@ -162,11 +166,6 @@ def make_judge(spec: str, threshold: float = 0.0) -> Callable[[list[dict[str, An
 def replies_of(checkpoint: str, items: list[dict[str, Any]], max_new_tokens: int, tokenizer: str | None,
                prefix: str = "") -> list[str]:
     """Greedy replies of a model (checkpoint of any layout, PPO actor via ``prefix``, or an HF export)."""
-    from haina.core.generate import Sampling, generate
-    from haina.core.model_loading import load_model
-    from haina.core.tokenizer import load_tokenizer
-    from haina.plugins.align.chat_format import render_prompt
-
     cfg, model = load_model(checkpoint, prefix=prefix)
     tok = load_tokenizer(cfg, tokenizer)
     ids = [render_prompt(it["prompt"], tok) for it in items]
@@ -249,8 +248,6 @@ def plot_safety(report: dict[str, Any], path: Path) -> Path:
 
 
 def run_safety(args: Any) -> int:
-    from haina.plugins.align.preference_data import read_prompts
-
     items = read_prompts(args.prompts) if args.prompts else attack_prompts("eval")
     models = {"model": (args.checkpoint, args.prefix)}
     if args.compare:

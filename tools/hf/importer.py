@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from haina.core import hf_layout
+from haina.core.checkpoint import TrainerState, save_checkpoint
 from haina.core.config import dump_config
 from haina.core.hf_layout import HFFormatError
 from haina.core.model_loading import load_hf_model
+from haina.core.optim import build_optimizer
 
 
 def import_hf(
@@ -27,9 +29,6 @@ def import_hf(
     overrides: Sequence[str] = (),
 ) -> Path:
     """Write the haina run directory ``out`` from an HF model directory; returns the step directory."""
-    from haina.core.checkpoint import TrainerState, save_checkpoint
-    from haina.core.optim import build_optimizer
-
     model_dir, run_dir = Path(model_dir), Path(out)
     if (run_dir / "checkpoints").exists():
         raise HFFormatError(f"{run_dir}: already holds checkpoints; choose a new --out")
