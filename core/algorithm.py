@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from haina.core import registry
-from haina.core.checkpoint import load_model_weights
 from haina.core.config import HainaConfig, plugin_settings
-from haina.core.engine import build_model
 from haina.core.errors import PluginError
+from haina.core.model import build_model
 
 if TYPE_CHECKING:
     from haina.core.engine import Engine
@@ -47,6 +46,9 @@ class Algorithm(abc.ABC):
 
     def setup(self, engine: Engine, resumed: bool) -> None:
         """Build frozen models and load starting weights (default: ``align.init_from`` unless resuming)."""
+        # DCP only when a run starts: listing or validating plugins must not load the checkpoint machinery
+        from haina.core.checkpoint import load_model_weights
+
         if not resumed and self.cfg.align.init_from is not None:
             for part in engine.parts:
                 load_model_weights(self.cfg.align.init_from, part)

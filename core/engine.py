@@ -18,7 +18,6 @@ from torch import nn
 from haina.core.checkpoint import CheckpointManager, TrainerState, load_checkpoint, load_model_weights
 from haina.core.config import HainaConfig
 from haina.core.guard import OK, SpikeGuard, agree
-from haina.core.model import Transformer
 from haina.core.optim import set_lr
 from haina.core.parallel.mesh import Layout
 from haina.core.parallel.parallelize import clip_grad_norm
@@ -104,12 +103,3 @@ class Engine:
     def load(self, step_dir: Path) -> TrainerState:
         """Model, optimizer and RNG from ``step_dir`` in place; the trainer state it was saved with."""
         return load_checkpoint(step_dir, self.parts, self.optimizers)
-
-
-def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:
-    """fp32 parameters (the master copy), the same on every rank (same seed); bf16 lives in autocast."""
-    torch.manual_seed(cfg.train.seed)
-    with device:
-        model = Transformer(cfg.model)
-    model.init_weights()
-    return model

@@ -18,7 +18,7 @@ from torch import nn
 
 from haina.core import registry
 from haina.core.attention import AttentionInputs
-from haina.core.config import ModelConfig
+from haina.core.config import HainaConfig, ModelConfig
 from haina.core.errors import PluginError
 from haina.core.kv_cache import KVCache, LayerCache
 
@@ -210,6 +210,15 @@ class Transformer(nn.Module):
                     module.bias.zero_()
             elif callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
+
+
+def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:
+    """fp32 parameters (the master copy), the same on every rank (same seed); bf16 lives in autocast."""
+    torch.manual_seed(cfg.train.seed)
+    with device:
+        model = Transformer(cfg.model)
+    model.init_weights()
+    return model
 
 
 def blocks_of(model: nn.Module) -> list[Block]:

@@ -16,10 +16,10 @@ import torch
 from haina.core import faults
 from haina.core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
 from haina.core.checkpoint_reader import SafeReader
-from haina.core.engine import build_model
 from haina.core.files import MANIFEST, write_manifest
 from haina.core.guard import NONFINITE_GRAD, NONFINITE_LOSS, OK, SPIKE, SpikeGuard
 from haina.core.metrics import read_metrics
+from haina.core.model import build_model
 from haina.core.preempt import Preempted
 from haina.core.train import train
 from tests.conftest import one_line_error, tiny_config

@@ -61,7 +61,7 @@ def test_gradient_accumulation_matches_bigger_batch(tmp_path: Path, tiny_data: P
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path, tiny_data: Path) -> None:
     from haina.core.checkpoint import load_checkpoint
-    from haina.core.engine import build_model
+    from haina.core.model import build_model
 
     cfg = tiny_config(tmp_path / "bf16", tiny_data, "train.precision=bf16", "train.steps=3")
     result = train(cfg)

@@ -16,10 +16,9 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
-from haina.core.checkpoint import load_model_weights
 from haina.core.config import PluginSettings
-from haina.core.engine import build_model
 from haina.core.loss import LossOutput
+from haina.core.model import build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.common import config_check, shifted_targets, token_logps
@@ -54,6 +53,9 @@ class DPO(Algorithm):
         self.reference: nn.Module | None = None
 
     def setup(self, engine: Engine, resumed: bool) -> None:
+        # DCP only when a run starts: listing or validating plugins must not load the checkpoint machinery
+        from haina.core.checkpoint import load_model_weights
+
         init_from = self.cfg.align.init_from
         if not resumed:
             load_model_weights(init_from, engine.parts[0])

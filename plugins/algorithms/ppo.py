@@ -20,11 +20,9 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
-from haina.core.checkpoint import load_model_weights
 from haina.core.config import PluginSettings
-from haina.core.engine import build_model
 from haina.core.generate import Sampling, generate
-from haina.core.model import Transformer
+from haina.core.model import Transformer, build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.reward_model import build_value_model, value_config
@@ -111,6 +109,9 @@ class PPO(Algorithm):
         return model
 
     def setup(self, engine: Engine, resumed: bool) -> None:
+        # DCP only when a run starts: listing or validating plugins must not load the checkpoint machinery
+        from haina.core.checkpoint import load_model_weights
+
         init_from, p = self.cfg.align.init_from, self.settings
         model = engine.parts[0]
         if not resumed:

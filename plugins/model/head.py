@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haina.core.parallel.tensor_parallel import ReplicatedParallel, VocabParallelHead
 from haina.core.registry import register
 
 if TYPE_CHECKING:
@@ -43,6 +42,9 @@ class LinearHead(nn.Module):
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """Rows split by vocabulary; effective_weight() of a subclass must be row-local (NormHead's is)."""
+        # the TP styles load torch's DTensor (~0.4 s): only tensor-parallel layouts pay for it
+        from haina.core.parallel.tensor_parallel import VocabParallelHead
+
         return {"": VocabParallelHead()}
 
     def extra_repr(self) -> str:
@@ -89,4 +91,7 @@ class ValueHead(nn.Module):
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """A single output row: replicated on every tp rank."""
+        # the TP styles load torch's DTensor (~0.4 s): only tensor-parallel layouts pay for it
+        from haina.core.parallel.tensor_parallel import ReplicatedParallel
+
         return {"": ReplicatedParallel()}

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from haina.core.errors import ConfigError
-from haina.core.parallel.tensor_parallel import ShardHeads
 from haina.core.registry import register
 from haina.plugins.model.norm import autocast_off
 
@@ -169,6 +168,9 @@ class ALiBi(nn.Module):
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, Any]:
         """Each tp rank biases only its own heads."""
+        # the TP styles load torch's DTensor (~0.4 s): only tensor-parallel layouts pay for it
+        from haina.core.parallel.tensor_parallel import ShardHeads
+
         return {"": ShardHeads()}
 
     def forward(
