@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench-loss bench-dedup bench-layouts bench-speed clean
+.PHONY: setup demo test test-fast lint bench-loss bench-dedup bench-layouts bench-speed bench-imports clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-layouts: setup
 
 bench-speed: setup
 	$(PY) -m haina.tools.bench.speed
+
+bench-imports: setup
+	$(PY) -m haina.tools.bench.imports
 
 clean:
 	rm -rf runs build dist *.egg-info

@@ -1,6 +1,6 @@
 """The import structure of the package, measured: internal imports, the share deferred into function
 bodies, wrong-way imports between layers, modules in import cycles, lines of code, and the import time
-of ``haina --help``.
+of ``haina --help`` and ``haina plugins``.
 
 ``python -m haina.tools.bench.imports`` (from a source checkout). Pure AST over the source folders, so a
 broken module cannot hide an edge; ``tests/test_layers.py`` asserts on the same graph.
@@ -178,6 +178,7 @@ class ImportReport:
     in_cycles: int
     lines: int
     help_import_s: float | None
+    plugins_import_s: float | None
 
 
 def wrong_way(modules: dict[str, Path]) -> list[Edge]:
@@ -188,9 +189,9 @@ def cycles(modules: dict[str, Path]) -> list[list[str]]:
     return [c for c in strongly_connected(dependency_graph(modules)) if len(c) > 1]
 
 
-def help_import_seconds() -> float:
-    """Sum of the top-level imports ``python -X importtime -m haina.tools.cli --help`` reports."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "haina.tools.cli", "--help"],
+def import_seconds(*args: str) -> float:
+    """Sum of the top-level imports ``python -X importtime -m haina.tools.cli ARGS`` reports."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "haina.tools.cli", *args],
                          capture_output=True, text=True, check=True).stderr
     total = 0
     for line in out.splitlines():
@@ -209,14 +210,15 @@ def measure(root: Path = ROOT, with_help: bool = True) -> ImportReport:
         wrong_way=len(wrong_way(modules)),
         in_cycles=sum(len(c) for c in cycles(modules)),
         lines=sum(len(p.read_text(encoding="utf-8").splitlines()) for p in modules.values()),
-        help_import_s=help_import_seconds() if with_help else None,
+        help_import_s=import_seconds("--help") if with_help else None,
+        plugins_import_s=import_seconds("plugins") if with_help else None,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="source checkout to measure (default: this one)")
-    parser.add_argument("--no-help-time", action="store_true", help="skip timing `haina --help` (of this install)")
+    parser.add_argument("--no-help-time", action="store_true", help="skip timing `haina --help` and `haina plugins` (of this install)")
     args = parser.parse_args(argv)
     if not (args.root / "core").is_dir():
         sys.exit(f"haina.tools.bench.imports: no source checkout at {args.root} (give --root)")
@@ -226,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrong-way imports     {r.wrong_way}")
     print(f"modules in cycles     {r.in_cycles}")
     print(f"lines of code         {r.lines:,} (core, plugins, data_spark, tools)")
-    if r.help_import_s is not None:
+    if r.help_import_s is not None and r.plugins_import_s is not None:
         print(f"haina --help imports  {r.help_import_s:.2f} s")
+        print(f"haina plugins imports {r.plugins_import_s:.2f} s")
 
 
 if __name__ == "__main__":
