@@ -20,6 +20,7 @@ from haina.core import registry
 from haina.core.config import HainaConfig, plugin_settings
 from haina.core.errors import PluginError
 from haina.core.model import build_model
+from haina.core.tokenizer import check_tokenizers
 
 if TYPE_CHECKING:
     from haina.core.engine import Engine
@@ -97,5 +98,7 @@ def algorithm_class(cfg: HainaConfig) -> type[Algorithm]:
 
 
 def check_algorithm(cfg: HainaConfig) -> None:
-    """The algorithm's own refusals (layouts, missing inputs), before any process group or model."""
+    """The refusals every run passes before any process group or model: the tokenizers the config names
+    (readable, no more pieces than ``model.vocab_size``), then the algorithm's own (layouts, inputs)."""
+    check_tokenizers(cfg)
     algorithm_class(cfg).check_config(cfg)

@@ -100,6 +100,22 @@ class AttentionInputs:
             self._dense["bias"] = bias
         return self._dense["bias"]
 
+    def kernel_bias(self, align: int = 1) -> torch.Tensor | None:
+        """:meth:`dense_bias` as a kernel takes it: [b or 1, h or 1, q, k] in the compute dtype, its rows
+        padded in memory to a multiple of ``align`` elements (xformers wants 8). Built once per forward and
+        shared by every layer, so backward saves one copy, not one cast per layer (13B ALiBi: 1.3 GB each)."""
+        key = f"kernel/{align}"
+        if key not in self._dense:
+            bias = self.dense_bias()
+            if bias is not None:
+                bias = bias if bias.dim() == 4 else bias[None]
+                k_len = bias.shape[-1]
+                padded = -(-k_len // align) * align
+                out = torch.empty((*bias.shape[:-1], padded), dtype=self.dtype, device=bias.device)[..., :k_len]
+                bias = out.copy_(bias)
+            self._dense[key] = bias
+        return self._dense[key]
+
     @staticmethod
     def plain(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None) -> AttentionInputs:
         """Inputs for a direct call with an optional dense bias (tests, external callers)."""
@@ -161,13 +177,17 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
 @dataclass(frozen=True)
 class KernelSpec:
     """What a kernel can run: the library it needs, devices and dtypes (None = any), position bias kinds,
-    and its place in ``auto``'s order per device (lower = tried first; None = never picked by auto)."""
+    and its place in ``auto``'s order per device (lower = tried first; None = never picked by auto).
+    ``saves_scores``: the devices on which it keeps [heads, q, k] state for backward, the only case in
+    which ``activation_checkpoint=selective`` (recomputing the kernel) saves memory; a kernel that does
+    not say is assumed to keep it everywhere."""
 
     module: str | None = None
     devices: tuple[str, ...] | None = None
     dtypes: tuple[torch.dtype, ...] | None = None
     bias_kinds: tuple[str, ...] = BIAS_KINDS
     auto_rank: dict[str, int] | None = None
+    saves_scores: tuple[str, ...] = ALL_DEVICES
 
 
 ANY_KERNEL = KernelSpec()
@@ -225,10 +245,10 @@ def auto_order(device: str) -> list[str]:
     return [name for _, name in sorted(ranked)]
 
 
-def select_kernel(bias_kind: str, device: str, dtype: torch.dtype) -> str:
+def select_kernel(bias_kind: str, device: str, dtype: torch.dtype, exclude: tuple[str, ...] = ()) -> str:
     """The fastest installed kernel that takes this position bias on this device and dtype."""
     for name in auto_order(device):
-        if unsuitable(name, bias_kind, device, dtype) is None:
+        if name not in exclude and unsuitable(name, bias_kind, device, dtype) is None:
             return name
     return "sdpa"
 

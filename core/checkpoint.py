@@ -34,11 +34,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from haina.core import faults
+from haina.core import collectives, faults
 from haina.core.checkpoint_reader import SafeLoadPlanner, SafeReader
 from haina.core.distributed import is_main_process
-from haina.core.errors import InputFileError
-from haina.core.files import CheckpointError, publish_dir, verify_manifest, write_durable
+from haina.core.errors import InputFileError, one_line
+from haina.core.files import (
+    MANIFEST,
+    CheckpointError,
+    manifest_entries,
+    publish_dir,
+    verify_manifest,
+    write_durable,
+)
 from haina.core.parallel.zero_state import read_model_state
 
 LATEST = "latest"
@@ -121,8 +128,7 @@ def _published(root: Path) -> list[Path]:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 class CheckpointManager:
@@ -137,14 +143,13 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep = keep
         self.last_saved_step: int | None = None
-        self._pending: tuple[Any, Path, Path, TrainerState] | None = None
+        self._pending: tuple[Any, Path, Path, TrainerState, dict | None] | None = None
         # async saves run their collectives in a thread: give them their own gloo group (never the
         # training group, whose collectives the main thread issues meanwhile)
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self.async_save = async_save
-        if is_main_process() and self.root.is_dir():
-            for stale in self.root.glob(".step_*.partial"):
-                shutil.rmtree(stale, ignore_errors=True)  # an interrupted save: never published
+        if is_main_process():
+            clean_leftovers(self.root)
         _barrier()
 
     def save(
@@ -175,11 +180,13 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         snapshot = TrainerState(**json.loads(json.dumps(asdict(trainer))))
-        with _single_process_quiet():
-            future = write(tmp)
-        if future is None:
-            _barrier()  # every rank's files are written before rank 0 lists them in the manifest
-        self._pending = (future, tmp, final, snapshot)
+        try:
+            with _single_process_quiet():
+                future = write(tmp)
+        except (Exception, dcp.api.CheckpointException) as exc:  # torch's is a BaseException
+            raise _write_failed(tmp, final, exc) from None
+        known = _shared_manifest_entries(tmp) if future is None else None
+        self._pending = (future, tmp, final, snapshot, known)
         self.last_saved_step = trainer.step
         if block or future is None:
             self.wait()
@@ -194,12 +201,15 @@ class CheckpointManager:
         """Finish the save in flight, if any, and publish it (rank 0)."""
         if self._pending is None:
             return
-        future, tmp, final, trainer = self._pending
+        future, tmp, final, trainer, known = self._pending
         self._pending = None
         if future is not None:
-            future.result()
+            try:
+                future.result()
+            except (Exception, dcp.api.CheckpointException) as exc:
+                raise _write_failed(tmp, final, exc) from None
         if is_main_process():
-            _publish(tmp, final, trainer, self.keep)
+            _publish(tmp, final, trainer, self.keep, known)
 
     def close(self) -> None:
         self.wait()
@@ -208,11 +218,64 @@ class CheckpointManager:
             self._group = None
 
 
-def _publish(tmp: Path, final: Path, trainer: TrainerState, keep: int) -> None:
+def clean_leftovers(root: Path) -> None:
+    """Remove what an interrupted save or publish can leave: ``.step_N.partial`` (never published),
+    ``.step_N.old`` (a replaced folder whose removal was cut short), ``.latest.tmp`` (a pointer never
+    renamed into place). None of them is ever read, and on a full disk they hold the space a save needs."""
+    if not root.is_dir():
+        return
+    for stale in [*root.glob(".step_*.partial"), *root.glob(".step_*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    (root / f".{LATEST}.tmp").unlink(missing_ok=True)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _write_failed(tmp: Path, final: Path, exc: BaseException) -> CheckpointError:
+    """One line for a save that failed while writing (a full disk, most often: torch then reports only
+    ``unexpected pos`` from its zip writer); the half-written folder is removed at once, so the space is
+    free again and the previous checkpoint stays the one ``latest`` names."""
+    cause = exc
+    if isinstance(exc, dcp.api.CheckpointException) and exc.failures:
+        cause = next(iter(exc.failures.values()))[0]
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    root = final.parent
+    free = shutil.disk_usage(root).free if root.is_dir() else 0
+    previous = latest_checkpoint(root)
+    need = ""
+    if previous is not None and (previous / MANIFEST).is_file():
+        size = sum(e["size"] for e in json.loads((previous / MANIFEST).read_text())["files"].values())
+        need = f", a checkpoint needs about {_gib(size)}"
+    kept = f"{previous.name} stays the latest" if previous is not None else "no earlier checkpoint"
+    return CheckpointError(
+        f"{final}: checkpoint write failed after {_gib(written)}: {type(cause).__name__}: {one_line(cause)} "
+        f"({_gib(free)} free on {root}{need}); {kept}"
+    )
+
+
+def _shared_manifest_entries(tmp: Path) -> dict[str, dict[str, Any]]:
+    """Once every rank's files are written (a collective), each rank fsyncs and checksums every world-th
+    of them and rank 0 gathers the entries: at 13B that is ~170 GB, which rank 0 alone would read while
+    the others wait in a collective. An asynchronous save's files are checksummed by rank 0 when it
+    publishes (the other ranks are training meanwhile, not waiting on it)."""
+    _barrier()  # every rank's files are written before any is listed
+    rank, world = collectives.rank_world()
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    merged: dict[str, dict[str, Any]] = {}
+    for part in collectives.all_gather_object(manifest_entries(tmp, names[rank::world])):
+        merged.update(part)
+    return merged
+
+
+def _publish(tmp: Path, final: Path, trainer: TrainerState, keep: int, known: dict | None = None) -> None:
     """Trainer state, then the one atomic publish (manifest, rename), then ``latest``; prune old ones."""
     faults.fire("save_written", trainer.step)
     (tmp / TRAINER_STATE).write_text(json.dumps(asdict(trainer)))
-    publish_dir(tmp, final, before_rename=lambda: faults.fire("save_manifest", trainer.step))
+    publish_dir(tmp, final, before_rename=lambda: faults.fire("save_manifest", trainer.step), known=known)
     faults.fire("save_renamed", trainer.step)
     write_durable(final.parent / LATEST, final.name)
     if keep > 0:
@@ -262,17 +325,14 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
 def verify(step_dir: Path) -> None:
     """Check the manifest, sharing the reading between ranks when a process group exists; every rank
     raises (the rank that found the damage names the file)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = collectives.rank_world()
     error: CheckpointError | None = None
     try:
         verify_manifest(step_dir, (rank, world))
     except CheckpointError as exc:
         error = exc
-    if world > 1:
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and error is None:
-            error = CheckpointError(f"{step_dir}: failed verification on another rank (see its error)")
+    if collectives.any_true(error is not None) and error is None:
+        error = CheckpointError(f"{step_dir}: failed verification on another rank (see its error)")
     if error is not None:
         raise error
 

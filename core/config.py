@@ -310,6 +310,10 @@ class ParallelConfig(_Section):
     dp_backend: Literal["fsdp2", "deepspeed"] = Field(
         "fsdp2", description="Sharded data parallelism: FSDP2 (any layout) or DeepSpeed ZeRO (tp = pp = 1)."
     )
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="How long a collective waits for a slow rank (rank 0's index build, a "
+        "checkpoint publish) before the job fails; NCCL's own default is 600 s.",
+    )
 
     @field_validator("dp_shard")
     @classmethod

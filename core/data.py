@@ -3,25 +3,41 @@
 megatron-core owns the packing (documents concatenated with eos and cut into sequences) and the
 seeded, deterministic shuffle; this module only asks it for the samples of a given step, so the data
 position is a single counter of consumed samples that a checkpoint can store.
+
+Two things megatron-core trusts are checked here first: the ``.bin``/``.idx`` files
+(:mod:`haina.core.indexed_dataset`), and its sample-index cache. megatron writes that cache in place and
+counts "every file exists" as a hit, so a build killed mid-``numpy.save`` left a truncated ``.npy`` that
+failed every restart. haina therefore lets megatron build into a staging folder beside ``data_cache`` and
+publishes it atomically with a manifest (:func:`haina.core.files.publish_dir`); a cache whose manifest does
+not verify, or a staging folder a killed build left, is rebuilt from scratch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from haina.core import collectives
 from haina.core.config import ConfigError, DataConfig
+from haina.core.distributed import is_main_process
+from haina.core.errors import InputFileError, one_line
+from haina.core.files import CheckpointError, publish_dir, read_manifest, verify_manifest
+from haina.core.indexed_dataset import check_indexed_dataset
 
 # megatron-core announces at import that Transformer Engine and apex are absent; haina uses neither there.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
 
 IGNORE_INDEX = -100
+log = logging.getLogger("haina.data")
 
 
 @dataclass(frozen=True)
@@ -57,10 +73,20 @@ def resolve_blend(cfg: DataConfig) -> tuple[list[str], list[float] | None]:
     return prefixes, weights
 
 
-def _check_prefix(prefix: str) -> None:
-    for suffix in (".bin", ".idx"):
-        if not Path(prefix + suffix).is_file():
-            raise ConfigError(f"data.prefixes: {prefix + suffix} does not exist (make it with `haina data tokenize`)")
+def _check_prefixes(prefixes: list[str], field: str) -> None:
+    """:func:`check_indexed_dataset` of every prefix, read on rank 0 only (an index of a large corpus is
+    gigabytes), its verdict raised on every rank alike: a refusal on rank 0 alone would leave the others
+    waiting in megatron's barrier."""
+    problem = None
+    if is_main_process():
+        try:
+            for prefix in prefixes:
+                check_indexed_dataset(prefix, field)
+        except InputFileError as exc:
+            problem = str(exc)
+    problem = collectives.broadcast_object(problem)
+    if problem is not None:
+        raise InputFileError(problem)
 
 
 class PretrainBatches:
@@ -79,8 +105,7 @@ class PretrainBatches:
         cache_dir: Path,
     ) -> None:
         prefixes, weights = resolve_blend(cfg)
-        for prefix in prefixes:
-            _check_prefix(prefix)
+        _check_prefixes(prefixes, "data.blend" if cfg.blend is not None else "data.prefixes")
         self.micro_batch_size = micro_batch_size
         self.dataset = _build_gpt_dataset(prefixes, weights, seq_len, num_samples, seed, eod, vocab_size, cache_dir)
 
@@ -97,19 +122,30 @@ class PretrainBatches:
 def _build_gpt_dataset(
     prefixes: list[str], weights: list[float] | None, seq_len: int, num_samples: int, seed: int, eod: int, vocab_size: int, cache_dir: Path
 ) -> torch.utils.data.Dataset:
+    """megatron's blended GPT dataset, its sample indices cached in ``cache_dir`` crash-safely.
+
+    The ranks verify the cache together (:func:`_cache_verifies`) and rank 0 stages it
+    (:func:`_stage_cache`). Every rank points megatron at the staging folder: megatron builds what is
+    missing there on rank 0 while the others wait, then they read it. Once every rank holds its indices
+    (mapped into memory, so the folder may move), rank 0 publishes the staging folder as ``cache_dir``
+    if megatron added files, else drops it.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron warns that Transformer Engine / apex are absent
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = cache_dir.with_name(f".{cache_dir.name}.tmp")
+    verified = _cache_verifies(cache_dir)
+    main = is_main_process()
+    known = _stage_cache(cache_dir, staging, verified) if main else {}
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
         blend=(prefixes, weights),
         split="100,0,0",
-        path_to_cache=str(cache_dir),
+        path_to_cache=str(staging),
         tokenizer=_TokenInfo(eod=eod, vocab_size=vocab_size),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -117,4 +153,42 @@ def _build_gpt_dataset(
         create_attention_mask=False,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+    collectives.barrier()  # every rank has mapped its indices: the staging folder may move now
+    if main:
+        if set(os.listdir(staging)) == set(known):
+            shutil.rmtree(staging)  # all hits: cache_dir already holds these very files
+        else:
+            publish_dir(staging, cache_dir, known=known)
     return train
+
+
+def _cache_verifies(cache_dir: Path) -> bool:
+    """Whether every file of ``cache_dir`` matches its manifest (size and CRC-32), on every rank alike; the
+    ranks share the reading. A truncated file, or a cache from before haina published caches (no
+    manifest), is logged and answers False: megatron builds it again."""
+    rank, world = collectives.rank_world()
+    bad = not cache_dir.is_dir()
+    if not bad:
+        try:
+            verify_manifest(cache_dir, (rank, world))
+        except CheckpointError as exc:
+            bad = True
+            log.warning("data cache %s is rebuilt: %s", cache_dir, one_line(exc))
+    return not collectives.any_true(bad)
+
+
+def _stage_cache(cache_dir: Path, staging: Path, verified: bool) -> dict[str, Any]:
+    """A fresh ``staging`` folder holding hard links to the files of ``cache_dir`` when it ``verified``;
+    their manifest entries are returned (the publish need not read them again). A staging folder left by
+    a killed build is removed first: what megatron wrote there may be cut short."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if not verified:
+        return {}
+    entries: dict[str, Any] = read_manifest(cache_dir)["files"]
+    for name in entries:
+        try:
+            os.link(cache_dir / name, staging / name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(cache_dir / name, staging / name)
+    return entries

@@ -7,9 +7,16 @@ builders, DCP and later the device mesh all assume torch.distributed is initiali
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from haina.core import collectives
+
+# NCCL's default is 10 minutes; rank 0's slowest lone work (the Megatron index build of a large corpus,
+# publishing a checkpoint) can take longer while every other rank waits in a collective.
+DEFAULT_TIMEOUT_S = 1800.0
 
 
 def default_device() -> torch.device:
@@ -23,22 +30,25 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed(device: torch.device) -> None:
-    """Idempotent: join torchrun's rendezvous (env://) or make a private world of one."""
+def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Idempotent: join torchrun's rendezvous (env://) or make a private world of one; collectives then
+    run on ``device`` (:mod:`haina.core.collectives`) and wait at most ``timeout_s`` for a slow rank."""
+    collectives.set_device(device)
     if dist.is_initialized():
         return
+    backend, timeout = backend_for(device), timedelta(seconds=timeout_s)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
         if restart is None:
-            dist.init_process_group(backend_for(device))
+            dist.init_process_group(backend, timeout=timeout)
             return
         # torchrun keeps one store across --max-restarts attempts: without a per-attempt prefix a
         # restarted worker reads the dead attempt's group addresses (stale keys) and cannot connect
         store, rank, world_size = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt_{restart}", store)
-        dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     else:
-        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def is_main_process() -> bool:

@@ -1,7 +1,7 @@
 """The engine an algorithm trains with: the layout, the trained parts and their optimizers, frozen helpers.
 
 The training loop (:mod:`haina.core.train`) drives an :class:`Engine` through a few methods (``set_lr``,
-``forward_loss``, ``set_gradient_sync``, ``backward``, ``update``, ``save``, ``load``) so that another
+``forward_loss``, ``mark_accumulation_boundary``, ``backward``, ``update``, ``save``, ``load``) so that another
 data-parallel backend (:class:`haina.core.parallel.zero.ZeroEngine`) is a subclass, not a second loop.
 """
 
@@ -54,11 +54,12 @@ class Engine:
         """``loss_fn(model, *args)``: the trained model's loss, run the way the backend needs it run."""
         return loss_fn(self.parts[0], *args)
 
-    def set_gradient_sync(self, enabled: bool) -> None:
-        """FSDP2 reduces gradients on the last micro-batch only; earlier ones accumulate locally."""
-        for part in self.parts:
-            if hasattr(part, "set_requires_gradient_sync"):
-                part.set_requires_gradient_sync(enabled)
+    def mark_accumulation_boundary(self, last: bool) -> None:
+        """Whether the coming backward is the step's last micro-batch (DeepSpeed's boundary).
+
+        FSDP2 reduce-scatters every micro-batch's gradients: turning its sync off for accumulation would
+        make it keep an unsharded fp32 gradient for every parameter (+28 GB per GPU at 7B), so it is never
+        turned off; the reduce-scatter overlaps the next micro-batch's backward."""
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -92,7 +93,7 @@ class Engine:
         if pending is not None:
             self.backward(pending)
         norm = self.clip_gradients()
-        verdict = agree(guard.verdict(loss, norm), self.device)
+        verdict = agree(guard.verdict(loss, norm))
         if verdict == OK:
             self.step_optimizers()
         return norm, verdict

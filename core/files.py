@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -136,12 +136,23 @@ def _crc32(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def write_manifest(step_dir: Path) -> dict[str, Any]:
-    """Record every file of a fully written checkpoint folder (size and crc32), durably."""
-    files = {}
-    for path in sorted(p for p in step_dir.iterdir() if p.is_file() and p.name != MANIFEST):
+def manifest_entries(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """fsync, size and crc32 of the named files of ``folder``: the expensive part of a manifest, which
+    ranks split between them (each reads its share) instead of rank 0 reading every rank's files."""
+    entries = {}
+    for name in names:
+        path = folder / name
         fsync_file(path)
-        files[path.name] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+        entries[name] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    return entries
+
+
+def write_manifest(step_dir: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Record every file of a fully written checkpoint folder (size and crc32), durably; ``known`` holds
+    entries already computed (by other ranks), the rest are read here."""
+    known = dict(known or {})
+    rest = sorted(p.name for p in step_dir.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in known)
+    files = dict(sorted({**known, **manifest_entries(step_dir, rest)}.items()))
     manifest = {"format": 1, "files": files}
     write_durable(step_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
@@ -177,13 +188,15 @@ def verify_manifest(step_dir: Path, shard: tuple[int, int] = (0, 1)) -> None:
 
 
 def publish_dir(
-    tmp: Path, final: Path, *, manifest: bool = True, before_rename: Callable[[], None] | None = None
+    tmp: Path, final: Path, *, manifest: bool = True, before_rename: Callable[[], None] | None = None,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Make the fully written folder ``tmp`` appear as ``final`` in one step: manifest (which fsyncs every
     file), fsync, rename (an existing ``final`` is replaced), fsync of the parent. ``before_rename`` runs
-    when everything is durable but not yet visible (fault-injection tests stop there)."""
+    when everything is durable but not yet visible (fault-injection tests stop there); ``known`` are
+    manifest entries computed elsewhere (:func:`write_manifest`)."""
     if manifest:
-        write_manifest(tmp)
+        write_manifest(tmp, known)
     fsync_dir(tmp)
     if before_rename is not None:
         before_rename()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from haina.core import collectives
 from haina.core.kv_cache import KVCache
 
 
@@ -89,9 +90,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 def _all_done(done: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
     if group is None:
         return bool(done.all())
-    pending = (~done).any().to(torch.int32).reshape(1)
-    dist.all_reduce(pending, op=dist.ReduceOp.MAX, group=group)
-    return not bool(pending)
+    return not collectives.any_true(bool((~done).any()), group)
 
 
 @torch.no_grad()

@@ -14,8 +14,7 @@ import math
 from collections import deque
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from haina.core import collectives
 
 # verdicts, ordered by severity (the all-reduce keeps the worst)
 OK, SPIKE, NONFINITE_LOSS, NONFINITE_GRAD = 0, 1, 2, 3
@@ -64,10 +63,6 @@ class SpikeGuard:
             self.bad_streak = int(state.get("bad_streak", 0))
 
 
-def agree(verdict: int, device: torch.device) -> int:
+def agree(verdict: int) -> int:
     """The worst verdict over all ranks (identical inputs give identical verdicts; this makes sure)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return verdict
-    flag = torch.tensor([verdict], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
+    return collectives.max_int(verdict)

@@ -10,7 +10,9 @@ Shared by the export (:mod:`haina.tools.hf.export`) and the loading of HF direct
   ``lm_head.weight`` at run time, so the raw matrix is stored), for RoPE (7B) and ALiBi (13B) models.
 
 A ``haina`` entry in config.json records what the HF config cannot say (position, head, rope base), so an
-import restores the model exactly; loaders ignore unknown config keys.
+import restores the model exactly; loaders ignore unknown config keys. A baichuan config.json also states its
+position encoding in ``position_embedding``, the field of the configuration class the export ships
+(:mod:`haina.tools.hf.remote_code`); an import reads it rather than guessing from the shape.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, special: dict[str,
             "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
             "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
         }
-    return {
+    out = {
         "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", **common,
         "auto_map": {
             "AutoConfig": "configuration_baichuan.BaichuanConfig",
@@ -162,14 +164,53 @@ def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype, special: dict[str,
         "model_max_length": cfg.max_seq_len,
         "z_loss_weight": 0,
         "gradient_checkpointing": False,
+        "position_embedding": cfg.position,  # read by the exported configuration_baichuan.BaichuanConfig
     }
+    if cfg.position == "rope":
+        out["rope_theta"] = cfg.rope_base
+    else:  # as in the 13B (ALiBi) release: no RoPE field, the context length only as model_max_length
+        del out["max_position_embeddings"]
+    return out
+
+
+BAICHUAN_POSITIONS = ("rope", "alibi")
+# Fields only a RoPE Baichuan config carries: the 7B release's max_position_embeddings sizes its rotary table
+# (the 13B release's config has model_max_length alone); the others are transformers' RoPE settings.
+_ROPE_FIELDS = ("rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings")
+_RELEASE_13B = {"num_hidden_layers": 40, "hidden_size": 5120, "num_attention_heads": 40}
 
 
 def _baichuan_position(config: dict[str, Any]) -> str:
-    """The release's config does not name its position encoding: 13B (40 x 5120) is ALiBi, 7B RoPE."""
-    if config.get("num_hidden_layers") == 40 and config.get("hidden_size") == 5120:
+    """The position encoding a Baichuan-layout config.json declares, read from its own fields; never a guess.
+
+    1. Stated: ``position_embedding`` (the field of the exported ``BaichuanConfig``) and haina's
+       ``haina.position`` record. When both are there they must agree.
+    2. Release markers, for the Baichuan 2 configs, which state nothing: any RoPE field (``rope_theta``,
+       ``rope_scaling``, ``rope_parameters``, ``max_position_embeddings``) means RoPE, as the 7B release
+       carries ``max_position_embeddings``; no RoPE field at all, ``model_max_length`` and exactly the 13B
+       shape (40 layers, 5120 hidden, 40 heads) means ALiBi, as the 13B release's config is that and no
+       more. The shape alone never decides.
+    3. Otherwise :class:`HFFormatError`: building the wrong encoding would load without complaint and
+       produce garbage.
+    """
+    sources = {"position_embedding": config.get("position_embedding"),
+               "haina.position": (config.get("haina") or {}).get("position")}
+    stated = {key: str(value).lower() for key, value in sources.items() if value is not None}
+    for key, value in stated.items():
+        if value not in BAICHUAN_POSITIONS:
+            raise HFFormatError(f"config.json: {key} {value!r} (the baichuan layout has rope or alibi)")
+    if len(set(stated.values())) > 1:
+        raise HFFormatError(f"config.json: position_embedding {stated['position_embedding']!r} contradicts "
+                            f"haina.position {stated['haina.position']!r}")
+    if stated:
+        return next(iter(stated.values()))
+    if any(config.get(key) is not None for key in _ROPE_FIELDS):
+        return "rope"
+    release_13b = all(config.get(key) == value for key, value in _RELEASE_13B.items())
+    if release_13b and config.get("model_max_length") is not None:
         return "alibi"
-    return "rope"
+    raise HFFormatError("config.json: no position encoding stated (set position_embedding to rope or alibi; "
+                        "neither a RoPE field nor the 13B release's config is there to tell)")
 
 
 def model_fields(config: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -206,7 +247,7 @@ def model_fields(config: dict[str, Any], fmt: str) -> dict[str, Any]:
         fields["position"] = "rope"
         fields["head"] = hint.get("head", "linear")  # a Llama head is an arbitrary matrix: linear is exact
     else:
-        fields["position"] = hint.get("position", _baichuan_position(config))
+        fields["position"] = _baichuan_position(config)
         fields["head"] = "normhead"  # the release normalizes lm_head.weight at run time
     return fields
 
@@ -284,6 +325,9 @@ def write_tokenizer(out: Path, model: Path, fmt: str, max_len: int, roles: tuple
     role ids for baichuan); returns the special ids for config.json."""
     import sentencepiece as spm
 
+    from haina.core.tokenizer import Tokenizer
+
+    Tokenizer(model, field="tokenizer")  # a missing or non-SentencePiece file: one line, not sentencepiece's error
     sp = spm.SentencePieceProcessor(model_file=str(model))
     shutil.copyfile(model, out / TOKENIZER)
     ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": max(sp.pad_id(), sp.unk_id())}

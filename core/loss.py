@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from haina.core import collectives
 from haina.core.registry import get
 
 __all__ = [
@@ -167,7 +168,7 @@ def vocab_shard_of(weight: Tensor) -> tuple[Tensor, VocabShard | None]:
 def _gather_vocab(logits: Tensor, shard: VocabShard) -> Tensor:
     """Full [n, V] logits of a chunk, for loss terms that have no per-row-statistics form."""
     pieces = [torch.empty_like(logits) for _ in range(dist.get_world_size(shard.group))]
-    dist.all_gather(pieces, logits.contiguous(), group=shard.group)
+    collectives.all_gather(pieces, logits.contiguous(), group=shard.group)
     return torch.cat(pieces, dim=1)
 
 
@@ -224,16 +225,16 @@ def _chunk_terms(
     if shard is not None:
         local_max = row_max
         row_max = local_max.clone()
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
+        collectives.all_reduce(row_max, "max", group=shard.group)
         # Global argmax: the lowest global id among the ranks holding the row max.
         sentinel = torch.iinfo(torch.long).max
         row_argmax = torch.where(local_max == row_max, row_argmax + start, sentinel)
-        dist.all_reduce(row_argmax, op=dist.ReduceOp.MIN, group=shard.group)
+        collectives.all_reduce(row_argmax, "min", group=shard.group)
     exp = logits.sub_(row_max[:, None]).exp_()
     sum_exp = exp.sum(dim=-1)
     if shard is not None:
         both = torch.stack((sum_exp, target_logit))
-        dist.all_reduce(both, group=shard.group)  # SUM; only the owner contributed a target logit
+        collectives.all_reduce(both, group=shard.group)  # SUM; only the owner contributed a target logit
         sum_exp, target_logit = both.unbind(0)
     stats = LogitStats(row_max, row_argmax, row_max + sum_exp.log(), target_logit)
 
@@ -325,8 +326,12 @@ class _ChunkedLMLoss(torch.autograd.Function):
             grad_hidden = (
                 torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
             )
+            # Summed over chunks in fp32: a bf16 weight (FSDP2's bf16 parameters) would otherwise round the
+            # running sum at every chunk; one chunk needs no wider accumulator.
+            chunks = -(-hidden.shape[0] // chunk_size)
+            acc_dtype = torch.float32 if chunks > 1 and weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
             grad_weight = (
-                torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight else None
+                torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
             )
             term_sums = torch.zeros(len(resolved), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_size):
@@ -354,7 +359,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 del grad
             if grad_hidden is not None and shard is not None:
                 # Each rank's columns give a partial d(loss)/d(hidden); the hidden states are replicated.
-                dist.all_reduce(grad_hidden, group=shard.group)
+                collectives.all_reduce(grad_hidden, group=shard.group)
+            if grad_weight is not None:
+                grad_weight = grad_weight.to(weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         coefs = torch.tensor([c for c, _ in resolved], dtype=torch.float32, device=hidden.device)
         parts = term_sums * coefs

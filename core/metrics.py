@@ -16,8 +16,20 @@ import torch
 from haina.core.config import ModelConfig
 from haina.core.files import write_durable
 
-# Dense bf16 peak TFLOPS by device-name fragment, for MFU; unknown devices (CPUs) report no MFU.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+# Dense bf16 peak TFLOPS by the words of the device name, most specific first (an H100 PCIe is not an
+# SXM part); unknown devices (CPUs) report no MFU.
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H100", "PCIE"), 756.0), (("H800", "PCIE"), 756.0),
+    (("H100", "NVL"), 835.0), (("H200", "NVL"), 835.0),
+    (("H200",), 989.0), (("H100",), 989.0), (("H800",), 989.0),
+    (("A100",), 312.0), (("A800",), 312.0), (("L40S",), 362.0),
+)
+
+
+def peak_tflops_of(name: str) -> float | None:
+    """The dense bf16 peak of a device called ``name`` (``torch.cuda.get_device_name``), or None."""
+    words = name.upper().replace("-", " ").split()
+    return next((peak for keys, peak in PEAK_BF16_TFLOPS if all(k in words for k in keys)), None)
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -31,8 +43,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 class MetricsWriter:

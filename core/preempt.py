@@ -13,8 +13,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from haina.core import collectives
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -50,10 +49,6 @@ class Preemption:
         self.signum = signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
-    def requested(self, device: torch.device) -> int:
+    def requested(self) -> int:
         """The signal any rank received (the same answer on every rank), or 0."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return collectives.max_int(self.signum)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 
-from haina.core.errors import ConfigError, InputFileError
+from haina.core.errors import ConfigError, InputFileError, one_line
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
@@ -34,12 +34,18 @@ class Tokenizer:
         *,
         user_token: str = "<reserved_106>",
         assistant_token: str = "<reserved_107>",
+        field: str | None = None,
     ) -> None:
+        """``field``: where the path was named (``data.tokenizer``), put before the file in error messages."""
         model = Path(model)
+        where = f"{field}: {model}" if field else str(model)
         if not model.is_file():
-            raise InputFileError(f"{model}: tokenizer model not found")
+            raise InputFileError(f"{where}: tokenizer model not found")
         self.path = model
-        self._sp = spm.SentencePieceProcessor(model_file=str(model))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model))
+        except (RuntimeError, OSError) as exc:  # sentencepiece's parse failure is a bare RuntimeError
+            raise InputFileError(f"{where}: not a SentencePiece model ({one_line(exc)})") from None
         self._user_token = user_token
         self._assistant_token = assistant_token
         space_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode("utf-8")]
@@ -125,15 +131,57 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
+def tokenizer_source(cfg: HainaConfig, override: str | Path | None = None) -> tuple[str, str | Path] | None:
+    """(where it is named, path) of the SentencePiece model a run uses: ``override`` (``--tokenizer``),
+    else ``align.tokenizer``, else ``data.tokenizer`` (an HF export's own ``tokenizer.model``)."""
+    for where, path in (("--tokenizer", override), ("align.tokenizer", cfg.align.tokenizer),
+                        ("data.tokenizer", cfg.data.tokenizer)):
+        if path:
+            return where, path
+    return None
+
+
 def tokenizer_path(cfg: HainaConfig, override: str | Path | None = None) -> str | Path | None:
-    """The SentencePiece model a run uses: ``override`` (``--tokenizer``), else ``align.tokenizer``, else
-    ``data.tokenizer`` (an HF export's own ``tokenizer.model``)."""
-    return override or cfg.align.tokenizer or cfg.data.tokenizer
+    """The path of :func:`tokenizer_source`, or None."""
+    source = tokenizer_source(cfg, override)
+    return None if source is None else source[1]
 
 
 def load_tokenizer(cfg: HainaConfig, override: str | Path | None = None) -> Tokenizer:
-    """The run's tokenizer with its chat role tokens (see :func:`tokenizer_path`)."""
-    path = tokenizer_path(cfg, override)
-    if path is None:
+    """The run's tokenizer with its chat role tokens (see :func:`tokenizer_source`)."""
+    source = tokenizer_source(cfg, override)
+    if source is None:
         raise ConfigError("align.tokenizer: no SentencePiece model named (set align.tokenizer or data.tokenizer)")
-    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token)
+    where, path = source
+    return Tokenizer(path, user_token=cfg.tokenizer.user_token, assistant_token=cfg.tokenizer.assistant_token,
+                     field=where)
+
+
+def check_tokenizers(cfg: HainaConfig) -> list[str]:
+    """Refuse, before any work, a tokenizer the config names that cannot be read or that has more pieces
+    than the model has embedding rows (``model.vocab_size``): its ids past the last row would otherwise stop
+    training mid-way with torch's ``IndexError: index out of range in self``.
+
+    Every tokenizer field is checked, not only the one this algorithm reads: ``data.tokenizer`` made the
+    pretraining data and is the one an export ships, ``align.tokenizer`` encodes the alignment data, and
+    both feed ids to the same embedding. Fewer pieces than rows is allowed (a model sized up for a
+    tensor-parallel split, or for tokens to come); the unused rows come back as notes, which the training
+    loop prints once the run has started (so a refusal later in the checks stays the only line).
+    """
+    rows = cfg.model.vocab_size
+    seen: set[str] = set()
+    notes: list[str] = []
+    for field, path in (("data.tokenizer", cfg.data.tokenizer), ("align.tokenizer", cfg.align.tokenizer)):
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        pieces = Tokenizer(path, field=field).vocab_size
+        if pieces > rows:
+            raise ConfigError(
+                f"{field}: {path} has {pieces} pieces but model.vocab_size is {rows}: ids {rows}..{pieces - 1} "
+                f"have no embedding row (set model.vocab_size to at least {pieces}, or use a smaller tokenizer)"
+            )
+        if pieces < rows:
+            notes.append(f"{field} {path} has {pieces} pieces for model.vocab_size {rows}: "
+                         f"{rows - pieces} embedding rows are never used")
+    return notes

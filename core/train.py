@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from haina.core import faults
+from haina.core import collectives, faults
 from haina.core.algorithm import Algorithm, algorithm_class, check_algorithm
 from haina.core.checkpoint import (
     CheckpointManager,
@@ -44,6 +44,7 @@ from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
 from haina.core.parallel.zero import ZeroEngine
 from haina.core.placement import lay_out
 from haina.core.preempt import Preempted, Preemption
+from haina.core.tokenizer import check_tokenizers
 
 
 @dataclass
@@ -100,7 +101,7 @@ def _forward_backward(
     pending = None
     for m, batch in enumerate(micro_batches):
         last = m == len(micro_batches) - 1
-        engine.set_gradient_sync(last)
+        engine.mark_accumulation_boundary(last)
         with engine.autocast:
             out = engine.forward_loss(algorithm.loss, batch)
         loss = (out.loss * poison if poison != 1.0 else out.loss) / layout.grad_accum
@@ -114,14 +115,11 @@ def _forward_backward(
     return values, pending
 
 
-def _reduce_metrics(values: dict[str, float] | None, names: list[str], device: torch.device) -> list[float]:
+def _reduce_metrics(values: dict[str, float] | None, names: list[str]) -> list[float]:
     """Mean over the ranks that have metrics (every dp rank; tp copies count alike)."""
-    local = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
-    if values is not None:
-        local[:-1] = torch.tensor([values[n] for n in names], dtype=torch.float64)
-        local[-1] = 1
-    dist.all_reduce(local)
-    return (local[:-1] / local[-1]).tolist()
+    local = [*(values[n] for n in names), 1.0] if values is not None else [0.0] * (len(names) + 1)
+    total = collectives.reduce_values(local)
+    return (total[:-1] / total[-1]).tolist()
 
 
 def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
@@ -131,12 +129,14 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     device = device or default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    init_distributed(device)
+    init_distributed(device, cfg.parallel.collective_timeout_s)
     mesh = build_mesh(layout, device.type)
     main = is_main_process()
     run_dir = Path(cfg.train.run_dir)
     checkpoints = run_dir / "checkpoints"
     if main:
+        for note in check_tokenizers(cfg):  # checked before any group; the notes once the run has started
+            print(f"haina: note: {note}", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
@@ -148,7 +148,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     dp_rank = _dp_rank(mesh, layout)
     pipeline = None
     if cfg.parallel.dp_backend == "deepspeed":
-        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.model.attention, device.type)
         engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
     else:
         parts, pipeline = lay_out(model, cfg, layout, mesh, device, stage_loss=algorithm)
@@ -195,16 +195,16 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
                     values = algorithm.train_step(engine, state.step, micro_batches)
                     grad_norm = values.pop("grad_norm", float("nan"))
                     names = ["loss", *sorted(k for k in values if k != "loss")]
-                    reduced = _reduce_metrics(values, names, device)
+                    reduced = _reduce_metrics(values, names)
                     verdict = guard.verdict(reduced[0], 0.0, spikes=False)  # the algorithm made the update
                     if engine.skipped_updates > skipped_before:
                         verdict = NONFINITE_GRAD
-                    verdict = agree(verdict, device)
+                    verdict = agree(verdict)
                 else:
                     batch_number = state.consumed_samples // layout.global_batch_size + 1  # of the data, 1-based
                     poison = faults.LOSS_FACTORS.get(faults.action("loss", batch_number, rank), 1.0)
                     values, pending = _forward_backward(engine, algorithm, pipeline, micro_batches, names, poison)
-                    reduced = _reduce_metrics(values, names, device)
+                    reduced = _reduce_metrics(values, names)
                     grad_norm, verdict = engine.update(pending, reduced[0], guard)
                 state.step += 1
                 state.consumed_samples += layout.global_batch_size
@@ -245,7 +245,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
                     engine.save(manager, state)
                 if progress is not None:
                     progress.update(progress.task_ids[0], completed=state.step, status=f"loss {last_loss:.4f}")
-                signum = preemption.requested(device)
+                signum = preemption.requested()
                 if signum:
                     _preempt(engine, manager, state, guard, metrics, signum, checkpoints)
         manager.close()
@@ -261,8 +261,7 @@ def _roll_back(
 ) -> TrainerState:
     """Reload the last checkpoint but keep the data position: the bad batches are not seen again."""
     manager.wait()
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     target = latest_checkpoint(checkpoints)
     if target is None:
         raise RuntimeError(
@@ -286,8 +285,7 @@ def _preempt(
         state.guard = guard.state_dict()
         engine.save(manager, state, block=True)
     manager.close()
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     preempted = Preempted(signum, state.step)
     metrics.event("preempted", state.step, signal=signum, exit_code=preempted.code,
                   checkpoint=f"step_{state.step}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,9 @@ import torch
 
 from haina.core.config import HainaConfig, load_config
 from haina.core.errors import HainaError
+
+# transformers copies trust_remote_code model files into its module cache: the tests' copies stay out of ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "haina-tests-hf-modules"))
 
 EOS = 2
 

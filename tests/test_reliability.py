@@ -9,6 +9,7 @@ import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -203,3 +204,86 @@ def test_sft_resumes_exactly_from_its_run_directory(tmp_path: Path) -> None:
     assert sft(tmp_path / "resumed", 2) == [1, 2]
     assert sft(tmp_path / "resumed", 4) == [3, 4]
     assert _trajectory(tmp_path / "resumed") == _trajectory(tmp_path / "straight")
+
+
+def test_full_disk_during_a_save_is_one_line_and_the_run_resumes(
+    reference: Path, tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """ENOSPC while step 8 is written: exit 2 with one line naming the folder and the space, the partial
+    folder gone at once, step 4 still ``latest``; the rerun ends on the uninterrupted trajectory."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from haina.tools.cli import run as cli
+
+    real = dcp_fs._FileSystemWriter.write_data
+
+    def full_disk(self: Any, plan: Any, planner: Any) -> Any:
+        if "step_8" in str(self.path):
+            (Path(self.path) / "__0_0.distcp").write_bytes(b"\0" * 4096)  # what fitted before the disk filled
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(dcp_fs._FileSystemWriter, "write_data", full_disk)
+    run = tmp_path / "run"
+    argv = ["pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]", *COMMON]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "step_8: checkpoint write failed" in err and "No space left on device" in err
+    assert "free on" in err and "a checkpoint needs about" in err and "step_4 stays the latest" in err
+    checkpoints = run / "checkpoints"
+    assert latest_checkpoint(checkpoints) == checkpoints / "step_4"
+    assert not list(checkpoints.glob(".step_*")) and not (checkpoints / "step_8").exists()
+    monkeypatch.undo()
+    train(tiny_config(run, tiny_data, *COMMON))
+    assert _trajectory(run) == _trajectory(reference)
+
+
+def test_every_leftover_of_a_cut_publish_is_cleaned_on_start(reference: Path, tmp_path: Path, tiny_data: Path) -> None:
+    """A kill between the publish steps can leave ``.step_N.old`` (a replaced folder not yet removed) and
+    ``.latest.tmp`` (a pointer not yet renamed): the next start removes them and resumes from ``latest``."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    checkpoints = run / "checkpoints"
+    shutil.copytree(checkpoints / "step_4", checkpoints / ".step_8.old")
+    shutil.copytree(checkpoints / "step_4", checkpoints / ".step_12.partial")
+    (checkpoints / ".latest.tmp").write_text("step_")
+    train(tiny_config(run, tiny_data, *COMMON, "train.steps=10", "optim.decay_steps=10"))
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(".")) == []
+    assert (checkpoints / "latest").read_text().strip() == "step_10"
+
+
+def test_resume_from_a_damaged_latest_checkpoint_is_one_line(
+    reference: Path, tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from haina.tools.cli import run as cli
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shard = run / "checkpoints" / "step_8" / "__0_0.distcp"
+    _damage(shard, "truncated")
+    argv = ["pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]", *COMMON,
+            "train.steps=12", "optim.decay_steps=12"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and str(shard) in err and "truncated" in err, err
+
+
+def test_torch_checkpoint_exception_is_reported_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """torch's CheckpointException derives from BaseException: the CLI still prints its one failure line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    import haina.core.train as train_module
+    from haina.tools.cli import run as cli
+
+    def fail(cfg: Any) -> None:
+        raise CheckpointException("load failed", {0: (RuntimeError("size mismatch for layers.0"), None)})
+
+    monkeypatch.setattr(train_module, "train", fail)
+    assert cli(["pretrain", "--config", "tiny", f"train.run_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("haina pretrain: failed: CheckpointException"), err

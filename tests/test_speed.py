@@ -306,6 +306,29 @@ def test_gpu_check_dry_run_counts_flops_and_formats(capsys: Any) -> None:
     assert table.splitlines()[-1].split() == ["flex", "yes", "0.500", "8,192", "41.2", "30.2"]
 
 
+def test_gpu_check_plans_its_rows_within_budget() -> None:
+    """One compiled row by default (compiling is where the minutes go), none in --quick."""
+    from haina.tools import gpu_check
+
+    def plan(*flags: str) -> list[tuple[str, bool]]:
+        args = gpu_check.argparse.Namespace(no_compile="--no-compile" in flags, compile_all="--compile-all" in flags)
+        return gpu_check.planned_rows(["flash", "flex", "xformers", "sdpa"], ["flex", "sdpa"], args)
+
+    assert plan() == [("flash", False), ("flex", False), ("xformers", False), ("sdpa", False), ("flex", True)]
+    assert plan("--compile-all")[-2:] == [("flex", True), ("sdpa", True)]
+    assert all(not c for _, c in plan("--no-compile"))
+    rows = gpu_check.main(["--dry-run", "--quick"])
+    assert rows and not any(r.compiled for r in rows)
+
+
+def test_gpu_check_review_rows_pass_on_cpu(capsys: Any) -> None:
+    from haina.tools import gpu_check
+
+    results = gpu_check.review_checks(torch.device("cpu"))
+    assert len(results) == 4 and all(ok for _, _, ok in results), results
+    assert "row 10" in capsys.readouterr().out
+
+
 def test_bench_speed_runs_and_reports_a_ratio(capsys: Any) -> None:
     pytest.importorskip("transformers")
     from haina.tools.bench import speed as bench_speed

@@ -514,7 +514,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"haina {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
+    except BaseException as exc:  # Exception, and torch's CheckpointException (a BaseException)
+        if not isinstance(exc, Exception) and type(exc).__name__ != "CheckpointException":
+            raise  # SystemExit, injected test faults
         log = _log_failure(args)
         print(f"haina {args.command}: failed: {type(exc).__name__}: {one_line(exc)} (traceback: {log})",
               file=sys.stderr)

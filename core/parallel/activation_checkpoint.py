@@ -7,17 +7,29 @@ checkpoints) are the same with and without recomputation.
 from __future__ import annotations
 
 import functools
+import logging
 
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
+from haina.core.attention import kernel_spec
 from haina.core.model import blocks_of
 
+log = logging.getLogger("haina.parallel")
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
-    """Returns how many modules were set to recompute."""
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, kernel: str = "sdpa", device_type: str = "cpu") -> int:
+    """Returns how many modules were set to recompute. ``selective`` recomputes the attention kernel only
+    where it keeps [heads, seq, seq] state for backward (its ``saves_scores``): flash, xformers and the
+    fused CUDA kernels keep none, and recomputing them would cost an attention forward for nothing."""
     if mode == "none":
+        return 0
+    if mode == "selective" and device_type not in kernel_spec(kernel).saves_scores:
+        log.warning(
+            "activation_checkpoint=selective: attention=%s keeps no [heads, seq, seq] state on %s; nothing "
+            "recomputed (activation_checkpoint=full saves the rest)", kernel, device_type,
+        )
         return 0
     targets = []
     for block in blocks_of(model):

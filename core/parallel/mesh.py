@@ -41,6 +41,13 @@ class Layout:
 def resolve_layout(cfg: HainaConfig, world_size: int) -> Layout:
     """Fill in ``dp_shard=-1`` and check that the layout can work, in one line per problem."""
     p, m = cfg.parallel, cfg.model
+    if p.tp > 1 and p.compile and p.activation_checkpoint == "selective":
+        # torch.compile traces the kernel's checkpoint region with DTensor inputs and saves their DeviceMesh
+        # as if it were a tensor (AssertionError in backward): refused until torch supports it
+        raise ConfigError(
+            "parallel.activation_checkpoint: selective does not work with parallel.compile=true under tp>1 "
+            "(torch.compile cannot save a tensor-parallel recompute region); use full or none, or compile=false"
+        )
     fixed = p.tp * p.pp * p.dp_replicate
     if p.dp_shard == -1:
         if world_size % fixed:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from haina.core import collectives
 from haina.core.config import HainaConfig
 from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
 from haina.core.parallel.compile import apply_compile
@@ -32,7 +33,7 @@ def parallelize(
     if layout.tp > 1:
         apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
     if not frozen:
-        apply_activation_checkpointing(part, cfg.parallel.activation_checkpoint)
+        apply_activation_checkpointing(part, cfg.parallel.activation_checkpoint, cfg.model.attention, mesh.device_type)
     if cfg.parallel.compile:
         apply_compile(part)
     data_mesh = dp_mesh(mesh, layout)
@@ -65,7 +66,7 @@ def clip_grad_norm(
     params = [p for p in params if p.grad is not None]
     total = _squared_norm([p.grad for p in params])
     if pp_group is not None:
-        dist.all_reduce(total, group=pp_group)
+        collectives.all_reduce(total, group=pp_group)
     norm = total.sqrt()
     if params and math.isfinite(norm.item()):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)

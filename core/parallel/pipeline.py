@@ -34,16 +34,19 @@ def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
 
 
 def stage_module(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
-    """A copy of ``model`` holding only ``layers`` (with their full-model names) and its ends."""
-    stage = copy.deepcopy(model)
-    for name in list(stage.layers.keys()):
-        if int(name) not in layers:
-            del stage.layers[name]
+    """A copy of ``model`` holding only ``layers`` (with their full-model names) and its ends.
+
+    Only what the stage keeps is copied: the other blocks and ends are entered in deepcopy's memo as
+    None, so a stage of a 13B model costs its own share, not a second whole model on the device."""
+    dropped = [m for name, m in model.layers.items() if int(name) not in layers]
     if not first:
-        stage.embed_tokens = None
+        dropped.append(model.embed_tokens)
     if not last:
-        stage.norm = None
-        stage.head = None
+        dropped += [model.norm, model.head]
+    memo: dict[int, Any] = {id(m): None for m in dropped if m is not None}
+    stage = copy.deepcopy(model, memo)
+    for name in [n for n, m in stage.layers._modules.items() if m is None]:
+        del stage.layers._modules[name]
     return stage
 
 

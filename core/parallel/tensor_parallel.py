@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -41,7 +40,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from haina.core import registry
+from haina.core import collectives, registry
 from haina.core.errors import PluginError
 from haina.core.model import Attention, Transformer
 
@@ -225,13 +224,13 @@ class _RegroupRows(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.perm, ctx.send, ctx.recv, ctx.group = perm, send, recv, group
         out = local.new_empty((sum(recv), *local.shape[1:]))
-        dist.all_to_all_single(out, local.index_select(0, perm).contiguous(), recv, send, group=group)
+        collectives.all_to_all_single(out, local.index_select(0, perm).contiguous(), recv, send, group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        collectives.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
         local = grad.new_zeros((len(ctx.perm), *grad.shape[1:])).index_copy_(0, ctx.perm, back)
         return local, None, None, None, None
 

@@ -137,8 +137,8 @@ class ZeroEngine(Engine):
         loss, out = self.ds(loss_fn, *args)
         return dataclasses.replace(out, loss=loss)
 
-    def set_gradient_sync(self, enabled: bool) -> None:
-        self.ds.set_gradient_accumulation_boundary(enabled)
+    def mark_accumulation_boundary(self, last: bool) -> None:
+        self.ds.set_gradient_accumulation_boundary(last)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)  # haina divides by the accumulation steps itself
@@ -164,7 +164,7 @@ class ZeroEngine(Engine):
     def update(self, pending: torch.Tensor | None, loss: float, guard: SpikeGuard) -> tuple[float, int]:
         """Judge the loss first; a refused step backpropagates NaN so DeepSpeed's own overflow path skips
         the update and clears the accumulated gradients; then the gradient norm is judged."""
-        verdict = agree(guard.verdict(loss, 0.0), self.device)
+        verdict = agree(guard.verdict(loss, 0.0))
         if pending is not None:
             self.backward(pending if verdict == OK else pending * float("nan"))
         self.ds.step()

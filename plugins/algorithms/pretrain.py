@@ -11,6 +11,7 @@ from haina.core.algorithm import Algorithm
 from haina.core.data import PretrainBatches
 from haina.core.loss import chunked_lm_loss, vocab_shard_of
 from haina.core.registry import register
+from haina.core.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
@@ -23,9 +24,7 @@ def eos_id_of(tokenizer_model: str | None) -> int:
     """The data's document separator: the tokenizer's eos, or Baichuan's id 2 when none is named."""
     if tokenizer_model is None:
         return BAICHUAN_EOS_ID
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=tokenizer_model).eos_id()
+    return Tokenizer(tokenizer_model, field="data.tokenizer").eos_id
 
 
 @register("algorithm", "pretrain")

@@ -18,7 +18,10 @@ from haina.core.attention import ALL_DEVICES, AttentionInputs, Kernel, KernelSpe
 from haina.core.registry import register
 
 
-@register("attention", "sdpa", requirements=KernelSpec(devices=ALL_DEVICES, auto_rank={"cuda": 3, "cpu": 0}))
+# On CUDA sdpa runs flash or the memory-efficient kernel (the latter with a bias): no saved scores.
+@register("attention", "sdpa", requirements=KernelSpec(
+    devices=ALL_DEVICES, auto_rank={"cuda": 3, "cpu": 0}, saves_scores=("cpu", "mps", "xpu", "meta"),
+))
 class SDPAttention(Kernel):
     """torch's scaled_dot_product_attention: FlashAttention for the plain causal case on GPU, the
     memory-efficient kernel (the xFormers one, taking an additive bias) when a bias is given."""
@@ -26,7 +29,7 @@ class SDPAttention(Kernel):
     name = "sdpa"
 
     def prepare(self, inputs: AttentionInputs) -> torch.Tensor | None:
-        return inputs.dense_bias()
+        return inputs.kernel_bias()
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs, prepared: Any
@@ -92,11 +95,13 @@ def flex_dense_bias(inputs: AttentionInputs, heads: int) -> torch.Tensor:
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: a second width marks the sequence dimensions dynamic instead of compiling per width
+    return torch.compile(flex_attention)
 
 
 @register("attention", "flex", requirements=KernelSpec(
     "torch.nn.attention.flex_attention", ("cuda", "cpu"), None, ("none", "alibi"), auto_rank={"cuda": 1},
+    saves_scores=("cpu",),  # CPU's backward goes through the dense scores
 ))
 class FlexAttention(Kernel):
     """torch's flex attention: ALiBi as a score_mod, causal + document mask as a block mask, no dense bias.
@@ -113,7 +118,12 @@ class FlexAttention(Kernel):
 
         mask_mod, score_mod = flex_mods(inputs)
         batch = None if inputs.q_segments is None else inputs.batch
-        block_mask = create_block_mask(mask_mod, batch, None, inputs.q_len, inputs.k_len, device=inputs.device)
+        # Compiled on CUDA: uncompiled, it evaluates the mask densely ([B, 1, Q, K] plus int64 index
+        # temporaries) every forward; on CPU the eager path is the one that works without a compiler.
+        block_mask = create_block_mask(
+            mask_mod, batch, None, inputs.q_len, inputs.k_len, device=inputs.device,
+            _compile=inputs.device.type == "cuda",
+        )
         return block_mask, score_mod
 
     def attend(

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from haina.core.attention import AttentionInputs, Kernel, build_kernel, sdpa_attend, select_kernel, unsuitable
+from haina.core.attention import (
+    AttentionInputs,
+    Kernel,
+    KernelSpec,
+    build_kernel,
+    sdpa_attend,
+    select_kernel,
+    unsuitable,
+)
 from haina.core.registry import register
 
 if TYPE_CHECKING:
@@ -32,7 +40,8 @@ def _announce(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-@register("attention", "auto")
+# Everything auto picks on CUDA is fused; on CPU it picks sdpa, whose math keeps the scores.
+@register("attention", "auto", requirements=KernelSpec(saves_scores=("cpu", "mps", "xpu", "meta")))
 class AutoAttention(Kernel):
     """Picks the kernel per forward from the device and compute dtype (:func:`select_kernel`); the choice
     is logged once. The chosen kernels hold no weights, so checkpoints do not depend on the choice."""
@@ -50,8 +59,12 @@ class AutoAttention(Kernel):
 
     def choose(self, inputs: AttentionInputs) -> str:
         # KV-cache decoding changes the key length every step, which would recompile flex each time and
-        # sends flash/xformers to sdpa anyway: decoding takes sdpa.
-        name = "sdpa" if inputs.offset else select_kernel(inputs.bias_kind, inputs.device.type, inputs.dtype)
+        # sends flash/xformers to sdpa anyway: decoding takes sdpa. Forwards without gradients (prefill,
+        # evaluation, rollouts) come in a new width per batch, and compiled flex would recompile for each
+        # (eager flex past the recompile limit materialises the scores): they skip flex too. Training
+        # shapes are fixed, so there flex compiles once.
+        exclude = () if torch.is_grad_enabled() else ("flex",)
+        name = "sdpa" if inputs.offset else select_kernel(inputs.bias_kind, inputs.device.type, inputs.dtype, exclude)
         key = (name, inputs.bias_kind, inputs.device.type, str(inputs.dtype).removeprefix("torch."))
         if key not in _logged:
             _logged.add(key)

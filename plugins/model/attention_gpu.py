@@ -5,7 +5,6 @@ on the wrong device or dtype they fail in one line (:func:`~haina.plugins.model.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ def cu_seqlens_from_segments(segments: torch.Tensor) -> tuple[torch.Tensor, int]
 
 
 @register("attention", "flash", requirements=KernelSpec(
-    "flash_attn", ("cuda",), HALF_DTYPES, ("none", "alibi"), auto_rank={"cuda": 0},
+    "flash_attn", ("cuda",), HALF_DTYPES, ("none", "alibi"), auto_rank={"cuda": 0}, saves_scores=(),
 ))
 class FlashAttention(Kernel):
     """flash-attn 2: ``flash_attn_func`` for one document per row, ``flash_attn_varlen_func`` with
@@ -49,7 +48,7 @@ class FlashAttention(Kernel):
 
     def prepare(self, inputs: AttentionInputs) -> Any:
         if inputs.offset or inputs.bias_kind == "dense":
-            return ("sdpa", inputs.dense_bias())
+            return ("sdpa", inputs.kernel_bias())
         if inputs.q_segments is None:
             return ("dense", None)
         return ("varlen", cu_seqlens_from_segments(inputs.q_segments))
@@ -80,7 +79,7 @@ class FlashAttention(Kernel):
 # ------------------------------------------------------------------------------------------- xformers
 
 @register("attention", "xformers", requirements=KernelSpec(
-    "xformers.ops", ("cuda",), None, ("none", "alibi"), auto_rank={"cuda": 2},
+    "xformers.ops", ("cuda",), None, ("none", "alibi"), auto_rank={"cuda": 2}, saves_scores=(),
 ))
 class XFormersAttention(Kernel):
     """xformers' memory_efficient_attention: its own causal mask for RoPE, else the dense bias (ALiBi,
@@ -90,8 +89,8 @@ class XFormersAttention(Kernel):
 
     def prepare(self, inputs: AttentionInputs) -> Any:
         if inputs.offset:
-            return ("sdpa", inputs.dense_bias())
-        bias = inputs.dense_bias()
+            return ("sdpa", inputs.kernel_bias())
+        bias = inputs.kernel_bias(align=8)  # once per forward, for every layer (not a [b, h, s, k] per layer)
         if bias is None:
             return ("causal", None)
         return ("bias", bias)
@@ -110,9 +109,5 @@ class XFormersAttention(Kernel):
             attn_bias: Any = xops.LowerTriangularMask()
         else:
             b, h, s, _ = q.shape
-            k_len = k.shape[2]
-            # The kernel wants the bias's last dimension 8-aligned in memory: allocate wider, then slice.
-            padded = math.ceil(k_len / 8) * 8
-            attn_bias = q.new_empty(b, h, s, padded)[..., :k_len]
-            attn_bias.copy_(bias.expand(b, h, s, k_len))
+            attn_bias = bias.expand(b, h, s, k.shape[2])  # a view: broadcast dimensions get stride 0
         return xops.memory_efficient_attention(qt, kt, vt, attn_bias=attn_bias).transpose(1, 2)

@@ -61,7 +61,9 @@ class NormHead(LinearHead):
     """
 
     def effective_weight(self) -> torch.Tensor:
-        return F.normalize(self.weight, dim=1)
+        # The norms in fp32 whatever the parameter's dtype (FSDP2 gathers bf16): each is a sum of H squares;
+        # the result is rounded once, to the parameter's dtype.
+        return F.normalize(self.weight.float(), dim=1).to(self.weight.dtype)
 
 
 @register("head", "value")

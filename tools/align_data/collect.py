@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from haina.core import collectives
 from haina.core.checkpoint import TRAINER_STATE, resolve_checkpoint
 from haina.core.config import apply_override
 from haina.core.distributed import default_device, init_distributed, is_main_process
@@ -140,7 +141,7 @@ def collect(cfg: CollectConfig, overrides: list[str] | None = None, progress: bo
     world, rank = dist.get_world_size(), dist.get_rank()
     parts = _parts_dir(out)
     done = _read_done([out, *sorted(parts.glob("*.jsonl"))])
-    dist.barrier()  # every rank has read the same records before any writes more
+    collectives.barrier()  # every rank has read the same records before any writes more
     parts.mkdir(parents=True, exist_ok=True)
     part_file = parts / f"rank-{rank:05d}.jsonl"
     _drop_torn_line(part_file)  # a record torn by a kill; it is generated again
@@ -183,11 +184,11 @@ def collect(cfg: CollectConfig, overrides: list[str] | None = None, progress: bo
                 if progress and is_main_process():
                     print(f"collect {source.name}/{setting.name}: batch {r + 1}/{rounds}", flush=True)
         del placed, model
-    dist.barrier()
+    collectives.barrier()
     total = 0
     if is_main_process():
         total = _merge(out, items, cfg)
-    dist.barrier()
+    collectives.barrier()
     return {"new": made, "records": total, "out": str(out)}
 
 

@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from haina.core import collectives
 from haina.core.config import HainaConfig
 from haina.core.data import IGNORE_INDEX
 from haina.core.distributed import default_device, init_distributed, is_main_process
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl
+from haina.core.indexed_dataset import check_indexed_dataset
 from haina.core.model import Transformer
 from haina.core.model_loading import load_model
 from haina.core.placement import inference_config, place
@@ -72,6 +73,7 @@ def read_documents(
                 tokenizer = Tokenizer(tokenizer_model)
             documents: Iterator[tuple[str, list[int]]] = _jsonl_documents(path, tokenizer, text_key)
         elif Path(item + ".bin").is_file() and Path(item + ".idx").is_file():
+            check_indexed_dataset(item, "--data")
             documents = _indexed_documents(item)
         else:
             raise InputFileError(f"--data {item}: neither a JSONL file nor a .bin/.idx prefix")
@@ -191,7 +193,7 @@ def evaluate_perplexity(
     too_big = max((t for docs in by_source.values() for d in docs for t in d), default=0)
     if too_big >= cfg.model.vocab_size:
         raise InputFileError(f"--data: token id {too_big} is outside the model's vocabulary ({cfg.model.vocab_size})")
-    init_distributed(default_device())
+    init_distributed(default_device(), cfg.parallel.collective_timeout_s)
     scorer = _Scorer(model.eval(), cfg, int(os.environ.get("WORLD_SIZE", "1")))
     batches = _batches(by_source, seq_len, scorer.rows)
     dp = scorer.layout.dp
@@ -206,7 +208,7 @@ def evaluate_perplexity(
         nll = scorer(tokens, labels)
         if nll is not None and pieces:
             sums[index] += torch.tensor([nll, float((labels != IGNORE_INDEX).sum())], dtype=torch.float64)
-    dist.all_reduce(sums)
+    sums = collectives.reduce_values(sums)
     sources = {name: _stats(float(n), int(c)) for name, (n, c) in zip(sorted(by_source), sums.tolist(), strict=True)}
     total = sums.sum(0).tolist()
     report = {

@@ -3,6 +3,8 @@
 The model is read whole in one process by :func:`haina.core.model_loading.load_model` (DCP stores every
 tensor under its full-model name and global shape whatever the layout that saved it), so no process group
 or torchrun is needed, however the run was trained; a DeepSpeed run's checkpoint exports the same way.
+A Baichuan-layout directory carries its own model code, so transformers loads it with
+``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from haina.core import hf_layout
 from haina.core.config import HainaConfig
 from haina.core.hf_layout import HFFormatError
 from haina.core.model_loading import load_model
+from haina.tools.hf import remote_code
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,10 +47,27 @@ def export_hf(
     tokenizer: str | None = None,
 ) -> Path:
     """Write the HF model directory ``out`` from a haina checkpoint; returns ``out``."""
-    hf_layout.check_format(fmt)
-    if dtype not in DTYPES:
-        raise HFFormatError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    _check_options(fmt, dtype)
     cfg, model = load_model(checkpoint, config=config)
+    return save_hf(model, cfg, out, fmt, dtype=dtype, tokenizer=tokenizer)
+
+
+def save_hf(
+    model: nn.Module,
+    cfg: HainaConfig,
+    out: str | Path,
+    fmt: str = "llama",
+    *,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+) -> Path:
+    """Write the HF model directory ``out`` for a whole (unsharded) haina model in memory; returns ``out``.
+
+    A ``baichuan`` directory also gets its own ``configuration_/modeling_/tokenization_baichuan.py``
+    (:mod:`haina.tools.hf.remote_code`), which its config's ``auto_map`` names, so transformers loads it with
+    ``trust_remote_code=True`` and no haina installed.
+    """
+    _check_options(fmt, dtype)
     tensors = hf_tensors(model, cfg, fmt, DTYPES[dtype])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,4 +81,12 @@ def export_hf(
     hf_layout.write_weights(out, tensors)
     config_json = hf_layout.hf_config(cfg.model, fmt, DTYPES[dtype], special)
     (out / "config.json").write_text(json.dumps(config_json, indent=2), encoding="utf-8")
+    if fmt == "baichuan":
+        remote_code.copy_to(out)
     return out
+
+
+def _check_options(fmt: str, dtype: str) -> None:
+    hf_layout.check_format(fmt)
+    if dtype not in DTYPES:
+        raise HFFormatError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
