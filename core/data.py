@@ -73,6 +73,16 @@ def resolve_blend(cfg: DataConfig) -> tuple[list[str], list[float] | None]:
     return prefixes, weights
 
 
+def check_data_files(cfg: DataConfig) -> None:
+    """Every ``.bin``/``.idx`` pair the data section names, checked in this process (the multi-process
+    launcher's check before it starts workers, so a bad file exits 2 there, not inside torchrun)."""
+    if cfg.blend is None and not cfg.prefixes:
+        return
+    prefixes, _ = resolve_blend(cfg)
+    for prefix in prefixes:
+        check_indexed_dataset(prefix, "data.blend" if cfg.blend is not None else "data.prefixes")
+
+
 def _check_prefixes(prefixes: list[str], field: str) -> None:
     """:func:`check_indexed_dataset` of every prefix, read on rank 0 only (an index of a large corpus is
     gigabytes), its verdict raised on every rank alike: a refusal on rank 0 alone would leave the others

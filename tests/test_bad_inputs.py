@@ -138,6 +138,20 @@ def test_garbage_idx_is_refused_through_the_cli(
         "(re-make it with `haina data tokenize`)"
 
 
+def test_garbage_idx_is_refused_by_the_launcher_before_torchrun(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--nproc-per-node 2``: the launcher checks the files itself, so the line and exit 2 come from it."""
+    import haina.tools.cli as cli
+
+    monkeypatch.setattr(cli, "_torchrun", lambda *a, **k: pytest.fail("torchrun started"))
+    prefix = _copy_data(tiny_data, tmp_path / "data")
+    Path(f"{prefix}.idx").write_bytes(os.urandom(4096))
+    err = _cli_error(capsys, "pretrain", "--nproc-per-node", "2", "--config", "tiny",
+                     f"train.run_dir={tmp_path / 'run'}", f"data.prefixes=[{prefix}]")
+    assert "not a Megatron index (no MMIDIDX header)" in err
+
+
 def _patch(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

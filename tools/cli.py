@@ -138,10 +138,13 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
 def _launch_torchrun(cfg: HainaConfig, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--nproc-per-node N`` on one machine: check the layout here, then let torchrun start N workers."""
     from haina.core.algorithm import check_algorithm
+    from haina.core.data import check_data_files
     from haina.core.parallel.mesh import resolve_layout
 
     check_algorithm(cfg)
     resolve_layout(cfg, args.nproc_per_node)
+    if cfg.algorithm == "pretrain":
+        check_data_files(cfg.data)
     return _torchrun(args.nproc_per_node, argv, max_restarts=cfg.train.max_restarts)
 
 
