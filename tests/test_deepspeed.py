@@ -130,17 +130,26 @@ def test_guard_skips_and_rolls_back_on_deepspeed(tiny_data: Path, tmp_path: Path
 
 @pytest.mark.integration
 def test_loss_spike_is_skipped_as_on_fsdp2(tiny_data: Path, tmp_path: Path) -> None:
-    """A finite spike (batch 6's loss x1000) must leave the weights alone: DeepSpeed gets a NaN backward
-    for it and skips the step, so the whole trajectory matches FSDP2's, which skips by not stepping."""
+    """A finite spike (batch 6's loss x1000) leaves the weights alone on either backend: the checkpoint
+    after step 6 holds exactly the weights after step 5 (which step 5 itself changed), and the trajectory
+    matches FSDP2's. DeepSpeed gets a NaN backward for the spike and skips; FSDP2 does not step."""
     trajectories = {}
     for backend, overrides in (("fsdp2", ()), ("deepspeed", STAGES["zero1"])):
         run = tmp_path / backend
         haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]",
-              "train.steps=8", "train.save_every=100", "train.guard.warmup=3", *overrides,
-              env_extra={faults.ENV: "loss:spike@6"})
+              "train.steps=6", "optim.decay_steps=8", "train.save_every=1", "train.keep_checkpoints=3",
+              "train.guard.warmup=3", *overrides, env_extra={faults.ENV: "loss:spike@6"})
         events = [r for r in read_metrics(run) if "event" in r]
         assert [(e["step"], e["event"]) for e in events] == [(6, "loss_spike")]
         trajectories[backend] = _trajectory(run)
+        weights = {}
+        for step in (4, 5, 6):
+            model = Transformer(load_config("tiny").model)
+            load_model_weights(run / "checkpoints" / f"step_{step}", model)
+            weights[step] = model.state_dict()
+        for name, w5 in weights[5].items():
+            assert torch.equal(weights[6][name], w5), (backend, name)
+        assert any(not torch.equal(weights[4][n], weights[5][n]) for n in weights[5])  # a normal step moves them
     assert max_rel_diff(trajectories["fsdp2"], trajectories["deepspeed"], "loss") < 1e-4
 
 

@@ -53,6 +53,7 @@ def test_clash_between_packages_is_refused() -> None:
 THIRD_PARTY_MODULE = '''
 """A position encoding haina has never heard of: fixed sinusoidal absolute positions added to q and k."""
 import math
+import os
 import torch
 from torch import nn
 from haina.core.registry import register
@@ -71,6 +72,10 @@ class SinusoidalQK(nn.Module):
         self.register_buffer("table", table, persistent=False)
 
     def forward(self, q, k, positions):
+        trace = os.environ.get("ACME_TRACE")
+        if trace:  # the test's proof that this code, not a built-in, ran
+            with open(trace, "a") as f:
+                f.write(f"{tuple(q.shape)} {int(positions.max())}\\n")
         add = self.table[positions].to(q.dtype)
         return q + add, k + add
 
@@ -79,8 +84,8 @@ class SinusoidalQK(nn.Module):
 '''
 
 
-def _haina(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(site))
+def _haina(args: list[str], site: Path, cwd: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(site), **extra)
     return subprocess.run(
         [sys.executable, "-m", "haina.tools.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=240
     )
@@ -100,9 +105,13 @@ def test_third_party_position_plugin_trains(tmp_path: Path, tiny_data: Path) -> 
     trained = _haina(
         ["pretrain", "--config", "tiny", "model.position=sinusoidal_qk", "train.steps=3",
          f"train.run_dir={run_dir}", f"data.prefixes=[{tiny_data}]"],
-        site, tmp_path,
+        site, tmp_path, ACME_TRACE=str(tmp_path / "trace.txt"),
     )
     assert trained.returncode == 0, trained.stderr
+    # the plugin's own forward ran in every block of every micro-batch: 3 steps x 1 micro-batch x 2 layers,
+    # on [batch 2, heads 4, seq 64, head_dim 16] with positions up to 63
+    calls = (tmp_path / "trace.txt").read_text().splitlines()
+    assert calls == ["(2, 4, 64, 16) 63"] * 6, calls[:4]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, positive

@@ -342,8 +342,9 @@ def test_apex_norm_by_name_fails_in_one_line_without_apex(monkeypatch: pytest.Mo
     from haina.plugins.model import norm
 
     monkeypatch.setattr(norm, "apex_available", lambda: False)
-    with pytest.raises(PluginError, match=r"^norm=apex needs NVIDIA apex"):
+    with pytest.raises(PluginError, match=r"^norm=apex needs NVIDIA apex") as info:
         tiny(norm="apex")
+    assert "\n" not in str(info.value)
     # The default rmsnorm falls back to torch's kernel on CPU whatever is installed.
     x = torch.randn(2, 3, 64)
     layer = tiny().norm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from haina.core.config import OptimConfig, build_config
 from haina.core.metrics import read_metrics
 from haina.core.optim import lr_at
 from haina.core.train import train
-from tests.conftest import tiny_config
+from tests.conftest import EOS, tiny_config
 
 
 def test_run_directory_and_metrics(tmp_path: Path, tiny_data: Path) -> None:
@@ -59,13 +60,33 @@ def test_gradient_accumulation_matches_bigger_batch(tmp_path: Path, tiny_data: P
         assert r_acc["grad_norm"] == pytest.approx(r_big["grad_norm"], rel=1e-4)
 
 
-def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path, tiny_data: Path) -> None:
+def test_bf16_autocast_keeps_fp32_master_weights(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """precision=bf16 is in effect (the loss's matmuls run under bf16 autocast; the losses differ from an
+    fp32 run's by rounding only) while the master weights and the checkpoint stay fp32."""
     from haina.core.checkpoint import load_checkpoint
     from haina.core.model import build_model
+    from haina.plugins.algorithms import pretrain
 
-    cfg = tiny_config(tmp_path / "bf16", tiny_data, "train.precision=bf16", "train.steps=3")
-    result = train(cfg)
-    assert all(math.isfinite(r["loss"]) for r in result.records)
+    seen: list[torch.dtype | None] = []
+    real = pretrain.chunked_lm_loss
+
+    def spy(hidden: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        on = torch.is_autocast_enabled("cpu")
+        seen.append(torch.get_autocast_dtype("cpu") if on else None)
+        assert weight.dtype == torch.float32  # the master copy; autocast casts it for the matmul
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "chunked_lm_loss", spy)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        cfg = tiny_config(tmp_path / precision, tiny_data, f"train.precision={precision}", "train.steps=3")
+        losses[precision] = [r["loss"] for r in train(cfg).records]
+        assert set(seen) == ({torch.bfloat16} if precision == "bf16" else {None}), (precision, seen)
+    assert all(math.isfinite(x) for x in losses["bf16"])
+    assert losses["bf16"] != losses["fp32"] and max(abs(a - b) for a, b in zip(*losses.values(), strict=True)) < 0.1
     model = build_model(cfg, torch.device("cpu"))
     load_checkpoint(latest_checkpoint(tmp_path / "bf16" / "checkpoints"), model)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -95,14 +116,19 @@ def test_norm_gains_are_not_decayed() -> None:
     assert all(p.ndim == 1 for p in no_decay["params"])
 
 
-def test_blend_file_feeds_the_blended_dataset(tmp_path: Path, tiny_data: Path) -> None:
+def test_blend_file_feeds_the_blended_dataset(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The samples training consumes come from the blend's parts in its weights (megatron's blended index
+    tracks them exactly), each sample from one part's own documents."""
     import json
 
+    from haina.core import data as data_module
     from haina.core.config import ConfigError
     from haina.core.data import resolve_blend
     from tests.conftest import write_indexed
 
-    write_indexed(tmp_path / "shards" / "other", [[7, 8, 9] * 30] * 50)
+    write_indexed(tmp_path / "shards" / "other", [[1] * 90] * 50)  # token 1 never occurs in tiny_data
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"datasets": [
         {"prefix": "shards/other", "weight": 0.25}, {"prefix": str(tiny_data), "weight": 0.75},
@@ -111,8 +137,21 @@ def test_blend_file_feeds_the_blended_dataset(tmp_path: Path, tiny_data: Path) -
     prefixes, weights = resolve_blend(cfg.data)
     assert prefixes == [str(tmp_path / "shards" / "other"), str(tiny_data)] and weights == [0.25, 0.75]
 
-    run = tiny_config(tmp_path / "run", tiny_data, "train.steps=2", "data.prefixes=[]", f"data.blend={blend}")
-    assert train(run).steps == 2
+    samples: list[torch.Tensor] = []
+    real = data_module.PretrainBatches.batch
+
+    def spy(self: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels = real(self, index)
+        samples.extend(tokens)
+        return tokens, labels
+
+    monkeypatch.setattr(data_module.PretrainBatches, "batch", spy)
+    run = tiny_config(tmp_path / "run", tiny_data, "train.steps=16", "optim.decay_steps=16", "data.prefixes=[]",
+                      f"data.blend={blend}")
+    assert train(run).steps == 16
+    other = [bool(((s == 1) | (s == EOS)).all()) for s in samples]
+    assert all(o or not bool((s == 1).any()) for s, o in zip(samples, other, strict=True))  # never mixed
+    assert len(samples) == 32 and abs(sum(other) - 0.25 * len(samples)) <= 1, sum(other)
 
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a blend file"):
