@@ -4,7 +4,7 @@ Off unless ``HAINA_FAULTS`` is set, e.g. ``step_end:sigkill@5:1,loss:nan@3-4,sav
 ``point:action@where[:rank]``, where ``where`` is a step, a step range ``a-b`` or a name (a data stage);
 for ``loss`` it counts global batches of data (so a rollback past bad data does not meet it again).
 Faults fire on the first attempt only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` is 0 or unset), so a
-restarted run goes on. Actions: ``sigkill``/``sigterm`` (signal this process), ``exit`` (``os._exit(17)``,
+restarted run goes on. Actions: ``sigkill``/``sigterm``/``sigint`` (signal this process), ``exit`` (``os._exit(17)``,
 no clean-up, like a crash between two writes), ``crash`` (raise :class:`InjectedFault`), ``nan`` and
 ``spike`` (the loss is multiplied by NaN or by 1000).
 """
@@ -50,6 +50,8 @@ def fire(point: str, at: int | str, rank: int = 0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif act == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif act == "sigint":
+        os.kill(os.getpid(), signal.SIGINT)
     elif act == "exit":
         os._exit(17)
     elif act == "crash":

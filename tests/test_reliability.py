@@ -291,3 +291,19 @@ def test_torch_checkpoint_exception_is_reported_in_one_line(
     assert cli(["pretrain", "--config", "tiny", f"train.run_dir={tmp_path / 'run'}"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("haina pretrain: failed: CheckpointException"), err
+
+
+def test_sigint_checkpoints_the_step_and_exits_130(
+    reference: Path, tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (SIGINT) at step 3: step 3 is saved, the process leaves with 128 + 2, and a rerun ends exactly."""
+    run = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "step_end:sigint@3")
+    with pytest.raises(Preempted) as info:
+        train(tiny_config(run, tiny_data, *COMMON))
+    assert info.value.code == 130
+    assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_3"
+    assert [(e["step"], e["event"], e["signal"]) for e in _events(run)] == [(3, "preempted", 2)]
+    monkeypatch.delenv(faults.ENV)
+    train(tiny_config(run, tiny_data, *COMMON))
+    assert _trajectory(run) == _trajectory(reference)

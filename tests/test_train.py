@@ -158,3 +158,22 @@ def test_blend_file_feeds_the_blended_dataset(
         resolve_blend(build_config({"data": {"blend": str(tmp_path / "bad.json")}}).data)
     with pytest.raises(ConfigError, match="either blend or prefixes"):
         build_config({"data": {"blend": "x.json", "prefixes": ["y"]}})
+
+
+@pytest.mark.integration
+def test_compiled_training_run_gives_the_eager_losses(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """parallel.compile=true in a training run (the loop's own layout path): its blocks are compiled
+    and the losses are the eager run's."""
+    from haina.core.parallel import parallelize
+
+    compiled_blocks: list[int] = []
+    real = parallelize.apply_compile
+    monkeypatch.setattr(parallelize, "apply_compile", lambda part: compiled_blocks.append(real(part)) or compiled_blocks[-1])
+    losses = {}
+    for compiled in ("false", "true"):
+        cfg = tiny_config(tmp_path / compiled, tiny_data, f"parallel.compile={compiled}", "train.steps=3")
+        losses[compiled] = [r["loss"] for r in train(cfg).records]
+    assert compiled_blocks == [2]  # both blocks of the compiled run, none of the eager one
+    assert max(abs(a - b) for a, b in zip(losses["false"], losses["true"], strict=True)) < 1e-4
