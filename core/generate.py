@@ -8,6 +8,7 @@ seeded alike everywhere, so all ranks draw the same tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,15 +63,18 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def next_token(
-    logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, generator: torch.Generator
+    logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling, generator: torch.Generator | list[torch.Generator]
 ) -> torch.Tensor:
-    """[b, vocab] fp32 logits -> [b] token ids."""
+    """[b, vocab] fp32 logits -> [b] token ids; ``generator`` is one for the batch or one per row."""
     logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.temperature == 0:
         return logits.argmax(-1)
     logits = filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    probs = logits.softmax(-1).cpu()
+    if isinstance(generator, list):
+        rows = [torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generator)]
+        return torch.cat(rows).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -102,10 +106,14 @@ def generate(
     pad_id: int = 0,
     group: dist.ProcessGroup | None = None,
     vocab_limit: int | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Each prompt's continuation (without the prompt), ending with eos when the model produced one.
 
     ``vocab_limit``: only ids below it are drawn (a model's vocabulary padded past its tokenizer's).
+    ``row_seeds``: one sampling seed per prompt instead of ``sampling.seed`` for the batch, so a prompt
+    draws the same tokens whichever rank, batch or position it lands in (data-parallel rollouts that
+    repeat a one-process run).
 
     With ``group``, decoding stops only when every rank of it is done: ranks that shard one model (FSDP)
     must run the same number of forward passes, whatever their own prompts.
@@ -114,7 +122,12 @@ def generate(
     tokens, positions, segments = left_pad(prompts, pad_id, device)
     b, width = tokens.shape
     vocab = model.cfg.vocab_size
-    generator = torch.Generator().manual_seed(sampling.seed)
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {len(prompts)} prompts")
+    generator: torch.Generator | list[torch.Generator] = (
+        torch.Generator().manual_seed(sampling.seed) if row_seeds is None
+        else [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+    )
     cache = KVCache(b, width + sampling.max_new_tokens)
     seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
     seen.scatter_(1, tokens, segments.bool())

@@ -181,3 +181,20 @@ def test_config_is_derived_from_haina_fields() -> None:
 ])
 def test_bad_deepspeed_config_is_one_line(overrides: tuple[str, ...], expected: str) -> None:
     assert expected in one_line_error(load_config, "tiny", list(overrides))
+
+
+@pytest.mark.integration
+def test_zero3_with_offloaded_parameters_in_bf16_trains(tiny_data: Path, tmp_path: Path) -> None:
+    """``deepspeed.offload_params`` (ZeRO-3 parameters in CPU memory) with ``train.precision=bf16``: the
+    losses follow FSDP2's bf16 run within bf16 rounding, and the saved weights are fp32 masters."""
+    losses = {}
+    for name, overrides in (("fsdp2", ()), ("offload", (*STAGES["zero3"], "deepspeed.offload_params=true"))):
+        run = tmp_path / name
+        haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]",
+              "train.steps=3", "train.save_every=3", "train.precision=bf16", *overrides)
+        losses[name] = [r["loss"] for r in _trajectory(run)]
+    assert len(losses["offload"]) == 3
+    assert max(abs(a - b) for a, b in zip(losses["fsdp2"], losses["offload"], strict=True)) < 0.05
+    model = Transformer(load_config("tiny").model)
+    load_model_weights(tmp_path / "offload", model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

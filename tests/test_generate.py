@@ -118,3 +118,23 @@ def test_vocab_limit_keeps_draws_inside_the_tokenizer() -> None:
     out = generate(model, [[5, 6, 7], [8]], hot, eos_id=2, vocab_limit=limit)
     assert all(t < limit for row in out for t in row)
     assert any(t >= limit for row in generate(model, [[5, 6, 7], [8]], hot, eos_id=2) for t in row)
+
+
+def test_row_seeds_draw_the_same_tokens_wherever_a_prompt_lands() -> None:
+    """Per-prompt seeds: a prompt's sample does not depend on its batch-mates or its row (dp rollouts)."""
+    import torch
+
+    from haina.core.config import ModelConfig
+    from haina.core.generate import Sampling, generate
+    from haina.core.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, max_seq_len=32)).eval()
+    model.init_weights()
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    sampling = Sampling(max_new_tokens=6, temperature=1.5)
+    together = generate(model, prompts, sampling, eos_id=1, row_seeds=[10, 11, 12])
+    alone = [generate(model, [p], sampling, eos_id=1, row_seeds=[s])[0] for p, s in zip(prompts, [10, 11, 12], strict=True)]
+    reversed_rows = generate(model, prompts[::-1], sampling, eos_id=1, row_seeds=[12, 11, 10])[::-1]
+    assert together == alone == reversed_rows
+    assert generate(model, prompts, sampling, eos_id=1, row_seeds=[20, 21, 22]) != together
