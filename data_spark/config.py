@@ -31,6 +31,10 @@ class InputConfig(_Section):
     min_chars: int = Field(1, ge=1, description="documents shorter than this (after strip) are quarantined")
     max_chars: int = Field(1_000_000, ge=1, description="documents longer than this are quarantined as huge")
     raw_preview_chars: int = Field(2000, ge=0, description="bytes of a bad record kept in the quarantine")
+    max_quarantine_share: float | None = Field(
+        None, ge=0, le=1, description="stop (exit 2) when more than this share of input records is quarantined; "
+        "None: never stop"
+    )
 
 
 class ExactDedupConfig(_Section):

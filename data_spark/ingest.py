@@ -1,14 +1,20 @@
 """Read JSONL (optionally gzip) and Parquet inputs into documents, and bad records into a quarantine.
 
-JSONL lines are read by Spark as raw bytes and parsed per Arrow batch, so invalid UTF-8, malformed
-JSON, missing fields and empty or huge documents become quarantine rows with a reason instead of a
-crash or a silent drop. Row ids are assigned before parsing, in input order, and are the job's notion of
+JSONL lines (split on ``\\n`` only) are read by Spark as raw bytes and parsed per Arrow batch, so every
+per-record failure becomes a quarantine row with a reason instead of a crash or a silent drop: invalid
+UTF-8, malformed JSON, nesting too deep for the parser, integers too long for Python, lone surrogates,
+missing fields or fields of the wrong type, empty or huge documents, and anything else the parser raises.
+A gzip file damaged part way keeps the records before the damage and names the damage (see
+:mod:`haina.data_spark.gzip_lines`); :func:`check_quarantine_share` stops the job instead, for those who
+ask. Row ids are assigned before parsing, in input order, and are the job's notion of
 "first occurrence" (the smallest id of a duplicate group is kept).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,10 +25,12 @@ from pyspark.sql import types as T
 from haina.core.errors import HainaError, InputFileError, one_line
 from haina.data_spark.arrow_batches import map_columns
 from haina.data_spark.config import PrepareConfig
+from haina.data_spark.gzip_lines import gzip_lines
 from haina.data_spark.text import approx_tokens, detect_kind
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+_BATCH_ROWS, _BATCH_BYTES = 4096, 32 << 20  # Arrow batches of a gzip reader
 
 DOC_FIELDS = [
     T.StructField("doc_id", T.StringType()),
@@ -65,70 +73,160 @@ def _classify(text: str, source: str, source_kinds: dict[str, str]) -> str:
     return source_kinds.get(source) or detect_kind(text)
 
 
-def _validate(
-    record: object, cfg: PrepareConfig
-) -> tuple[str | None, str | None, str | None, str | None, str | None]:
-    """(doc_id, source, url, text, bad_reason) of one decoded record."""
+Fields = tuple[str | None, str | None, str | None, str | None]  # doc_id, source, url, text
+
+
+class BadRecord(Exception):
+    """One record that cannot become a document; the message is its quarantine reason, ``kind (detail)``."""
+
+
+def _string(record: dict, key: str, ids: bool = False) -> str | None:
+    """A field as text (None when absent or null); BadRecord for a value of another type."""
+    value = record.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if ids and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    expected = "a string or a number" if ids else "a string"
+    raise BadRecord(f"wrong field type ({key!r} is {type(value).__name__}, not {expected})")
+
+
+def _check_unicode(key: str, value: str | None) -> None:
+    """A JSON ``\\ud800`` escape decodes to a lone surrogate, which no UTF-8 writer (Arrow, Parquet) accepts."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(value[exc.start])
+        raise BadRecord(f"invalid Unicode (lone surrogate U+{char:04X} in field {key!r} at character {exc.start})") from None
+
+
+def _validate(record: object, cfg: PrepareConfig, escaped: bool = True) -> Fields:
+    """(doc_id, source, url, text) of one decoded record, or BadRecord; ``escaped``: the line holds a
+    ``\\u`` escape, the only way a lone surrogate gets in."""
     icfg = cfg.input
     if not isinstance(record, dict):
-        return None, None, None, None, f"not a JSON object ({type(record).__name__})"
-    if icfg.text_key not in record or record[icfg.text_key] is None:
-        return None, None, None, None, f"missing field {icfg.text_key!r}"
+        raise BadRecord(f"not a JSON object ({type(record).__name__})")
+    if record.get(icfg.text_key) is None:
+        raise BadRecord(f"missing field {icfg.text_key!r}")
     text = record[icfg.text_key]
     if not isinstance(text, str):
-        return None, None, None, None, f"field {icfg.text_key!r} is {type(text).__name__}, not a string"
+        raise BadRecord(f"wrong field type ({icfg.text_key!r} is {type(text).__name__}, not a string)")
+    doc_id = _string(record, icfg.id_key, ids=True)
+    source = _string(record, icfg.source_key) or icfg.default_source
+    url = _string(record, icfg.url_key)
+    if escaped:
+        for key, value in ((icfg.text_key, text), (icfg.id_key, doc_id), (icfg.source_key, source), (icfg.url_key, url)):
+            _check_unicode(key, value)
     if len(text.strip()) < icfg.min_chars:
-        return None, None, None, None, "empty document"
+        raise BadRecord("empty document")
     if len(text) > icfg.max_chars:
-        return None, None, None, None, f"huge document ({len(text)} > {icfg.max_chars} characters)"
-    doc_id = record.get(icfg.id_key)
-    source = record.get(icfg.source_key) or icfg.default_source
-    url = record.get(icfg.url_key)
-    return (
-        None if doc_id is None else str(doc_id),
-        str(source),
-        None if url is None else str(url),
-        text,
-        None,
-    )
+        raise BadRecord(f"huge document ({len(text)} > {icfg.max_chars} characters)")
+    return doc_id, source, url, text
 
 
-def _parse_jsonl(cfg: PrepareConfig):
+def _json_error(exc: json.JSONDecodeError) -> str:
+    """Some of json's messages end in "at" ("Unterminated string starting at"): the column completes them."""
+    msg = exc.msg if exc.msg.endswith(" at") else f"{exc.msg} at"
+    return f"malformed JSON ({msg} column {exc.colno})"
+
+
+def damage_reason(damage: dict) -> str:
+    """The quarantine reason of a damaged compressed file (the row holds the partial line, if any)."""
+    return (f"damaged compressed file ({damage['error']} at compressed byte {damage['compressed_offset']}, "
+            f"decompressed byte {damage['decompressed_offset']}; the {damage['lines_read']} lines before it are read)")
+
+
+def parse_line(raw: bytes, cfg: PrepareConfig) -> Fields:
+    """One JSONL line to (doc_id, source, url, text); :class:`BadRecord` with the reason for any failure,
+    so that no single record, however broken, can end the job."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord(f"invalid UTF-8 (byte {exc.start})") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:  # (a ValueError: first)
+        raise BadRecord(_json_error(exc)) from None
+    except RecursionError:
+        raise BadRecord("JSON nested too deeply (past Python's recursion limit)") from None
+    except ValueError as exc:  # int() refuses integers longer than sys.get_int_max_str_digits()
+        if "integer string conversion" in str(exc):
+            raise BadRecord(f"number too large (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
+        raise BadRecord(f"malformed JSON ({one_line(exc)})") from None
+    return _validate(record, cfg, escaped=b"\\u" in raw)
+
+
+def _parse_jsonl(cfg: PrepareConfig) -> Callable[[pa.RecordBatch], dict[str, list]]:
     preview = cfg.input.raw_preview_chars
     source_kinds = dict(cfg.heuristics.source_kinds)
 
     def parse(batch: pa.RecordBatch) -> dict[str, list]:
         out: dict[str, list] = {f.name: [] for f in DOC_FIELDS}
-        for raw in batch.column("value").to_pylist():
-            bad = None
-            doc_id = source = url = text = None
+        damages = batch.column("damage").to_pylist()
+        for raw, damage in zip(batch.column("value").to_pylist(), damages, strict=True):
+            doc_id = source = url = text = kind = ntok = bad = None
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = f"invalid UTF-8 at byte {exc.start}"
-            else:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    bad = f"malformed JSON ({exc.msg} at column {exc.colno})"
-                else:
-                    doc_id, source, url, text, bad = _validate(record, cfg)
-            out["doc_id"].append(doc_id)
-            out["source"].append(source)
-            out["url"].append(url)
-            out["text"].append(text)
-            out["kind"].append(None if text is None else _classify(text, source, source_kinds))
-            out["ntok"].append(None if text is None else approx_tokens(text))
-            out["bad"].append(bad)
+                if damage is not None:
+                    raise BadRecord(damage_reason(json.loads(damage)))
+                doc_id, source, url, text = parse_line(raw, cfg)
+                kind, ntok = _classify(text, source, source_kinds), approx_tokens(text)
+            except BadRecord as exc:
+                doc_id = source = url = text = kind = ntok = None
+                bad = str(exc)
+            except Exception as exc:  # anything else one record provokes: quarantined too, named by type
+                doc_id = source = url = text = kind = ntok = None
+                bad = f"unreadable record ({type(exc).__name__}: {one_line(exc)})"
+            for name, value in (("doc_id", doc_id), ("source", source), ("url", url), ("text", text),
+                                ("kind", kind), ("ntok", ntok), ("bad", bad)):
+                out[name].append(value)
             out["raw"].append(raw[:preview].decode("utf-8", errors="replace") if bad else None)
         return out
 
     return parse
 
 
+# The blank lines JSON Lines allows (Python's bytes.strip() whitespace), skipped before parsing.
+_NOT_BLANK = "[^ \\t\\n\\r\\x0B\\f]"
+
+
 def _read_jsonl(spark: SparkSession, path: Path) -> DataFrame:
-    lines = spark.read.text(str(path)).select(F.col("value").cast("binary").alias("value"))
-    return lines.filter(F.length(F.trim(F.col("value").cast("string"))) > 0)
+    """Lines split on ``\\n`` only: Spark's default also splits on a bare ``\\r``, cutting records in two."""
+    if path.name.lower().endswith(".gz"):
+        return _read_gzip(spark, path)
+    lines = spark.read.option("lineSep", "\n").text(str(path))
+    lines = lines.select(F.col("value").cast("binary").alias("value"), F.lit(None).cast("string").alias("damage"))
+    return lines.filter(F.col("value").cast("string").rlike(_NOT_BLANK))
+
+
+def _read_gzip(spark: SparkSession, path: Path) -> DataFrame:
+    """A gzip file in one task (gzip cannot be split anyway), inflated in Python: damage ends the file with
+    a ``damage`` row instead of failing the job (see :mod:`haina.data_spark.gzip_lines`)."""
+    name = str(path)
+    schema = pa.schema([("value", pa.binary()), ("damage", pa.string())])
+
+    def batch(values: list[bytes], damages: list[str | None]) -> pa.RecordBatch:
+        return pa.RecordBatch.from_arrays([pa.array(values, pa.binary()), pa.array(damages, pa.string())],
+                                          schema=schema)
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        if not sum(b.num_rows for b in batches):
+            return
+        values: list[bytes] = []
+        damages: list[str | None] = []
+        size = 0
+        for line, damage in gzip_lines(name):
+            values.append(line)
+            damages.append(None if damage is None else json.dumps(damage.as_dict()))
+            size += len(line)
+            if len(values) >= _BATCH_ROWS or size >= _BATCH_BYTES:
+                yield batch(values, damages)
+                values, damages, size = [], [], 0
+        if values:
+            yield batch(values, damages)
+
+    return spark.range(0, 1, 1, numPartitions=1).mapInArrow(read, "value binary, damage string")
 
 
 def _read_parquet(spark: SparkSession, path: Path, cfg: PrepareConfig) -> DataFrame:
@@ -156,7 +254,7 @@ def _read_parquet(spark: SparkSession, path: Path, cfg: PrepareConfig) -> DataFr
         ),
         {"ignoreNullFields": "false"},
     )
-    return frame.select(record.cast("binary").alias("value"))
+    return frame.select(record.cast("binary").alias("value"), F.lit(None).cast("string").alias("damage"))
 
 
 def read_inputs(spark: SparkSession, inputs: list[Path], cfg: PrepareConfig) -> DataFrame:
@@ -182,3 +280,34 @@ def documents(parsed: DataFrame) -> DataFrame:
 def quarantined(parsed: DataFrame) -> DataFrame:
     """Bad records: file, row id, reason and a preview of the raw bytes."""
     return parsed.filter(F.col("bad").isNotNull()).select("file", "row_id", F.col("bad").alias("reason"), "raw")
+
+
+def damaged_files(parsed: DataFrame) -> list[dict]:
+    """``[{file, error, compressed_offset, decompressed_offset, lines_read}]`` of the damaged gzip inputs."""
+    rows = parsed.filter(F.col("damage").isNotNull()).select("file", "damage").collect()
+    return sorted(({"file": r["file"], **json.loads(r["damage"])} for r in rows), key=lambda d: d["file"])
+
+
+def quarantine_summary(bad: DataFrame) -> dict[str, int]:
+    """Count per kind of reason: a reason reads ``kind (detail)``, and the kind is what comes before "("."""
+    kind = F.trim(F.regexp_extract("reason", r"^([^(]+)", 1))
+    rows = bad.groupBy(kind.alias("k")).count().orderBy("k").collect()
+    return {r["k"]: int(r["count"]) for r in rows}
+
+
+class TooManyBadRecords(InputFileError):
+    """More of the input was quarantined than ``input.max_quarantine_share`` allows (exit status 2)."""
+
+
+def check_quarantine_share(ingest: dict, cfg: PrepareConfig, quarantine: Path) -> None:
+    """Stop the job (one line) when the quarantined share of the input records exceeds the limit."""
+    limit = cfg.input.max_quarantine_share
+    bad, total = ingest["quarantined"], ingest["quarantined"] + ingest["documents"]
+    if limit is None or not total or bad / total <= limit:
+        return
+    common = sorted(ingest["quarantine_reasons"].items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    reasons = ", ".join(f"{kind} {count:,}" for kind, count in common)
+    raise TooManyBadRecords(
+        f"{bad:,} of {total:,} input records quarantined ({bad / total:.2%} > input.max_quarantine_share={limit}): "
+        f"{reasons}; see {quarantine} (a rerun with a higher share resumes after ingest)"
+    )

@@ -5,12 +5,19 @@ output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, 
 (:func:`haina.core.files.publish_dir`: fsync, rename, fsync of the parent) makes the output appear complete
 or not at all.
 
-Recovery: each stage writes into a hidden work folder, adds a completion marker holding its report row,
-and publishes the folder into place the same way; the temporary output records a fingerprint of the
-inputs (path, size, mtime) and the config. A job that was killed (SIGKILL, SIGTERM, Ctrl-C) and started
-again with the same inputs and config reuses the completed stages and redoes the rest; a changed
-fingerprint starts afresh.
-An exception in a stage (a bug, bad data) still removes the temporary output.
+Recovery: each stage writes into a hidden work folder, adds a completion marker holding its report row
+and the size of every file the stage wrote (its folder, its ``removed/stage=NAME``, the models), and
+publishes the folder into place the same way; the temporary output records a fingerprint of the inputs
+(path, size, mtime) and the config. A job that was killed (SIGKILL, SIGTERM, Ctrl-C) and started again
+with the same inputs and config reuses the stages whose files are all there, up to the first that is not,
+and redoes the rest; a changed fingerprint starts afresh.
+
+Deleting never leaves a half that looks resumable: :func:`_remove_tree` removes the fingerprint and the
+markers first, and the commit (:func:`_commit`) takes the fingerprint away, moves ``stages/`` out in one
+rename, publishes, and only then deletes. Every delete and rename of the commit and clean-up is numbered,
+and ``HAINA_FAULTS=data_commit:crash@N`` stops the job right after the N-th (the recovery tests do, at each).
+An exception in a stage (a bug, bad data) still removes the temporary output; too many quarantined
+records (``input.max_quarantine_share``) keep it, so a rerun with a higher share resumes after ingest.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import shutil
+import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +37,18 @@ from pyspark.sql import functions as F
 
 from haina.core import faults
 from haina.core.errors import HainaError
-from haina.core.files import fsync_tree, publish_dir, write_durable
+from haina.core.files import fsync_dir, fsync_tree, publish_dir, write_durable
 from haina.data_spark.config import PrepareConfig, dump_prepare_config
-from haina.data_spark.ingest import check_inputs, documents, quarantined, read_inputs
+from haina.data_spark.ingest import (
+    TooManyBadRecords,
+    check_inputs,
+    check_quarantine_share,
+    damaged_files,
+    documents,
+    quarantine_summary,
+    quarantined,
+    read_inputs,
+)
 from haina.data_spark.stages import (
     category,
     embedding,
@@ -98,6 +114,70 @@ def _write(df: DataFrame, path: Path, partitions: int) -> None:
 
 JOB_FILE = "_job.json"  # the fingerprint of a temporary output
 MARKER = "_haina_stage.json"  # a completed stage (Spark and pyarrow skip names starting with "_")
+FAULT_POINT = "data_commit"  # HAINA_FAULTS=data_commit:crash@N: stop after the commit's N-th delete or rename
+
+
+class _Ops:
+    """The number of deletes and renames since the commit began (None before): the fault hook's clock."""
+
+    count: int | None = None
+
+
+def _done() -> None:
+    if _Ops.count is not None:
+        _Ops.count += 1
+        faults.fire(FAULT_POINT, _Ops.count)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """A durable rename (both folders fsynced)."""
+    src.rename(dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+    _done()
+
+
+def _unlink(path: Path) -> None:
+    """A durable delete of one file."""
+    path.unlink()
+    fsync_dir(path.parent)
+    _done()
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder so that no moment of it looks resumable: the fingerprint and the stage markers go
+    first, durably; then every other file and folder, deepest first (a kill there leaves only data that
+    nothing trusts)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        _unlink(path)
+        return
+    for name in (JOB_FILE, MARKER):
+        for found in sorted(path.rglob(name)):
+            _unlink(found)
+    for folder, dirs, files in os.walk(path, topdown=False):
+        for name in [*files, *dirs]:
+            entry = Path(folder) / name
+            if entry.is_dir() and not entry.is_symlink():
+                entry.rmdir()
+            else:
+                entry.unlink()
+            _done()
+    path.rmdir()
+    _done()
+
+
+def _discard(path: Path) -> None:
+    """:func:`_remove_tree` on the way out of a failure: a second error must not hide the first."""
+    with suppress(OSError):
+        _remove_tree(path)
+
+
+def _trash(output: Path) -> Path:
+    """Where the commit puts what it deletes after publishing (the stages, an old output)."""
+    return output.parent / f".{output.name}.trash"
 
 
 def job_fingerprint(inputs: list[Path], cfg: PrepareConfig) -> str:
@@ -105,6 +185,7 @@ def job_fingerprint(inputs: list[Path], cfg: PrepareConfig) -> str:
     config = cfg.model_dump(mode="json")
     for key in ("overwrite", "keep_intermediate"):
         config.pop(key, None)
+    config["input"].pop("max_quarantine_share", None)  # a stop rule, not an output setting: raising it resumes
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in inputs]
     blob = json.dumps({"inputs": files, "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -123,7 +204,7 @@ def _prepare_output(output: Path, overwrite: bool, fingerprint: str) -> Path:
     if tmp.exists():
         if _fingerprint_of(job) == fingerprint:
             return tmp
-        shutil.rmtree(tmp)
+        _remove_tree(tmp)
     tmp.mkdir()
     write_durable(job, json.dumps({"fingerprint": fingerprint}) + "\n")
     return tmp
@@ -149,35 +230,69 @@ def _lock(output: Path) -> Any:
     return handle
 
 
-def _completed(path: Path) -> dict[str, Any] | None:
-    """The marker of a stage folder renamed into place (so complete), else None."""
-    marker = path / MARKER
-    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+def _files(folder: Path, name: str) -> dict[str, int]:
+    """``name/relative path`` -> size of every file below ``folder`` (published as ``name``), the marker aside."""
+    out = {}
+    for parent, _, names in os.walk(folder):
+        for file in names:
+            path = Path(parent) / file
+            if not (file == MARKER and path.parent == folder):
+                out[f"{name}/{path.relative_to(folder).as_posix()}"] = path.stat().st_size
+    return out
+
+
+def _completed(path: Path, root: Path) -> dict[str, Any] | None:
+    """The marker of a complete stage folder, else None. Complete: the marker is there and so is every file
+    it lists, with its size; the folders it calls exact hold no other file (Spark would read one as data)."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+        files, exact = marker["files"], marker["exact"]
+        for rel, size in files.items():
+            if (root / rel).stat().st_size != size:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, unreadable, or an older marker
+        return None
+    for folder in exact:
+        if set(_files(root / folder, folder)) != {rel for rel in files if rel.startswith(f"{folder}/")}:
+            return None
+    return marker
 
 
 def _work(path: Path) -> Path:
     """A fresh hidden work folder for ``path``."""
     work = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(work, ignore_errors=True)
+    _remove_tree(work)
     return work
 
 
-def _publish(work: Path, path: Path, marker: dict[str, Any] | None = None) -> None:
-    """Marker inside, every file made durable, then one rename: the folder exists complete or not at all.
+def _publish(
+    work: Path, path: Path, marker: dict[str, Any] | None = None, root: Path | None = None,
+    extra: tuple[str, ...] = (), shared: tuple[str, ...] = (),
+) -> None:
+    """Every file made durable, then the marker (last, listing what is there), then one rename: the folder
+    exists complete or not at all. ``extra`` are folders under ``root`` the stage published before (its
+    removed rows), listed in the marker as exact; ``shared`` ones (the models, which later stages add to)
+    are listed file by file only. A missing folder is skipped.
 
     No ``manifest.json``: Spark and pyarrow would read it as a Parquet part (they skip only names
     starting with ``_`` or ``.``, like the marker), and a manifest lists a folder's own files, not the
-    nested ones of an output. An old ``path`` is replaced."""
-    if marker is not None:
-        write_durable(work / MARKER, json.dumps(marker, ensure_ascii=False) + "\n")
+    nested ones of an output. An old ``path`` is moved aside first and deleted after."""
     fsync_tree(work)
+    if marker is not None and root is not None:
+        name = path.relative_to(root).as_posix()
+        files = _files(work, name)
+        exact = [name, *(f for f in extra if (root / f).is_dir())]
+        for folder in (*extra, *shared):
+            if (root / folder).is_dir():
+                files.update(_files(root / folder, folder))
+        write_durable(work / MARKER, json.dumps({**marker, "files": files, "exact": exact}, ensure_ascii=False) + "\n")
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        _remove_tree(old)
+        _rename(path, old)
     publish_dir(work, path, manifest=False)
-
-
-def _quarantine_summary(df: DataFrame) -> dict[str, int]:
-    kind = F.trim(F.regexp_extract("reason", r"^([^(0-9]+)", 1))
-    rows = df.groupBy(kind.alias("k")).count().orderBy("k").collect()
-    return {r["k"]: int(r["count"]) for r in rows}
+    _done()
+    _remove_tree(old)
 
 
 def run_pipeline(
@@ -197,22 +312,49 @@ def run_pipeline(
 def _run_locked(
     spark: SparkSession, inputs: list[Path], output: Path, cfg: PrepareConfig, progress: bool
 ) -> dict[str, Any]:
+    _Ops.count = None
+    _remove_tree(_trash(output))  # what a kill during an earlier clean-up left (nothing reads it)
     tmp = _prepare_output(output, cfg.overwrite, job_fingerprint(inputs, cfg))
     bar = Progress(progress)
     started = time.perf_counter()
     try:
         report = _run(spark, inputs, tmp, cfg, bar)
         report["seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / JOB_FILE).unlink()
-        _publish(tmp, output)  # an old output (overwrite=true) is moved aside and deleted last
+        _commit(tmp, output, report, cfg.keep_intermediate)
+    except TooManyBadRecords:
+        raise  # the ingest stays, complete: a rerun with a higher share resumes after it
     except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failing stage: nothing worth resuming
+        _discard(tmp)  # a failing stage: nothing worth resuming
         raise  # (a kill or Ctrl-C leaves the temporary output for the next run to resume)
     finally:
+        _Ops.count = None
         spark.catalog.clearCache()
     report["output"] = str(output)
     return report
+
+
+def _commit(tmp: Path, output: Path, report: dict[str, Any], keep_intermediate: bool) -> None:
+    """Publish the temporary output as ``output``, then delete what is not part of it.
+
+    In this order, each step one durable delete or rename: report.json; the fingerprint (from here a kill
+    leaves nothing resumable, and the rerun starts afresh instead of trusting stages half deleted);
+    ``stages/`` moved out to the trash; an old output (overwrite=true) moved there too; the publishing
+    rename; and only then the trash deleted, where a kill leaves a hidden folder that the next run on
+    this output deletes."""
+    _Ops.count = 0
+    write_durable(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _done()
+    _unlink(tmp / JOB_FILE)
+    trash = _trash(output)
+    _remove_tree(trash)
+    trash.mkdir()
+    if not keep_intermediate and (tmp / "stages").exists():
+        _rename(tmp / "stages", trash / "stages")
+    if output.exists():
+        _rename(output, trash / "old-output")
+    publish_dir(tmp, output, manifest=False)
+    _done()
+    _remove_tree(trash)
 
 
 def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig) -> dict[str, Any]:
@@ -220,22 +362,23 @@ def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConf
     t0 = time.perf_counter()
     path = tmp / "stages" / "00_ingest"
     parsed_path = tmp / "_parsed"
-    shutil.rmtree(parsed_path, ignore_errors=True)
+    _remove_tree(parsed_path)
     read_inputs(spark, inputs, cfg).write.mode("overwrite").parquet(str(parsed_path))
     parsed = spark.read.parquet(str(parsed_path))
+    damaged = damaged_files(parsed)
     work = _work(tmp / "quarantine")
     quarantined(parsed).write.mode("overwrite").parquet(str(work))
     _publish(work, tmp / "quarantine")
     work = _work(path)
     _write(documents(parsed), work, cfg.spark.shuffle_partitions)
-    shutil.rmtree(parsed_path, ignore_errors=True)
+    _remove_tree(parsed_path)
     docs_raw, tokens_raw = _counts(spark.read.parquet(str(work)))
     bad = spark.read.parquet(str(tmp / "quarantine"))
     ingest = {"inputs": [str(p) for p in inputs], "documents": docs_raw, "tokens": tokens_raw,
-              "quarantined": bad.count(), "quarantine_reasons": _quarantine_summary(bad),
-              "seconds": round(time.perf_counter() - t0, 2)}
+              "quarantined": bad.count(), "quarantine_reasons": quarantine_summary(bad),
+              "damaged_files": damaged, "seconds": round(time.perf_counter() - t0, 2)}
     faults.fire("data_stage", "ingest")
-    _publish(work, path, {"stage": "ingest", "row": ingest})
+    _publish(work, path, {"stage": "ingest", "row": ingest}, tmp, ("quarantine",))
     return ingest
 
 
@@ -250,7 +393,7 @@ def _stage(
     path = tmp / "stages" / f"{index:02d}_{name}"
     removed_docs = removed_tokens = 0
     removed_path = tmp / "removed" / f"stage={name}"
-    shutil.rmtree(removed_path, ignore_errors=True)
+    _remove_tree(removed_path)
     if result.removed is not None:
         work = _work(removed_path)
         result.removed.write.mode("overwrite").parquet(str(work))
@@ -268,7 +411,7 @@ def _stage(
         "seconds": round(time.perf_counter() - t0, 2), **result.notes,
     }
     faults.fire("data_stage", name)  # test hook: a kill after the data, before the stage is complete
-    _publish(work, path, {"stage": name, "row": row})
+    _publish(work, path, {"stage": name, "row": row}, tmp, (f"removed/stage={name}",), ("models",))
     return row
 
 
@@ -277,13 +420,14 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
     stages_dir = tmp / "stages"
     ctx = StageContext(spark, cfg, tmp)
     resumed: list[str] = []
-    done = _completed(stages_dir / "00_ingest")
+    done = _completed(stages_dir / "00_ingest", tmp)
     if done is not None:
         ingest = done["row"]
         resumed.append("ingest")
     else:
         with bar.stage("ingest"):
             ingest = _ingest(spark, inputs, tmp, cfg)
+    check_quarantine_share(ingest, cfg, tmp / "quarantine")
     current = spark.read.parquet(str(stages_dir / "00_ingest"))
     docs_raw, tokens_raw = ingest["documents"], ingest["tokens"]
     bar.console.print(
@@ -291,6 +435,7 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
     )
     stages: list[dict[str, Any]] = []
     docs_in, tokens_in = docs_raw, tokens_raw
+    resuming = done is not None  # a stage is reused only if every stage before it was
     for index, (name, run, section) in enumerate(STAGES, start=1):
         if section is not None and not getattr(cfg, section).enabled:
             row = {"stage": name, "skipped": True}
@@ -298,27 +443,26 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
             bar.done(name, row)
             continue
         path = stages_dir / f"{index:02d}_{name}"
-        done = _completed(path)
+        done = _completed(path, tmp) if resuming else None
         if done is not None:
             row = done["row"]
             resumed.append(name)
         else:
+            resuming = False
             with bar.stage(name):
                 row = _stage(ctx, current, index, name, run, (docs_in, tokens_in, tokens_raw))
         current = spark.read.parquet(str(path))
         stages.append(row)
         bar.done(name, row)
         docs_in, tokens_in = row["docs_out"], row["tokens_out"]
-    for leftover in ("kept", "tokenized", "blend.json"):  # the finishing steps are redone as a whole
-        target = tmp / leftover
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    for leftover in ("kept", "tokenized", "blend.json", "removed/stage=none"):  # redone as a whole
+        _remove_tree(tmp / leftover)
     internal = [c for c in current.columns if c.startswith("_")]
     current.drop(*internal).write.mode("overwrite").parquet(str(tmp / "kept"))
-    if not (tmp / "removed").exists():
-        spark.createDataFrame([], "row_id long, reason string").write.parquet(str(tmp / "removed" / "stage=none"))
+    if not (tmp / "removed").exists():  # an empty table, so that readers of removed/ need no special case
+        work = _work(tmp / "removed" / "stage=none")
+        spark.createDataFrame([], "row_id long, reason string").write.parquet(str(work))
+        _publish(work, tmp / "removed" / "stage=none")
     report: dict[str, Any] = {
         "token_unit": "approx (words + CJK characters + symbols) until tokenized",
         "ingest": ingest, "stages": stages,
@@ -335,6 +479,4 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
             report["tokenized"] = {"categories": blend_summary(blend), "seconds": round(time.perf_counter() - t0, 2)}
         bar.console.print(f"[green]✓[/] {'tokenize':<12} {sum(d['tokens'] for d in blend['datasets']):,} tokens "
                           f"in {len(blend['datasets'])} parts")
-    if not cfg.keep_intermediate:
-        shutil.rmtree(stages_dir, ignore_errors=True)
     return report
