@@ -36,6 +36,7 @@ SECTION_OF_KIND: dict[str, str] = {
     "mlp": "model",
     "head": "model",
     "loss": "loss",
+    "reward": "reward",  # settings given per term in an algorithm's reward list (haina.plugins.rewards.base)
     "algorithm": "",
 }
 

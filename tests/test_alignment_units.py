@@ -1,5 +1,6 @@
 """The alignment pieces against hand computations: chat masking and packing, the quality gate, pairwise
-and DPO losses, GAE, PPO clipping, KL schedule, warm-up, the task generator and taxonomy coverage."""
+and DPO losses, GAE, PPO clipping, KL schedule, warm-up, the task generator and taxonomy coverage, and
+the advantages and losses of GRPO, RLOO and REINFORCE++."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import torch
 
 from haina.core.config import TokenizerConfig
 from haina.core.errors import HainaError
+from haina.plugins.align.advantages import (
+    aggregate,
+    clipped_policy_loss,
+    global_masked_whiten,
+    group_normalized_advantages,
+    k3_kl,
+    leave_one_out_advantages,
+    returns_to_go,
+    sequence_kl,
+)
 from haina.plugins.align.chat_format import (
     pack_conversations,
     read_conversations,
@@ -194,6 +205,93 @@ def test_kl_schedule_runs_from_start_to_end(shape: str) -> None:
 def test_critic_warmup() -> None:
     warmup = CriticWarmup(20)
     assert not any(warmup.actor_trains(s) for s in range(20)) and warmup.actor_trains(20)
+
+
+# --------------------------------------------------------------------------- GRPO, RLOO, REINFORCE++
+
+def test_grpo_group_normalised_advantages_by_hand() -> None:
+    """Two groups of 4: rewards 1, 0, 0, 1 (mean 0.5, sample std sqrt(1/3)) and four equal rewards (all 0)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert group_normalized_advantages(rewards, 4).tolist() == pytest.approx([a, -a, -a, a, 0, 0, 0, 0], rel=1e-6)
+    assert group_normalized_advantages(rewards, 4, std_normalize=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="groups of 3"):
+        group_normalized_advantages(rewards, 3)
+
+
+def test_rloo_leave_one_out_baseline_by_hand() -> None:
+    # sample 0's baseline is (2 + 6) / 2 = 4, sample 1's (1 + 6) / 2, sample 2's (1 + 2) / 2; a group of 2 is r_i - r_j
+    assert leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0]), 3).tolist() == [-3.0, -1.5, 4.5]
+    assert leave_one_out_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2).tolist() == [-2.0, 2.0, 0.0, 0.0]
+    # RLOO's reward takes the sequence KL: sum over the response of log pi_old - log pi_ref
+    logp, ref = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -1.0, 0.0]])
+    assert sequence_kl(logp, ref, torch.tensor([[True, True, False]])).tolist() == [-0.5]
+
+
+def test_reinforce_pp_returns_and_global_normalisation_by_hand() -> None:
+    # per-token reward -beta (old - ref), the score on the last response token; discounted returns to go
+    assert returns_to_go(torch.tensor([[1.0, 2.0, 3.0, 9.0]]), torch.tensor([[1, 1, 1, 0]]), 0.5).tolist() == [
+        [2.75, 3.5, 3.0, 0.0]
+    ]
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    rewards = kl_penalty_rewards(old, ref, torch.tensor([1.0, 0.0]), mask, 0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 1.1, 0.0], [0.0, 0.0, 0.0]]))
+    returns = returns_to_go(rewards, mask, 1.0)
+    torch.testing.assert_close(returns, torch.tensor([[1.05, 1.1, 0.0], [0.0, 0.0, 0.0]]))
+    # normalised over all four response tokens of the batch (population variance), 0 off the mask
+    mean = (1.05 + 1.1) / 4
+    std = math.sqrt((1.05**2 + 1.1**2) / 4 - mean**2 + 1e-8)
+    want = [[(1.05 - mean) / std, (1.1 - mean) / std, 0.0], [-mean / std, -mean / std, 0.0]]
+    torch.testing.assert_close(global_masked_whiten(returns, mask), torch.tensor(want))
+
+
+def test_k3_kl_and_loss_aggregations_by_hand() -> None:
+    logp, ref = torch.tensor([-1.0, -2.0, -1.0]), torch.tensor([-2.0, -1.0, -1.0])
+    assert k3_kl(logp, ref).tolist() == pytest.approx([math.exp(-1), math.e - 2, 0.0])
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 0.0]])  # NaN off the mask must not leak
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert float(aggregate(per_token, mask, "token_mean")) == pytest.approx(10 / 4)
+    assert float(aggregate(per_token, mask, "seq_mean_token_mean")) == pytest.approx((2 + 4) / 2)
+    assert float(aggregate(per_token, mask, "seq_mean_token_sum")) == pytest.approx((6 + 4) / 2)
+
+
+def test_clipped_policy_loss_with_grpo_kl_by_hand() -> None:
+    """Ratios 1.5 and 0.5 under advantages +1 and -1 with clip 0.2: the pessimistic (larger) term wins;
+    GRPO's beta * k3 joins per token; each response's mean, then the mean over responses."""
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5], [1.5, 0.5]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])  # one advantage per response, broadcast over its tokens
+    mask = torch.tensor([[True, True], [True, False]])
+    ref = torch.zeros(2, 2)
+    kl = k3_kl(logp, ref)
+    loss, stats = clipped_policy_loss(logp, old, adv, mask, clip=0.2, mode="seq_mean_token_mean", kl=kl, beta=0.1)
+    # response 0 (A=+1): max(-1.5, -1.2) = -1.2 (clipped), max(-0.5, -0.8) = -0.5; response 1 (A=-1): max(1.5, 1.2)
+    k = [1 / 1.5 + math.log(1.5) - 1, 1 / 0.5 + math.log(0.5) - 1]
+    want = ((-1.2 + 0.1 * k[0]) + (-0.5 + 0.1 * k[1])) / 2 / 2 + (1.5 + 0.1 * k[0]) / 2
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    assert float(stats["clip_fraction"]) == pytest.approx(1 / 3)  # only the first token clipped
+    assert float(stats["kl_loss"]) == pytest.approx((k[0] + k[1]) / 2 / 2 + k[0] / 2, rel=1e-6)
+    loss.backward()
+    # d/dlogp: the clipped token gets only the KL gradient, beta (1 - ref/pi) = beta (1 - 1/ratio)
+    g = logp.grad
+    assert float(g[0, 0]) == pytest.approx(0.1 * (1 - 1 / 1.5) / 4, rel=1e-6)
+    assert float(g[0, 1]) == pytest.approx((-1 * 0.5 + 0.1 * (1 - 1 / 0.5)) / 4, rel=1e-6)
+    assert float(g[1, 0]) == pytest.approx((1.5 + 0.1 * (1 - 1 / 1.5)) / 2, rel=1e-6)
+    assert float(g[1, 1]) == 0.0
+
+
+def test_on_policy_clipped_loss_is_reinforce() -> None:
+    """With the rollout policy's own log-probs (ratio 1) the gradient is -A per token, scaled by the
+    aggregation: RLOO's token sum per response is REINFORCE on the sequence log-probability."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, -2.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = clipped_policy_loss(logp, logp.detach(), adv, mask, 0.2, "seq_mean_token_sum")
+    loss.backward()
+    assert logp.grad.tolist() == [[-1.0, -1.0, -1.0], [0.5, 0.5, 0.0]]
+    assert float(stats["clip_fraction"]) == 0.0 and float(stats["approx_kl"]) == 0.0
 
 
 # ------------------------------------------------------------------------------------ task, taxonomy

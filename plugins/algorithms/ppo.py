@@ -1,11 +1,14 @@
 """The ``ppo`` algorithm: RLHF with four models, as in the Baichuan 2 report.
 
-Trained: the actor (from ``align.init_from``, an SFT run) and the critic (from ``ppo.reward_model``),
-held together in :class:`ActorCritic`. Frozen: the reference (``ppo.reference``, default the actor's
-start) and the reward model. Each engine step generates one rollout batch, scores it, turns the score
-and a per-token KL penalty against the reference into rewards, estimates advantages with GAE, and takes
-``ppo.epochs`` clipped updates on it. During the first ``critic_warmup_steps`` only the critic
-learns; the actor gets no gradient, so its weights (and Adam state) stay exactly as loaded.
+Trained: the actor (from ``align.init_from``, an SFT run) and the critic (from ``ppo.reward_model``, else
+the actor's start with a fresh value head), held together in :class:`ActorCritic`. Frozen: the reference
+(``ppo.reference``, default the actor's start) and the rewards (``ppo.reward``, default the reward model
+``ppo.reward_model``; any reward plugin or a weighted sum, e.g. helpfulness + harmlessness). Each engine
+step generates one rollout batch, scores it, turns the score and a per-token KL penalty against the
+reference into rewards, estimates advantages with GAE, and takes ``ppo.epochs`` clipped updates on it.
+During the first ``critic_warmup_steps`` only the critic learns; the actor gets no gradient, so its
+weights (and Adam state) stay exactly as loaded. Token log-probabilities and the entropy come from the
+chunked path (:mod:`haina.plugins.align.token_logprobs`), never from full logits.
 """
 
 from __future__ import annotations
@@ -15,23 +18,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
-from haina.core.config import PluginSettings
-from haina.core.generate import Sampling, generate
+from haina.core.config import ConfigError, PluginSettings, plugin_settings
+from haina.core.loss import LossOutput
 from haina.core.model import Transformer, build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
-from haina.plugins.algorithms.reward_model import build_value_model, value_config
-from haina.plugins.align.common import config_check, shifted_targets, token_logps
-from haina.plugins.align.preference_data import PromptBatches, read_prompts, response_mask_from_prompts
+from haina.plugins.algorithms.reward_model import value_config
+from haina.plugins.align.common import check_layout
+from haina.plugins.align.preference_data import PromptBatches, read_prompts
 from haina.plugins.align.rl import (
     CriticWarmup,
     KLSchedule,
-    entropy_from_logits,
     gae,
     kl_penalty_rewards,
     masked_mean,
@@ -39,6 +40,10 @@ from haina.plugins.align.rl import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from haina.plugins.align.rollout import SamplingSettings, sample_rollout
+from haina.plugins.align.token_logprobs import model_token_logps, trained_token_logps
+from haina.plugins.rewards.base import RewardSpec, parse_reward_spec, sync_over_tp
+from haina.plugins.rewards.combine import build_reward
 
 if TYPE_CHECKING:
     from haina.core.config import HainaConfig
@@ -59,20 +64,16 @@ class ActorCritic(nn.Module):
         self.critic.init_weights()
 
 
-class SamplingSettings(PluginSettings):
-    """How rollouts are sampled."""
-
-    max_new_tokens: int = Field(64, gt=0, description="Longest continuation.")
-    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
-    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = all).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass.")
-    repetition_penalty: float = Field(1.0, gt=0, description="CTRL-style penalty on seen tokens.")
-
-
 class PPOSettings(PluginSettings):
     """PPO with critic warm-up and a decaying KL coefficient (the report's settings are the defaults)."""
 
-    reward_model: str | None = Field(None, description="Frozen reward-model checkpoint; also seeds the critic.")
+    reward_model: str | None = Field(
+        None, description="Reward-model checkpoint: the reward unless ppo.reward says otherwise, and the critic's start."
+    )
+    reward: RewardSpec = Field(
+        default_factory=list, description="Reward terms: a reward plugin, or a list of {type, name, weight, "
+        "<settings>} summed (see haina.plugins.rewards.base); empty: the reward model.",
+    )
     reference: str | None = Field(None, description="Frozen reference checkpoint; default: align.init_from.")
     kl_start: float = Field(0.2, ge=0, description="KL coefficient at the first step.")
     kl_end: float = Field(0.005, ge=0, description="KL coefficient at the last step.")
@@ -91,7 +92,15 @@ class PPOSettings(PluginSettings):
     "align.ppo": "", "align.sampling": "sampling", "align.reward_model": "reward_model", "align.reference": "reference",
 })
 class PPO(Algorithm):
-    check_config = config_check("ppo", needs=("align.init_from", "ppo.reward_model"))
+    @classmethod
+    def check_config(cls, cfg: HainaConfig) -> None:
+        check_layout(cfg, "ppo")
+        if cfg.align.init_from is None:
+            raise ConfigError("align.init_from: the ppo algorithm needs it")
+        own = plugin_settings(cfg, "algorithm", "ppo")
+        if not own.reward and own.reward_model is None:
+            raise ConfigError("ppo.reward_model: the ppo algorithm needs it (or rewards of other kinds in ppo.reward)")
+        build_reward(reward_terms(own), cfg, "ppo.reward")
 
     def __init__(self, cfg: HainaConfig) -> None:
         super().__init__(cfg)
@@ -100,7 +109,9 @@ class PPO(Algorithm):
         self.warmup = CriticWarmup(steps=p.critic_warmup_steps)
         self.tokenizer = load_tokenizer(cfg)
         self.reference: nn.Module | None = None
-        self.reward_model: nn.Module | None = None
+        self.reward = build_reward(reward_terms(p), cfg, "ppo.reward")
+        vocab = self.tokenizer.vocab_size
+        self.vocab_limit = vocab if vocab < cfg.model.vocab_size else None
 
     def build_model(self, cfg: HainaConfig, device: torch.device) -> nn.Module:
         with device:
@@ -109,16 +120,22 @@ class PPO(Algorithm):
         return model
 
     def setup(self, engine: Engine, resumed: bool) -> None:
-        # DCP only when a run starts: listing or validating plugins must not load the checkpoint machinery
+        # DCP and FSDP only when a run starts: listing or validating plugins must not load that machinery
+        from torch.distributed.fsdp import FSDPModule
+
         from haina.core.checkpoint import load_model_weights
 
         init_from, p = self.cfg.align.init_from, self.settings
         model = engine.parts[0]
         if not resumed:
             load_model_weights(init_from, model, prefix="actor.")
-            load_model_weights(p.reward_model, model, prefix="critic.")
+            load_model_weights(p.reward_model or init_from, model, prefix="critic.")
+        if isinstance(model.actor, FSDPModule):
+            # the chunked log-probs read the actor's head weight after its forward: keep it gathered until
+            # the backward, as the root unit of a single model does
+            model.actor.set_reshard_after_forward(False, recurse=False)
         self.reference = engine.prepare_frozen(build_model(self.cfg, engine.device), p.reference or init_from)
-        self.reward_model = engine.prepare_frozen(build_value_model(self.cfg, engine.device), p.reward_model)
+        self.reward.setup(engine)
 
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> PromptBatches:
         return PromptBatches(
@@ -128,54 +145,68 @@ class PPO(Algorithm):
 
     # ------------------------------------------------------------------------------------------ rollout
 
+    def _logp_options(self) -> dict[str, Any]:
+        return {"temperature": self.settings.sampling.logp_temperature, "vocab_limit": self.vocab_limit}
+
     @torch.no_grad()
-    def rollout(self, engine: Engine, step: int, prompts: list[list[int]]) -> dict[str, Any]:
+    def rollout(
+        self, engine: Engine, step: int, prompts: list[list[int]], items: list[dict[str, Any]] | None = None,
+        positions: list[int] | None = None,
+    ) -> dict[str, Any]:
         """Generate, then score everything PPO needs from the models as they are now."""
         model = engine.parts[0]
-        s = self.settings.sampling
-        sampling = Sampling(
-            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            repetition_penalty=s.repetition_penalty, seed=self.cfg.train.seed + 100_003 * step + engine.dp_rank,
+        p = self.settings
+        roll = sample_rollout(
+            engine, model.actor, prompts, items or [{} for _ in prompts], p.sampling, tokenizer=self.tokenizer,
+            seq_len=self.cfg.train.seq_len, seed=self.cfg.train.seed + 100_003 * step,
+            positions=positions if positions is not None else list(range(len(prompts))),
         )
-        start = time.perf_counter()
+        tokens, targets, mask = roll.tokens, roll.targets, roll.mask
+        chunk = self.cfg.loss.chunk_size
         with engine.autocast:
-            replies = generate(
-                model.actor, prompts, sampling, eos_id=self.tokenizer.eos_id, group=dist.group.WORLD,
-                vocab_limit=self.tokenizer.vocab_size,
-            )
-        rollout_s = time.perf_counter() - start
-        replies = [r[: self.cfg.train.seq_len - len(p)] or [self.tokenizer.eos_id] for p, r in zip(prompts, replies, strict=True)]
-        rows = [p + r for p, r in zip(prompts, replies, strict=True)]
-        width = max(len(r) for r in rows)
-        tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=engine.device)
-        lengths = [len(r) for r in rows]
-        response = response_mask_from_prompts([len(p) for p in prompts], lengths, width).to(engine.device)
-        targets = shifted_targets(tokens, response)
-        mask = targets != -100  # [b, s]: position t predicts a response token
-        last = torch.tensor(lengths, device=engine.device) - 1
-        with engine.autocast:
-            old_logp = token_logps(model.actor(tokens, logits=slice(None)), targets)
-            ref_logp = token_logps(self.reference(tokens, logits=slice(None)), targets)
+            old_logp = trained_token_logps(engine, tokens, targets, chunk, submodule="actor", **self._logp_options()).logp
+            ref_logp = model_token_logps(self.reference, tokens, targets, chunk, **self._logp_options()).logp
             values = model.critic(tokens, logits=slice(None))[..., 0].float()
-            scores = self.reward_model(tokens, logits=slice(None))[..., 0].float()
-        score = scores.gather(1, last[:, None])[:, 0]
+            total, parts = self.reward.score_terms(roll.reward_input(self.tokenizer))
+        scores = sync_over_tp(torch.stack([total, *parts.values()]), engine)
+        score = scores[0]
         kl_coef = self.kl(step)
         rewards = kl_penalty_rewards(old_logp, ref_logp, score, mask, kl_coef)
-        p = self.settings
         advantages, returns = gae(rewards, values * mask, mask, gamma=p.gamma, lam=p.lam)
         return {
-            "tokens": tokens, "targets": targets, "mask": mask, "old_logp": old_logp, "ref_logp": ref_logp,
-            "values": values * mask, "returns": returns, "advantages": masked_whiten(advantages, mask),
-            "score": score, "kl_coef": kl_coef, "rollout_s": rollout_s,
-            "new_tokens": sum(len(r) for r in replies), "replies": replies,
+            "tokens": tokens, "targets": targets, "mask": mask, "old_logp": old_logp,
+            "ref_logp": ref_logp, "values": values * mask, "returns": returns,
+            "advantages": masked_whiten(advantages, mask), "score": score,
+            "parts": {f"reward/{n}": float(v.mean()) for n, v in zip(parts, scores[1:], strict=True)},
+            "kl_coef": kl_coef, "rollout_s": roll.rollout_s, "new_tokens": roll.new_tokens, "replies": roll.replies,
         }
 
     # ----------------------------------------------------------------------------------------- training
 
+    def update_loss(self, model: nn.Module, roll: dict[str, Any], actor_trains: bool) -> LossOutput:
+        """The critic's loss and, once the warm-up is over, the actor's, on one rollout batch."""
+        p, mask = self.settings, roll["mask"]
+        with torch.set_grad_enabled(actor_trains and torch.is_grad_enabled()):
+            new = model_token_logps(
+                model.actor, roll["tokens"], roll["targets"], self.cfg.loss.chunk_size, entropy=True,
+                **self._logp_options(),
+            )
+        policy_loss, clip_frac, approx_kl = ppo_policy_loss(new.logp, roll["old_logp"], roll["advantages"], mask, clip=p.clip)
+        values = model.critic(roll["tokens"], logits=slice(None))[..., 0].float()
+        value_loss, value_clip_frac = ppo_value_loss(values, roll["values"], roll["returns"], mask, clip=p.value_clip)
+        loss = p.value_coef * value_loss + (policy_loss if actor_trains else 0.0)
+        entropy = new.entropy if new.entropy is not None else torch.zeros_like(new.logp)
+        return LossOutput(loss, {
+            "policy_loss": policy_loss.detach(), "clip_fraction": clip_frac, "approx_kl": approx_kl,
+            "value_loss": value_loss.detach(), "value_clip_fraction": value_clip_frac,
+            "entropy": masked_mean(entropy.detach(), mask),
+        })
+
     def train_step(self, engine: Engine, step: int, micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        model = engine.parts[0]
         prompts = [ids for batch in micro_batches for ids in batch["ids"]]
-        roll = self.rollout(engine, step, prompts)
+        items = [it for batch in micro_batches for it in batch["items"]]
+        positions = [pos for batch in micro_batches for pos in batch["positions"]]
+        roll = self.rollout(engine, step, prompts, items, positions)
         mask = roll["mask"]
         actor_trains = self.warmup.actor_trains(step)
         p = self.settings
@@ -183,30 +214,23 @@ class PPO(Algorithm):
         for _ in range(p.epochs):
             engine.zero_grad()
             with engine.autocast:
-                with torch.set_grad_enabled(actor_trains):
-                    logits = model.actor(roll["tokens"], logits=slice(None))
-                logp = token_logps(logits, roll["targets"])
-                policy_loss, clip_frac, approx_kl = ppo_policy_loss(
-                    logp, roll["old_logp"], roll["advantages"], mask, clip=p.clip
-                )
-                values = model.critic(roll["tokens"], logits=slice(None))[..., 0].float()
-                value_loss, value_clip_frac = ppo_value_loss(
-                    values, roll["values"], roll["returns"], mask, clip=p.value_clip
-                )
-                loss = p.value_coef * value_loss + (policy_loss if actor_trains else 0.0)
-            engine.backward(loss)
+                out = engine.forward_loss(self.update_loss, roll, actor_trains)
+            engine.backward(out.loss)
             grad_norm = engine.optimizer_step()
         train_s = time.perf_counter() - start
         with torch.no_grad():
-            entropy = masked_mean(entropy_from_logits(logits.detach().float()), mask)
             kl = ((roll["old_logp"] - roll["ref_logp"]) * mask).sum(-1).mean()
         trained_tokens = int(mask.sum()) * p.epochs
         return {
-            "loss": float(loss.detach()), "grad_norm": grad_norm, "reward": float(roll["score"].mean()),
-            "kl": float(kl), "kl_coef": roll["kl_coef"], "entropy": float(entropy),
-            "policy_loss": float(policy_loss.detach()), "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl),
-            "value_loss": float(value_loss.detach()), "value_clip_fraction": float(value_clip_frac),
-            "response_length": roll["new_tokens"] / len(prompts), "actor_trains": float(actor_trains),
+            "loss": float(out.loss.detach()), "grad_norm": grad_norm, "reward": float(roll["score"].mean()),
+            **roll["parts"], "kl": float(kl), "kl_coef": roll["kl_coef"],
+            **{k: float(v) for k, v in out.parts.items()},
+            "response_length": roll["new_tokens"] / len(roll["replies"]), "actor_trains": float(actor_trains),
             "rollout_tokens_per_s": roll["new_tokens"] / max(roll["rollout_s"], 1e-9),
             "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
         }
+
+
+def reward_terms(settings: PPOSettings) -> list[dict[str, Any]]:
+    """PPO's reward terms: ``ppo.reward``, or the reward model ``ppo.reward_model`` alone."""
+    return settings.reward or parse_reward_spec("model")

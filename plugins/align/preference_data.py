@@ -121,11 +121,14 @@ class PromptBatches:
     seed: int
 
     def batch(self, i: int) -> dict[str, Any]:
+        """``positions``: each prompt's place in the run's stream of prompts, the same on every layout
+        (rollouts seed their sampling by it, so data-parallel ranks repeat what one process draws)."""
         n, m = len(self.prompts), self.micro_batch_size
-        index = [epoch_order(n, self.seed, p // n)[p % n] for p in range(i * m, (i + 1) * m)]
+        positions = list(range(i * m, (i + 1) * m))
+        index = [epoch_order(n, self.seed, p // n)[p % n] for p in positions]
         items = [self.prompts[k] for k in index]
         ids = [render_prompt(it["prompt"], self.tokenizer)[-self.seq_len // 2 :] for it in items]
-        return {"ids": ids, "items": items}
+        return {"ids": ids, "items": items, "positions": positions}
 
 
 def response_mask_from_prompts(prompt_lens: list[int], lengths: list[int], width: int) -> torch.Tensor:

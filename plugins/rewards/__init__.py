@@ -1,0 +1,1 @@
+"""Reward plugins (kind ``reward``): a learned reward model, a verifier function, rules, weighted sums."""
