@@ -1,4 +1,4 @@
-"""Perplexity per source and overall: agreement with a direct computation, JSONL and .bin/.idx inputs,
+"""Perplexity per source and overall: agreement with a hand count, JSONL and .bin/.idx inputs,
 HF exports as input, one-line errors."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from haina.core.model_loading import load_model
 from haina.core.train import train
-from haina.tools.eval.perplexity import evaluate_perplexity, format_table, windows
+from haina.tools.eval.perplexity import evaluate_perplexity, format_table
 from haina.tools.hf.export import export_hf
 from haina.tools.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import one_line_error, tiny_config, write_indexed
@@ -38,21 +38,28 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tokenizer([folder / "text.txt"], folder / "sp", TokenizerConfig(vocab_size=512, seed=1))
 
 
-def _direct_loss(model: torch.nn.Module, docs: list[list[int]], seq_len: int) -> tuple[float, int]:
-    """Sum of per-token cross-entropies, one window at a time with full logits (no batching, no chunks)."""
+def _hand_count(model: torch.nn.Module, docs: list[list[int]], seq_len: int) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) counted by hand: every token of a document after its first is
+    predicted once, from the tokens before it in its own window; a window holds ``seq_len`` predictions
+    and the context restarts at each window (no reuse of the module's windowing, batching or chunks)."""
     total, count = 0.0, 0
-    for piece in windows(docs, seq_len):
-        tokens = torch.tensor(piece[:-1])[None]
-        with torch.no_grad():
-            logits = model.logits(model(tokens))[0]
-        total += float(F.cross_entropy(logits, torch.tensor(piece[1:]), reduction="sum"))
-        count += len(piece) - 1
+    for doc in docs:
+        targets = list(range(1, len(doc)))  # positions of the predicted tokens
+        for first in range(0, len(targets), seq_len):
+            predicted = targets[first : first + seq_len]
+            context = doc[predicted[0] - 1 : predicted[-1]]  # the window's inputs, one per prediction
+            assert len(context) == len(predicted) <= seq_len
+            with torch.no_grad():
+                logits = model.logits(model(torch.tensor([context])))[0]
+            total += float(F.cross_entropy(logits, torch.tensor([doc[t] for t in predicted]), reduction="sum"))
+            count += len(predicted)
     return total, count
 
 
-def test_per_source_losses_match_a_direct_computation(trained: Path, tmp_path: Path) -> None:
+def test_per_source_losses_match_a_hand_count(trained: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     docs_a = [rng.integers(3, 512, size=int(rng.integers(5, 150))).tolist() for _ in range(7)]
+    docs_a += [rng.integers(3, 512, size=n).tolist() for n in (64, 65, 128, 129)]  # window edges (with eos)
     docs_b = [[7, 8, 9, 10] * 20 for _ in range(3)]
     prefix_a = write_indexed(tmp_path / "a", docs_a)
     prefix_b = write_indexed(tmp_path / "b", docs_b)
@@ -62,13 +69,15 @@ def test_per_source_losses_match_a_direct_computation(trained: Path, tmp_path: P
     _, model = load_model(trained)
     sums = {}
     for name, docs in (("a", docs_a), ("b", docs_b)):
-        nll, count = _direct_loss(model, [d + [2] for d in docs], 64)  # write_indexed appends eos = 2
+        nll, count = _hand_count(model, [d + [2] for d in docs], 64)  # write_indexed appends eos = 2
+        assert count == sum(len(d) for d in docs)  # every token but the first, plus the eos
         sums[name] = (nll, count)
         got = report["sources"][name]
         assert got["tokens"] == count
         assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
         assert got["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     overall = sum(s[0] for s in sums.values()) / sum(s[1] for s in sums.values())
+    assert report["overall"]["tokens"] == sum(s[1] for s in sums.values())
     assert report["overall"]["loss"] == pytest.approx(overall, rel=1e-5)
     assert report["sources"]["a"]["loss"] != pytest.approx(report["sources"]["b"]["loss"], rel=1e-2)
     assert json.loads((tmp_path / "ppl.json").read_text())["overall"]["tokens"] == report["overall"]["tokens"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
 from haina.core.config import load_config
@@ -78,22 +80,72 @@ def test_ladders_have_the_reports_shapes() -> None:
     assert sizes == sorted(sizes)
 
 
+def _matmul_params_by_hand(model: torch.nn.Module) -> int:
+    """N of C = 6ND as the module's docstring defines it (every block's attention and MLP matrices plus
+    the output head; the embedding is a lookup), counted from the built model's parameter shapes."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if p.ndim == 2 and (name.startswith("layers.") or name.startswith("head.")))
+
+
 def test_sweep_trains_each_rung_for_its_budget(tmp_path: Path, tiny_data: Path) -> None:
-    """A three-rung ladder on the tiny preset: steps = budget / (6 N tokens_per_step), points recorded."""
-    tokens_per_step = 2 * 64  # tiny: micro_batch_size 2, seq_len 64
-    rungs = [{"name": n, "hidden_size": h, "ffn_hidden_size": 2 * h, "num_layers": 1, "num_heads": 2} for n, h in
-             (("a", 16), ("b", 32), ("c", 48))]
-    for rung, steps in zip(rungs, (3, 4, 5), strict=True):
-        cfg = load_config("tiny", [f"model.{k}={v}" for k, v in rung.items() if k != "name"])
-        rung["flops"] = 6 * matmul_params(cfg.model) * tokens_per_step * steps
+    """A three-rung ladder on the tiny preset: steps = round(budget / (6 N tokens_per_step)) with N and the
+    steps worked out here; the loss is the held-out loss of the saved model on the eval data."""
+    from haina.core.metrics import read_metrics
+    from haina.core.model import Transformer
+    from haina.core.model_loading import load_model
+    from tests.conftest import write_indexed
+
+    tokens_per_step = 2 * 64  # tiny: micro_batch_size 2, seq_len 64, one process
+    shapes = {"a": 16, "b": 32, "c": 48}  # hidden; ffn 2 * hidden, 1 layer, 2 heads, vocab 512
+    # N = layers * (4 h^2 + 3 h * ffn) + vocab * h = 10 h^2 + 512 h: 10752, 26624, 47616; one step is
+    # 6 * N * 128 FLOPs = 8257536, 20447232, 36569088; the budgets are 3.03, 3.91 and 5.20 steps of these.
+    budgets = {"a": 2.5e7, "b": 8.0e7, "c": 1.9e8}
+    expected_n = {"a": 10752, "b": 26624, "c": 47616}
+    expected_steps = {"a": 3, "b": 4, "c": 5}
+    rungs = [{"name": n, "hidden_size": h, "ffn_hidden_size": 2 * h, "num_layers": 1, "num_heads": 2,
+              "flops": budgets[n]} for n, h in shapes.items()]
+    for name, h in shapes.items():
+        model = Transformer(load_config("tiny", [f"model.hidden_size={h}", f"model.ffn_hidden_size={2 * h}",
+                                                 "model.num_layers=1", "model.num_heads=2"]).model)
+        n = _matmul_params_by_hand(model)
+        assert n == expected_n[name] == 10 * h * h + 512 * h
+        assert round(budgets[name] / (6 * n * tokens_per_step)) == expected_steps[name]
     ladder = tmp_path / "ladder.yaml"
     ladder.write_text(yaml.safe_dump({"base": "tiny", "overrides": ["train.log_every=1"], "rungs": rungs}))
-    result = sweep(str(ladder), tmp_path / "sweep", overrides=[f"data.prefixes=[{tiny_data}]"], eval_data=str(tiny_data))
+    # Held-out data unlike the training data: uniform random tokens (tiny_data repeats n-gram patterns).
+    rng = np.random.default_rng(11)
+    heldout_docs = [rng.integers(3, 512, size=int(rng.integers(30, 140))).tolist() for _ in range(12)]
+    heldout = write_indexed(tmp_path / "heldout" / "h", heldout_docs)
+    result = sweep(str(ladder), tmp_path / "sweep", overrides=[f"data.prefixes=[{tiny_data}]"], eval_data=str(heldout))
     points = result["points"]
-    assert [p["steps"] for p in points] == [3, 4, 5]
-    assert [p["flops"] for p in points] == pytest.approx([r["flops"] for r in rungs])
-    assert all(np.isfinite(p["loss"]) and p["loss"] == p["eval_loss"] for p in points)
+    assert [p["name"] for p in points] == ["a", "b", "c"]
+    assert [p["steps"] for p in points] == [expected_steps[n] for n in shapes]
+    assert [p["params"] for p in points] == [expected_n[n] for n in shapes]
+    assert [p["tokens"] for p in points] == [expected_steps[n] * tokens_per_step for n in shapes]
+    assert [p["flops"] for p in points] == pytest.approx(
+        [6 * expected_n[n] * expected_steps[n] * tokens_per_step for n in shapes])
+    for point in points:
+        run_dir = tmp_path / "sweep" / "runs" / point["name"]
+        steps = point["steps"]
+        assert (run_dir / "checkpoints" / f"step_{steps}").is_dir()
+        logged = [r for r in read_metrics(run_dir) if "event" not in r]
+        assert [r["step"] for r in logged] == list(range(1, steps + 1))
+        assert point["train_loss"] == pytest.approx(logged[-1]["lm_loss"])  # the last tenth of 3..5 steps
+        # The held-out loss recomputed from the saved model on the eval data, by hand.
+        _, model = load_model(run_dir)
+        nll, count = 0.0, 0
+        for doc in heldout_docs:
+            doc = doc + [2]  # write_indexed appends eos
+            for start in range(0, len(doc) - 1, 64):
+                inputs, targets = doc[start : start + 64], doc[start + 1 : start + 65]
+                inputs = inputs[: len(targets)]
+                with torch.no_grad():
+                    logits = model.logits(model(torch.tensor([inputs])))[0]
+                nll += float(F.cross_entropy(logits, torch.tensor(targets), reduction="sum"))
+                count += len(targets)
+        assert point["eval_loss"] == pytest.approx(nll / count, rel=1e-5)
+        assert point["loss"] == point["eval_loss"]
+        assert point["eval_loss"] != pytest.approx(point["train_loss"], abs=1e-3)  # not the training loss
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"] == points
-    assert (tmp_path / "sweep" / "runs" / "c" / "checkpoints" / "step_5").is_dir()
     assert "not a built-in ladder" in one_line_error(sweep, str(tmp_path / "nope.yaml"), tmp_path / "x")
     assert "--budget-scale" in one_line_error(sweep, "cpu", tmp_path / "x", budget_scale=0)
