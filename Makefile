@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/haina demo --workdir runs/demo
 
 test: setup lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 
 # The tier without multi-process, Spark or CLI-training tests (marker `integration`): minutes, not half an hour.
 test-fast: setup

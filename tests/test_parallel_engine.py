@@ -35,18 +35,31 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module", params=["rope", "alibi"])
-def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_data: Path):
-    position = request.param
-    run = tmp_path_factory.mktemp(f"ref-{position}")
-    return position, run_pretrain(run, tiny_data, 1, *STEPS, f"model.position={position}")
+# ALiBi only where the position encoding meets the layout: its slopes are split by head under tp, and its
+# bias is built per stage under pp; data parallelism and recomputation never see it.
+ALIBI_LAYOUTS = ("pp=2 1f1b", "tp=2", "tp=2 sp x pp=2", "tp=2 sp x dp_shard=2")
+CASES = [("rope", name) for name in LAYOUTS] + [("alibi", name) for name in ALIBI_LAYOUTS]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, list[dict]]:
+    """One-process runs of STEPS per position encoding (made on first use), shared by every test here."""
+    root = tmp_path_factory.mktemp("refs")
+
+    class Lazy(dict):
+        def __missing__(self, position: str) -> list[dict]:
+            self[position] = run_pretrain(root / position, tiny_data, 1, *STEPS, f"model.position={position}",
+                                          "train.save_every=2", "train.log_every=1")
+            return self[position]
+
+    return Lazy()
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_one_process(layout: str, reference, tmp_path: Path, tiny_data: Path) -> None:
-    position, expected = reference
+@pytest.mark.parametrize(("position", "layout"), CASES, ids=[f"{p}-{n}" for p, n in CASES])
+def test_layout_matches_one_process(position: str, layout: str, references: dict, tmp_path: Path, tiny_data: Path) -> None:
+    expected = references[position]
     nproc, overrides = LAYOUTS[layout]
     got = run_pretrain(tmp_path / "run", tiny_data, nproc, *STEPS, f"model.position={position}", *overrides)
     assert max_rel_diff(expected, got, "loss") < 1e-4
@@ -55,13 +68,14 @@ def test_layout_matches_one_process(layout: str, reference, tmp_path: Path, tiny
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_checkpoint_reshards_between_layouts(tmp_path: Path, tiny_data: Path) -> None:
-    """Saved under one layout, resumed under another: the next steps match an uninterrupted run.
+def test_checkpoint_reshards_between_layouts(references: dict, tmp_path: Path, tiny_data: Path) -> None:
+    """Saved under one layout, resumed under another: the next steps match an uninterrupted run (the
+    layout tests' one-process RoPE reference, saved every 2 steps like these).
 
     dp_shard=2 -> one process; tp=2 x pp=2 -> dp_shard=4; dp_shard=4 -> tp=2 x pp=2 (sequence parallel).
     """
     steps = (*STEPS, "train.save_every=2", "train.log_every=1")
-    straight = run_pretrain(tmp_path / "straight", tiny_data, 1, *steps)
+    straight = references["rope"]
 
     half = ("train.steps=2",)  # same schedule (decay_steps fixed), stop at the step-2 checkpoint
     tp_pp = ("parallel.tp=2", "parallel.pp=2")
