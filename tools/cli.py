@@ -105,9 +105,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     from haina.data_spark.prepare import prepare_main
 
+    overrides = list(args.overrides)
+    if args.max_quarantine_share is not None:
+        overrides.append(f"input.max_quarantine_share={args.max_quarantine_share}")
     report = prepare_main(
         [Path(p) for p in args.input], Path(args.output), Path(args.config) if args.config else None,
-        args.master, args.overrides,
+        args.master, overrides,
     )
     kept = report["kept"]
     print(f"kept {kept['documents']:,} documents ({kept['share_of_raw_tokens']:.1%} of raw tokens); "
@@ -348,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML of the job's settings (see haina.data_spark.config)")
     p.add_argument("--master", help="Spark master URL (default: local[*], or spark-submit's)")
     p.add_argument("--print-report", action="store_true", help="print report.json when done")
+    p.add_argument("--max-quarantine-share", type=float, metavar="X",
+                   help="stop with exit status 2 when more than this share of input records is quarantined")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the job's config")
     p.set_defaults(func=cmd_data_prepare, bad_input=BAD_INPUT)
     p = data.add_parser("tokenize", help="text to Megatron .bin/.idx; a prepared output to weighted shards + blend.json")
@@ -369,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("rm", "train a reward model on preference pairs"),
         ("ppo", "RLHF with PPO: actor, critic, frozen reference and reward model"),
         ("dpo", "direct preference optimisation against a frozen reference"),
+        ("grpo", "GRPO: group-normalised advantages over n samples per prompt, no critic"),
+        ("rloo", "RLOO: leave-one-out baselines over n samples per prompt, no critic"),
+        ("reinforce_pp", "REINFORCE++: per-token KL in the reward, batch-normalised advantages, no critic"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--from", dest="source", help="run directory to start from (its config and latest checkpoint)")

@@ -28,6 +28,7 @@ from haina.core.model import Transformer, build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.reward_model import value_config
+from haina.plugins.align.advantages import global_masked_whiten
 from haina.plugins.align.common import check_layout
 from haina.plugins.align.preference_data import PromptBatches, read_prompts
 from haina.plugins.align.rl import (
@@ -36,9 +37,9 @@ from haina.plugins.align.rl import (
     gae,
     kl_penalty_rewards,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    tokens_per_rank,
 )
 from haina.plugins.align.rollout import SamplingSettings, sample_rollout
 from haina.plugins.align.token_logprobs import model_token_logps, trained_token_logps
@@ -176,7 +177,8 @@ class PPO(Algorithm):
         return {
             "tokens": tokens, "targets": targets, "mask": mask, "old_logp": old_logp,
             "ref_logp": ref_logp, "values": values * mask, "returns": returns,
-            "advantages": masked_whiten(advantages, mask), "score": score,
+            "advantages": global_masked_whiten(advantages, mask), "score": score,
+            "tokens_per_rank": tokens_per_rank(mask),
             "parts": {f"reward/{n}": float(v.mean()) for n, v in zip(parts, scores[1:], strict=True)},
             "kl_coef": kl_coef, "rollout_s": roll.rollout_s, "new_tokens": roll.new_tokens, "replies": roll.replies,
         }
@@ -191,9 +193,13 @@ class PPO(Algorithm):
                 model.actor, roll["tokens"], roll["targets"], self.cfg.loss.chunk_size, entropy=True,
                 **self._logp_options(),
             )
-        policy_loss, clip_frac, approx_kl = ppo_policy_loss(new.logp, roll["old_logp"], roll["advantages"], mask, clip=p.clip)
+        policy_loss, clip_frac, approx_kl = ppo_policy_loss(
+            new.logp, roll["old_logp"], roll["advantages"], mask, clip=p.clip, tokens=roll["tokens_per_rank"],
+        )
         values = model.critic(roll["tokens"], logits=slice(None))[..., 0].float()
-        value_loss, value_clip_frac = ppo_value_loss(values, roll["values"], roll["returns"], mask, clip=p.value_clip)
+        value_loss, value_clip_frac = ppo_value_loss(
+            values, roll["values"], roll["returns"], mask, clip=p.value_clip, tokens=roll["tokens_per_rank"],
+        )
         loss = p.value_coef * value_loss + (policy_loss if actor_trains else 0.0)
         entropy = new.entropy if new.entropy is not None else torch.zeros_like(new.logp)
         return LossOutput(loss, {

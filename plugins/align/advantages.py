@@ -117,14 +117,17 @@ def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) 
     return torch.where(mask.bool(), logp - ref_logp, 0.0).sum(dim=-1)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation) -> torch.Tensor:
-    """One loss from per-token terms [b, T]: the mean over all response tokens (``token_mean``), the mean
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation, tokens: float | None = None
+) -> torch.Tensor:
+    """One loss from per-token terms [b, T]: the mean over all response tokens (``token_mean``; divided by
+    ``tokens``, the world's mean count per rank, when given, so every layout weighs tokens alike), the mean
     over responses of each one's token mean (``seq_mean_token_mean``, GRPO) or token sum
     (``seq_mean_token_sum``, sequence-level REINFORCE)."""
     m = mask.to(per_token.dtype)
     summed = (torch.where(mask.bool(), per_token, 0.0)).sum(dim=-1)
     if mode == "token_mean":
-        return summed.sum() / m.sum().clamp(min=1)
+        return summed.sum() / (m.sum().clamp(min=1) if tokens is None else max(tokens, 1e-9))
     if mode == "seq_mean_token_mean":
         return (summed / m.sum(dim=-1).clamp(min=1)).mean()
     if mode == "seq_mean_token_sum":
@@ -141,6 +144,7 @@ def clipped_policy_loss(
     mode: LossAggregation = "token_mean",
     kl: torch.Tensor | None = None,
     beta: float = 0.0,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate per token, max(-A rho, -A clip(rho, 1 - clip, 1 + clip)), plus ``beta * kl``
     per token when given (GRPO's penalty in the loss), aggregated by ``mode``.
@@ -157,8 +161,8 @@ def clipped_policy_loss(
     stats: dict[str, torch.Tensor] = {}
     if kl is not None:
         per_token = per_token + beta * kl
-        stats["kl_loss"] = aggregate(kl.detach(), mask, mode)
-    loss = aggregate(per_token, mask, mode)
+        stats["kl_loss"] = aggregate(kl.detach(), mask, mode, tokens)
+    loss = aggregate(per_token, mask, mode, tokens)
     m = mask.to(logp.dtype)
     count = m.sum().clamp(min=1)
     stats["clip_fraction"] = ((clipped > unclipped).to(logp.dtype) * m).sum().detach() / count

@@ -27,6 +27,7 @@ from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.advantages import LossAggregation, clipped_policy_loss, sequence_kl
 from haina.plugins.align.common import check_layout
 from haina.plugins.align.preference_data import PromptBatches, read_prompts
+from haina.plugins.align.rl import tokens_per_rank
 from haina.plugins.align.rollout import Rollout, SamplingSettings, sample_rollout
 from haina.plugins.align.token_logprobs import TokenLogps, model_token_logps, trained_token_logps
 from haina.plugins.rewards.base import RewardSpec, sync_over_tp
@@ -169,6 +170,7 @@ class CriticFreeAlgorithm(Algorithm):
         metrics.update(own)
         start = time.perf_counter()
         first_logp: torch.Tensor | None = None
+        tokens = tokens_per_rank(roll.mask)  # token means over the whole global batch, on any layout
         for epoch in range(p.epochs):
             engine.zero_grad()
             with engine.autocast:
@@ -176,7 +178,7 @@ class CriticFreeAlgorithm(Algorithm):
                 old = scored.old_logp if scored.old_logp is not None else new.logp.detach()
                 loss, stats = clipped_policy_loss(
                     new.logp, old, advantages, roll.mask, p.clip, p.loss_agg,
-                    kl=self.loss_kl(new.logp, scored.ref_logp), beta=p.beta,
+                    kl=self.loss_kl(new.logp, scored.ref_logp), beta=p.beta, tokens=tokens,
                 )
             engine.backward(loss)
             grad_norm = engine.optimizer_step()

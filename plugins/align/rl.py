@@ -11,10 +11,23 @@ from dataclasses import dataclass
 
 import torch
 
+from haina.core import collectives
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """Mean over the masked entries; ``tokens`` divides instead of this rank's own count (see
+    :func:`tokens_per_rank`), so that a loss means the same on every data-parallel layout."""
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if tokens is None else max(tokens, 1e-9))
+
+
+def tokens_per_rank(mask: torch.Tensor) -> float:
+    """The world's masked-token count divided by the world size: a per-rank token mean divided by it and
+    averaged over data-parallel ranks (as gradients are) is the mean over all tokens of the global batch,
+    whatever the split; one rank's own count would weight its tokens by how few it drew. Tensor-parallel
+    copies count alike in numerator and denominator."""
+    total = collectives.reduce_values([float(mask.sum())])
+    return float(total[0]) / collectives.world_size()
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -59,26 +72,29 @@ def kl_penalty_rewards(
 
 
 def ppo_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.1
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.1,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(clipped surrogate loss, share of tokens where clipping bit, mean approximate KL to the old policy)."""
+    """(clipped surrogate loss, share of tokens where clipping bit, mean approximate KL to the old policy);
+    ``tokens``: the loss's denominator (:func:`tokens_per_rank`), else this rank's count."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, tokens)
     clip_fraction = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
     return loss, clip_fraction.detach(), approx_kl.detach()
 
 
 def ppo_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped within clip of the rollout's value; (loss, clip share)."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     plain = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(plain, clipped), mask)
+    loss = 0.5 * masked_mean(torch.maximum(plain, clipped), mask, tokens)
     return loss, masked_mean((clipped > plain).float(), mask).detach()
 
 
