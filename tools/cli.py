@@ -210,8 +210,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from haina.tools.demo.run import run_demo
+    from haina.tools.demo.size import FULL, QUICK
 
-    run_demo(Path(args.workdir), overrides=args.overrides, align=not args.no_align)
+    run_demo(Path(args.workdir), overrides=args.overrides, align=not args.no_align, size=QUICK if args.quick else FULL)
     return 0
 
 
@@ -489,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end on embedded data: corpus, Spark prep, tokenizer, pretrain, SFT, RM, PPO")
     p.add_argument("--workdir", default="runs/demo", help="where the corpus, tokenizer, data and run go")
     p.add_argument("--no-align", action="store_true", help="stop after pretraining (skip SFT, RM and PPO)")
+    p.add_argument("--quick", action="store_true", help="every stage at its smallest size (seconds of training)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo preset")
     p.set_defaults(func=cmd_demo, bad_input=BAD_INPUT)
     return parser

@@ -33,6 +33,7 @@ from haina.tools.align_data import task
 from haina.tools.align_data.collect import collect, load_collect_config
 from haina.tools.align_data.pairs import build_pairs
 from haina.tools.align_data.prompts import coverage, format_coverage_report, read_items, stratified_sample
+from haina.tools.demo.size import FULL, DemoSize
 from haina.tools.eval.safety import (
     attack_prompts,
     evaluate_safety,
@@ -52,14 +53,15 @@ PPO = (
 COMMON = ("train.log_every=10", "train.save_every=1000", "train.progress=true")
 
 
-def write_task(folder: Path) -> dict[str, Path]:
+def write_task(folder: Path, size: DemoSize = FULL) -> dict[str, Path]:
     return {
-        "sft": task.write_jsonl(task.sft_conversations(2000, 1) + refusal_conversations(), folder / "sft.jsonl"),
-        "pairs": task.write_jsonl(task.preference_pairs(1500, 2), folder / "pairs.jsonl"),
-        "eval_pairs": task.write_jsonl(task.preference_pairs(200, 3), folder / "pairs_eval.jsonl"),
-        "prompts": task.write_jsonl(task.make_prompts(400, 4), folder / "prompts.jsonl"),
-        "pool": task.write_jsonl(task.make_prompts(800, 6), folder / "prompt_pool.jsonl"),
-        "heldout_prompts": task.write_jsonl(task.make_prompts(64, 5), folder / "prompts_heldout.jsonl"),
+        "sft": task.write_jsonl(task.sft_conversations(size.sft_conversations, 1) + refusal_conversations(),
+                                folder / "sft.jsonl"),
+        "pairs": task.write_jsonl(task.preference_pairs(size.pairs, 2), folder / "pairs.jsonl"),
+        "eval_pairs": task.write_jsonl(task.preference_pairs(size.eval_pairs, 3), folder / "pairs_eval.jsonl"),
+        "prompts": task.write_jsonl(task.make_prompts(size.prompts, 4), folder / "prompts.jsonl"),
+        "pool": task.write_jsonl(task.make_prompts(size.pool, 6), folder / "prompt_pool.jsonl"),
+        "heldout_prompts": task.write_jsonl(task.make_prompts(size.heldout_prompts, 5), folder / "prompts_heldout.jsonl"),
     }
 
 
@@ -83,8 +85,8 @@ def policy_reward(cfg: HainaConfig, policy: Path, source_prefix: str, rm_run: Pa
     return {"rm_score": float(scores.mean()), "task_reward": sum(verified) / len(verified)}
 
 
-def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> dict[str, Any]:
-    data = write_task(workdir / "align_data")
+def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console, size: DemoSize = FULL) -> dict[str, Any]:
+    data = write_task(workdir / "align_data", size)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -97,13 +99,14 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> d
         timings[name] = time.perf_counter() - t0
         return run
 
-    sft = stage("sft", pretrain_run, f"align.data={data['sft']}", *SFT)
+    sft = stage("sft", pretrain_run, f"align.data={data['sft']}", *SFT, *size.sft)
     t0 = time.perf_counter()
-    collected = collect_pairs(workdir / "align_data", data["pool"], {"pretrain": pretrain_run, "sft": sft}, console)
+    collected = collect_pairs(workdir / "align_data", data["pool"], {"pretrain": pretrain_run, "sft": sft}, console,
+                              size.collect_sample)
     timings["collect"] = time.perf_counter() - t0
-    rm_pairs = task.write_jsonl(collected["pairs"] + task.preference_pairs(1500, 2), workdir / "align_data" / "rm_pairs.jsonl")
-    rm = stage("rm", sft, f"align.data={rm_pairs}", f"align.eval_data={data['eval_pairs']}", *RM)
-    ppo = stage("ppo", sft, f"ppo.reward_model={rm}", f"align.data={data['prompts']}", *PPO)
+    rm_pairs = task.write_jsonl(collected["pairs"] + task.preference_pairs(size.pairs, 2), workdir / "align_data" / "rm_pairs.jsonl")
+    rm = stage("rm", sft, f"align.data={rm_pairs}", f"align.eval_data={data['eval_pairs']}", *RM, *size.rm)
+    ppo = stage("ppo", sft, f"ppo.reward_model={rm}", f"align.data={data['prompts']}", *PPO, *size.ppo)
 
     cfg = load_config(str(sft / "config.yaml"))
     before = policy_reward(cfg, sft, "", rm, data["heldout_prompts"])
@@ -127,9 +130,7 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> d
     t0 = time.perf_counter()
     safety = safety_table(workdir, {"pretrain": pretrain_run, "sft": sft, "ppo": ppo}, console)
     timings["safety eval"] = time.perf_counter() - t0
-    rose = after["rm_score"] > before["rm_score"]
-    console.print(f"PPO {'raised' if rose else 'did NOT raise'} the reward-model score on held-out prompts "
-                  f"({before['rm_score']:.3f} -> {after['rm_score']:.3f}).")
+    console.print(verdict(before, after))
     summary = {
         "rm_heldout_accuracy": rm_eval["accuracy"], "rm_by_gap": rm_eval["by_gap"],
         "policy_before": before, "policy_after": after, "timings_s": timings,
@@ -143,7 +144,25 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console) -> d
     return summary
 
 
-def collect_pairs(folder: Path, pool: Path, models: dict[str, Path], console: Console) -> dict[str, Any]:
+def verdict(before: dict[str, float], after: dict[str, float]) -> str:
+    """What PPO did on the held-out prompts, in words: each measure's direction, and plainly which fell.
+
+    A policy can please the reward model while getting answers wrong; the verified-answer rate is what
+    matters, so the line leads with it and never calls a fall in it a success."""
+    def move(name: str, key: str) -> str:
+        a, b = before[key], after[key]
+        word = "rose" if b > a else "fell" if b < a else "stayed"
+        return f"{name} {word} ({a:.3f} -> {b:.3f})"
+
+    text = f"PPO on held-out prompts: {move('verified answers', 'task_reward')}; {move('reward-model score', 'rm_score')}."
+    if after["task_reward"] < before["task_reward"]:
+        text += " The policy got fewer answers right: PPO did not improve it."
+    return text
+
+
+def collect_pairs(
+    folder: Path, pool: Path, models: dict[str, Path], console: Console, sample_size: int = 240
+) -> dict[str, Any]:
     """Coverage of the prompt pool, a stratified sample of it, responses of every model with a greedy and a
     sampled setting, and the verifier's preference pairs (haina prompts / rm collect / rm pairs)."""
     import yaml
@@ -152,7 +171,7 @@ def collect_pairs(folder: Path, pool: Path, models: dict[str, Path], console: Co
     items = read_items(pool)
     report = coverage(items, DEFAULT_TAXONOMY, min_count=20)
     console.print(format_coverage_report(report))
-    sample = task.write_jsonl(stratified_sample(items, 240, 0, DEFAULT_TAXONOMY), folder / "collect_prompts.jsonl")
+    sample = task.write_jsonl(stratified_sample(items, sample_size, 0, DEFAULT_TAXONOMY), folder / "collect_prompts.jsonl")
     config = {
         "prompts": str(sample), "out": str(folder / "responses.jsonl"), "batch_size": 48,
         "models": [{"name": name, "checkpoint": str(run)} for name, run in models.items()],

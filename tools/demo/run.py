@@ -23,6 +23,7 @@ from haina.core.train import train
 from haina.data_spark.prepare import kept_files, prepare_main, tokenize_main
 from haina.tools.demo.align import run_alignment_demo
 from haina.tools.demo.corpus import build_corpus
+from haina.tools.demo.size import FULL, DemoSize
 from haina.tools.tokenizer import compression_report, format_report, train_tokenizer
 
 
@@ -47,7 +48,9 @@ def plot_loss(records: Sequence[dict[str, Any]], out: Path, title: str) -> Path:
     return out
 
 
-def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -> dict[str, Any]:
+def run_demo(
+    workdir: Path, overrides: Sequence[str] = (), align: bool = True, size: DemoSize = FULL
+) -> dict[str, Any]:
     from importlib import resources
 
     console = Console()
@@ -61,7 +64,7 @@ def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -
         timings[name] = time.perf_counter() - started - sum(timings.values())
 
     console.rule("[bold]1. corpus (English docs, stdlib code, Chinese text; shipped with installed packages)")
-    corpus = build_corpus(workdir / "corpus")
+    corpus = build_corpus(workdir / "corpus", max_mb=size.corpus_mb)
     phase("corpus")
 
     console.rule("[bold]2. data preparation on Spark (dedup, quality, safety, categories, weights)")
@@ -73,6 +76,7 @@ def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -
     phase("prepare")
 
     console.rule("[bold]3. tokenizer (SentencePiece BPE, Baichuan 2 settings) on the kept documents")
+    overrides = [*size.pretrain, *overrides]
     base = load_config("demo", overrides)
     tokenizer = train_tokenizer(kept_files(prepared), workdir / "tokenizer" / "haina", base.tokenizer)
     compression = compression_report(tokenizer, corpus["heldout"])
@@ -124,7 +128,7 @@ def run_demo(workdir: Path, overrides: Sequence[str] = (), align: bool = True) -
     if not records[-1]["loss"] < records[0]["loss"]:
         raise RuntimeError("the demo's loss did not fall")
     if align:
-        summary["alignment"] = run_alignment_demo(workdir, result.run_dir, console)
+        summary["alignment"] = run_alignment_demo(workdir, result.run_dir, console, size)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
