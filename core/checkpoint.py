@@ -230,7 +230,11 @@ def clean_leftovers(root: Path) -> None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes for a person: GiB, MiB or KiB, whichever reads best."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def _write_failed(tmp: Path, final: Path, exc: BaseException) -> CheckpointError:
