@@ -303,6 +303,10 @@ class ParallelConfig(_Section):
         "1f1b", description="Pipeline schedule."
     )
     pp_virtual_stages: int = Field(1, gt=0, description="Model chunks per pipeline rank (interleaved).")
+    pp_stage_layers: list[int] | None = Field(
+        None, description="Blocks per pipeline stage, first to last (pp x pp_virtual_stages entries summing to "
+        "model.num_layers); fewer on the end stages balances the embedding and head they hold. Default: even.",
+    )
     activation_checkpoint: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations: none, every block, or the attention core only."
     )

@@ -104,6 +104,8 @@ def test_checkpoint_reshards_between_layouts(references: dict, tmp_path: Path, t
         (2, ["parallel.dp_shard=4"], "but the world size is 2"),
         (2, ["parallel.dp_shard=2", "train.global_batch_size=3"], "not a multiple of micro_batch_size"),
         (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "interleaved_1f1b needs at least 2"),
+        (2, ["parallel.pp=2", "parallel.pp_stage_layers=[1,2]"], "must be 2 positive counts (pp x pp_virtual_stages) "
+         "summing to model.num_layers 2"),
     ],
 )
 def test_layout_errors_are_one_line(world: int, overrides: list[str], message: str) -> None:

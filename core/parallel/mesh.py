@@ -79,6 +79,13 @@ def resolve_layout(cfg: HainaConfig, world_size: int) -> Layout:
             "parallel.pp_schedule: zero_bubble splits backward into input and weight passes, which the "
             "chunked loss (gradients computed in forward) does not support; use 1f1b or interleaved_1f1b"
         )
+    if p.pp_stage_layers is not None and (
+        len(p.pp_stage_layers) != stages or sum(p.pp_stage_layers) != m.num_layers or min(p.pp_stage_layers) < 1
+    ):
+        raise ConfigError(
+            f"parallel.pp_stage_layers: {p.pp_stage_layers} must be {stages} positive counts (pp x pp_virtual_stages) "
+            f"summing to model.num_layers {m.num_layers}"
+        )
     if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
         raise ConfigError("parallel.pp_virtual_stages: interleaved_1f1b needs at least 2 stages per rank")
     dp = p.dp_replicate * dp_shard

@@ -20,8 +20,12 @@ from haina.core.config import HainaConfig
 from haina.core.parallel.mesh import Layout
 
 
-def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
-    """Even split; when uneven the earlier stages take one more layer, never the last (it has the head)."""
+def stage_layer_ranges(num_layers: int, num_stages: int, counts: list[int] | None = None) -> list[range]:
+    """``counts`` blocks per stage when given (``parallel.pp_stage_layers``), else an even split; when
+    uneven the earlier stages take one more layer, never the last (it has the head)."""
+    if counts is not None:
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return [range(s, s + c) for s, c in zip(starts, counts, strict=True)]
     base, extra = divmod(num_layers, num_stages)
     ranges, start = [], 0
     for stage in range(num_stages):
@@ -89,7 +93,7 @@ def build_pipeline(
     pcfg = cfg.parallel
     virtual = pcfg.pp_virtual_stages if pcfg.pp_schedule == "interleaved_1f1b" else 1
     num_stages = layout.pp * virtual
-    ranges = stage_layer_ranges(cfg.model.num_layers, num_stages)
+    ranges = stage_layer_ranges(cfg.model.num_layers, num_stages, pcfg.pp_stage_layers)
     pp_rank = pp_mesh.get_local_rank()
     group = pp_mesh.get_group()
     parts: list[nn.Module] = []
