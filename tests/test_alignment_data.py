@@ -242,3 +242,43 @@ def test_safety_evaluation_before_and_after(two_checkpoints, tmp_path: Path) -> 
           "--max-new-tokens", "2")
     written = json.loads((tmp_path / "cli" / "safety.json").read_text())
     assert set(written["models"]) == {"before", "after"} and (tmp_path / "cli" / "safety.png").is_file()
+
+
+PROVENANCE = ("prompt_id", "response", "model", "checkpoint", "prefix", "step", "setting", "sampling", "sample",
+              "finished", "answer", "category")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_collection_under_tensor_parallelism_repeats_one_process(two_checkpoints, tmp_path: Path) -> None:
+    """`haina rm collect --config collect.yaml --nproc-per-node 2 parallel.tp=2` (the README's form): each
+    model sharded over two ranks gives the one-process collection's records, sampled ones included (the
+    same seeds), with their provenance."""
+    small, longer, prompts = two_checkpoints
+    single = tmp_path / "single"
+    single.mkdir()
+    cfg = load_collect_config(_collect_config(single, small, longer, prompts))
+    collect(cfg, progress=False)
+    expected = _lines(Path(cfg.out))
+
+    folder = tmp_path / "tp2"
+    folder.mkdir()
+    config = _collect_config(folder, small, longer, prompts)
+    proc = haina("rm", "collect", "--config", str(config), "--nproc-per-node", "2", "parallel.tp=2")
+    assert f"60 in {folder / 'responses.jsonl'}" in proc.stdout
+    got = _lines(folder / "responses.jsonl")
+    assert not (folder / "responses.jsonl.parts").exists()
+    assert [r["id"] for r in got] == [r["id"] for r in expected] and len(got) == 10 * 2 * (1 + 2)
+    assert [r["response"] for r in got] == [r["response"] for r in expected]
+    assert any(r["response"] for r in got)
+    source = {p["id"]: p for p in task.make_prompts(10, 7)}
+    steps, paths = {"small": 2, "longer": 4}, {"small": str(small), "longer": str(longer)}
+    settings = {"greedy": {"temperature": 0, "max_new_tokens": 4}, "hot": {"temperature": 1.0, "top_k": 20, "max_new_tokens": 4}}
+    for ours, theirs in zip(got, expected, strict=True):
+        assert {k: ours[k] for k in PROVENANCE} == {k: theirs[k] for k in PROVENANCE}, ours["id"]
+        prompt_id, model, setting, sample = ours["id"].split("|")
+        assert ours["prompt_id"] == prompt_id and ours["answer"] == source[prompt_id]["answer"]
+        assert ours["model"] == model and ours["checkpoint"] == paths[model] and ours["step"] == steps[model]
+        assert ours["prefix"] == "" and ours["setting"] == setting and ours["sample"] == int(sample)
+        assert {k: ours["sampling"][k] for k in settings[setting]} == settings[setting]
+        assert isinstance(ours["finished"], bool)

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from haina.core.config import PluginSettings
 from haina.core.distributed import is_main_process
+from haina.core.errors import InputFileError
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.pretrain import Pretrain
@@ -57,6 +58,12 @@ class SFT(Pretrain):
         if is_main_process():
             (run_dir / "gate_report.json").write_text(json.dumps(report.to_json(), indent=2))
             print(format_gate(report), flush=True)
+        if not report.kept:
+            rejected = [b.batch for b in report.batches if not b.kept]
+            raise InputFileError(
+                f"sft.gate_reviews: the gate rejected every batch ({', '.join(map(str, rejected))}); nothing to "
+                f"train on (see {run_dir / 'gate_report.json'})"
+            )
         return report.kept
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:

@@ -139,12 +139,12 @@ def whole_job(docs: list[dict], folder: Path) -> float:
     return seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-job", action="store_true", help="skip timing the whole prepare job")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_prepare_config(None, [])
     nd = cfg.near_dedup
     docs, pairs = make_corpus(args.docs, args.seed, nd.shingle_size)

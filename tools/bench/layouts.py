@@ -81,13 +81,15 @@ def max_rel_diff(a: list[dict], b: list[dict], key: str) -> float:
     return max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-12) for x, y in zip(a, b, strict=True))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="at least 2: the first step (compiling, warming) is not timed")
     parser.add_argument("--position", default="rope", choices=("rope", "alibi"))
     parser.add_argument("--only", default="", help="comma-separated name prefixes of the layouts to run after 1 process")
     parser.add_argument("--hidden", type=int, default=64, help="model.hidden_size (the tiny preset's is 64)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (step 1 is not timed)")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = _data(folder)
