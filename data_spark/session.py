@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import sys
 
-from pyspark import SparkConf
 from pyspark.sql import SparkSession
 
 from haina.data_spark.config import SparkConfig
 
 
 def get_session(cfg: SparkConfig, master: str | None = None) -> SparkSession:
-    """Create (or reuse) the session; spark-submit's own ``spark.master`` wins over the config default."""
-    submitted = SparkConf().contains("spark.master")
+    """Create (or reuse) the session; spark-submit's own master wins over the config default.
+
+    spark-submit starts this driver with a gateway to its JVM (``PYSPARK_GATEWAY_PORT``); asking
+    ``SparkConf()`` before any JVM is attached would see an empty conf and put ``local[*]`` in the place of
+    the cluster's master."""
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
     chosen = master or (None if submitted else cfg.master)
     if chosen and chosen.startswith("local"):
         # Local workers must run this interpreter (with pyarrow, numpy, haina), not whatever python3 is first.

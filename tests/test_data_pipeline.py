@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -107,24 +108,74 @@ def test_output_is_atomic(job: dict, spark, monkeypatch: pytest.MonkeyPatch) -> 
     assert not [p for p in job["root"].iterdir() if p.name.startswith(".out3")]
 
 
+def _one_line(kind: type[HainaError], match: str, func, *args, **kwargs) -> str:
+    """The ``kind`` error ``func`` raises: one line (no newline anywhere, not even at the end), matching ``match``."""
+    with pytest.raises(kind) as info:
+        func(*args, **kwargs)
+    message = str(info.value)
+    assert message.strip() and "\n" not in message and "\r" not in message, repr(message)
+    assert re.search(match, message), (match, message)
+    return message
+
+
 def test_bad_user_input_is_one_line_haina_error(tmp_path: Path) -> None:
-    with pytest.raises(InputFileError, match="input not found"):
-        prepare_main([tmp_path / "nope.jsonl"], tmp_path / "out")
+    _one_line(InputFileError, "nope.jsonl: input not found", prepare_main, [tmp_path / "nope.jsonl"], tmp_path / "out")
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(InputFileError, match="unsupported input"):
-        prepare_main([tmp_path / "x.csv"], tmp_path / "out")
-    with pytest.raises(ConfigError, match="near_dedup.num_perm"):
-        prepare_main([tmp_path / "x.csv"], tmp_path / "out", overrides=["near_dedup.num_perm=0"])
+    _one_line(InputFileError, "x.csv.*unsupported input", prepare_main, [tmp_path / "x.csv"], tmp_path / "out")
+    _one_line(ConfigError, r"^near_dedup\.num_perm: ", prepare_main, [tmp_path / "x.csv"], tmp_path / "out",
+              overrides=["near_dedup.num_perm=0"])
     good = write_jsonl(tmp_path / "a.jsonl", known_corpus()[:1])
-    with pytest.raises(ConfigError, match="tokenize.model=.*none.model: tokenizer model not found"):
-        prepare_main([good], tmp_path / "out", overrides=[f"tokenize.model={tmp_path / 'none.model'}"])
-    with pytest.raises(InputFileError, match="no kept documents"):
-        kept_files(tmp_path)
+    _one_line(ConfigError, "tokenize.model=.*none.model: tokenizer model not found", prepare_main, [good],
+              tmp_path / "out", overrides=[f"tokenize.model={tmp_path / 'none.model'}"])
+    _one_line(InputFileError, "no kept documents", kept_files, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def _check_blend_against_kept(out: Path, model: Path, entries: list[dict]) -> None:
+    """blend.json and the shards recomputed from the kept documents alone: a part holds exactly the
+    SentencePiece ids + eos of its (category, bucket)'s kept documents, and its weight is its share of
+    sum(weight x tokens) over every kept document."""
+    import warnings
+
+    import sentencepiece as spm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    kept = pq.read_table(out / "kept", columns=["category", "bucket", "weight", "text"]).to_pylist()
+    assert len(kept) == sum(r["expect"] == "kept" for r in known_corpus())
+    assert not any("\u2581" in r["text"] for r in kept)  # plain SentencePiece ids are the tokenizer's here
+    docs: dict[tuple[str, str], list[list[int]]] = {}
+    mass: dict[tuple[str, str], float] = {}
+    for row in kept:
+        ids = [*sp.encode(row["text"]), sp.eos_id()]
+        key = (row["category"], row["bucket"])
+        docs.setdefault(key, []).append(ids)
+        mass[key] = mass.get(key, 0.0) + row["weight"] * len(ids)
+    assert len({round(r["weight"], 6) for r in kept}) > 1, "equal weights would not tell weighted tokens from tokens"
+    total = sum(mass.values())
+    parts: dict[tuple[str, str], list[dict]] = {}
+    for entry in entries:
+        parts.setdefault((entry["category"], entry["bucket"]), []).append(entry)
+    assert set(parts) == set(docs)
+    for key, group in parts.items():
+        assert sum(e["weight"] for e in group) == pytest.approx(mass[key] / total, rel=1e-9, abs=1e-12), key
+        contents = []
+        for entry in group:
+            shard = IndexedDataset(str(out / entry["prefix"]))
+            part = [shard[i].tolist() for i in range(len(shard))]
+            assert entry["documents"] == len(part) and entry["tokens"] == sum(map(len, part)), entry
+            contents += part
+        assert sorted(contents) == sorted(docs[key]), key
 
 
 @pytest.mark.integration
 def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
-    """Realised sampling frequencies of megatron-core's blended dataset follow blend.json within 2%."""
+    """blend.json follows the weights: a part's weight is its share of the kept documents' weighted tokens
+    and its shard holds their tokens; megatron-core's blended dataset then samples parts at those rates
+    (realised frequencies within 2%)."""
     import warnings
 
     with warnings.catch_warnings():
@@ -144,6 +195,7 @@ def test_blend_frequencies_match_weights(job: dict, tmp_path: Path) -> None:
     assert {e["category"] for e in entries} == {"en", "zh", "code"}
     for entry in entries:
         assert (out / f"{entry['prefix']}.bin").is_file() and (out / f"{entry['prefix']}.idx").is_file()
+    _check_blend_against_kept(out, job["model"], entries)
     tokenizer = Tokenizer(job["model"])
 
     class TokenInfo:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import struct
+
 import numpy as np
 import pytest
-from datasketch import MinHash
+from datasketch import MinHash, MinHashLSH
 from datasketch.lsh import _optimal_param
 
 from haina.core.errors import ConfigError
@@ -40,8 +44,60 @@ def test_lsh_params_from_datasketch() -> None:
     bands, rows = lsh_params(0.7, 256, 0.5, 0.5)  # the defaults: banding tuned below the 0.8 threshold
     assert bands * rows <= 256
     assert candidate_probability(0.85, bands, rows) > 0.99 > 0.05 > candidate_probability(0.4, bands, rows)
-    sig = MinHasher.create(128, 1).signature(shingles(en_doc(0), 5))
-    assert band_keys(sig, bands, rows) == band_keys(sig.copy(), bands, rows)
+
+
+def _key_by_hand(values: list[int], band: int) -> int:
+    """A band's key as minhash.band_keys documents it: the band's uint32 rows as little-endian bytes,
+    BLAKE2b with an 8-byte digest personalised by the band number, read as a signed little-endian int64."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(values)}I", *values), digest_size=8, person=bytes([band])).digest()
+    return struct.unpack("<q", digest)[0]
+
+
+def test_band_keys_match_their_definition() -> None:
+    """Band i covers datasketch's hash range i (rows i*r .. (i+1)*r); its key is a hash of exactly those rows."""
+    bands, rows = 4, 3
+    lsh = MinHashLSH(num_perm=bands * rows, params=(bands, rows))
+    assert lsh.hashranges == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    values = [7, 1, 2**32 - 1, 0, 5, 9, 123456789, 42, 3, 8, 8, 8]
+    keys = band_keys(np.array(values, dtype=np.uint32), bands, rows)
+    assert keys == [_key_by_hand(values[start:end], band) for band, (start, end) in enumerate(lsh.hashranges)]
+    assert all(-(2**63) <= k < 2**63 for k in keys)
+    # the same rows in two bands give two keys (the band is part of the key, as datasketch keeps a table per band)
+    same = band_keys(np.array([4, 5, 6] * bands, dtype=np.uint32), bands, rows)
+    assert same == [_key_by_hand([4, 5, 6], band) for band in range(bands)] and len(set(same)) == bands
+    # rows beyond bands * rows are in no band
+    longer = band_keys(np.array([*values, 99, 98], dtype=np.uint32), bands, rows)
+    assert longer == keys
+
+
+def test_one_shared_band_collides_in_that_band_only() -> None:
+    bands, rows = 5, 4
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, size=bands * rows, dtype=np.uint64).astype(np.uint32)
+    b = a + np.uint32(1)  # every row differs ...
+    b[2 * rows : 3 * rows] = a[2 * rows : 3 * rows]  # ... except band 2's
+    keys_a, keys_b = band_keys(a, bands, rows), band_keys(b, bands, rows)
+    assert [i for i in range(bands) if keys_a[i] == keys_b[i]] == [2]
+    # datasketch's index agrees: b is a candidate of a (one shared band), a signature sharing none is not
+    lsh = MinHashLSH(num_perm=bands * rows, params=(bands, rows))
+    lsh.insert("a", MinHash(num_perm=bands * rows, hashvalues=a, scheme="affine32"))
+    assert lsh.query(MinHash(num_perm=bands * rows, hashvalues=b, scheme="affine32")) == ["a"]
+    assert lsh.query(MinHash(num_perm=bands * rows, hashvalues=a + np.uint32(1), scheme="affine32")) == []
+    # one row changed in one band moves that band's key only
+    c = a.copy()
+    c[3 * rows + 1] ^= np.uint32(1)
+    keys_c = band_keys(c, bands, rows)
+    assert [i for i in range(bands) if keys_a[i] != keys_c[i]] == [3]
+    # on real documents' signatures (the defaults' banding): keys agree exactly where the band's rows do
+    bands, rows = lsh_params(0.7, 256, 0.5, 0.5)
+    hasher = MinHasher.create(256, 1)
+    sig, other = hasher.signature(shingles(en_doc(0), 5)), hasher.signature(shingles(en_doc(6), 5))
+    mixed = other.copy()
+    mixed[rows : 2 * rows] = sig[rows : 2 * rows]
+    same_rows = [i for i in range(bands) if np.array_equal(sig[i * rows : (i + 1) * rows], mixed[i * rows : (i + 1) * rows])]
+    same_keys = [i for i, (x, y) in enumerate(zip(band_keys(sig, bands, rows), band_keys(mixed, bands, rows), strict=True))
+                 if x == y]
+    assert 1 in same_rows and len(same_rows) < bands and same_keys == same_rows
 
 
 def test_cjk_tokens_are_characters() -> None:
@@ -85,14 +141,22 @@ def test_category_factors_hit_targets() -> None:
     assert bucket_name(0.3, [0.5, 1, 2]) == "b0" and bucket_name(1.5, [0.5, 1, 2]) == "b2"
 
 
+def _one_line(func, *args, match: str) -> str:
+    """The ConfigError ``func`` raises: one line (no newline anywhere, not even at the end), matching ``match``."""
+    with pytest.raises(ConfigError) as info:
+        func(*args)
+    message = str(info.value)
+    assert message.strip() and "\n" not in message and "\r" not in message, repr(message)
+    assert re.search(match, message), (match, message)
+    return message
+
+
 def test_config_errors_are_one_line(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="near_dedup.threshold"):
-        load_prepare_config(None, ["near_dedup.threshold=1.5"])
-    with pytest.raises(ConfigError, match=r"^heuristics.nope: unknown key; allowed: code, doc_blocklist, en, "):
-        load_prepare_config(None, ["heuristics.nope=1"])
-    with pytest.raises(ConfigError, match=r"^category.rules.0.bad: unknown key; allowed: keywords, kinds, name"):
-        load_prepare_config(None, ["category.rules=[{name: a, bad: 1}]"])
-    with pytest.raises(ConfigError, match="missing.yaml: no such config file"):
-        load_prepare_config(tmp_path / "missing.yaml")
+    _one_line(load_prepare_config, None, ["near_dedup.threshold=1.5"], match=r"^near_dedup\.threshold: ")
+    _one_line(load_prepare_config, None, ["heuristics.nope=1"],
+              match=r"^heuristics.nope: unknown key; allowed: code, doc_blocklist, en, ")
+    _one_line(load_prepare_config, None, ["category.rules=[{name: a, bad: 1}]"],
+              match=r"^category.rules.0.bad: unknown key; allowed: keywords, kinds, name")
+    _one_line(load_prepare_config, tmp_path / "missing.yaml", match="missing.yaml: no such config file")
     cfg = load_prepare_config(None, ["safety.blocklist=[x, y]", "category.targets={en: 0.5}"])
     assert cfg.safety.blocklist == ["x", "y"] and cfg.category.targets == {"en": 0.5}
