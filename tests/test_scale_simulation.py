@@ -5,6 +5,7 @@ gives each tp rank its 15,712 rows."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -19,7 +20,10 @@ HIDDEN, FFN, LAYERS, VOCAB = 5120, 13696, 40, 125696
 PARAMETERS = LAYERS * (4 * HIDDEN**2 + 3 * HIDDEN * FFN + 2 * HIDDEN) + 2 * VOCAB * HIDDEN + HIDDEN
 
 
+@functools.cache
 def _simulate(*overrides: str) -> dict:
+    """The simulation's JSON report (a fresh process: the fake world needs its own process group); cached,
+    since two tests read the same layout."""
     proc = subprocess.run([sys.executable, "-m", "haina.tools.simulate", *BASE, *overrides],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
