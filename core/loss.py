@@ -284,12 +284,13 @@ def _chunk_terms(
     return term_sums, grad
 
 
-def _add_product_in_blocks(acc: Tensor, grad: Tensor, h: Tensor) -> None:
-    """``acc += grad.T @ h`` when ``acc`` has another dtype than the product (no fused kernel for that).
-
-    Done in vocabulary blocks so the temporary product is never larger than the chunk's logits, instead
-    of one more weight-sized tensor.
-    """
+def add_product(acc: Tensor, grad: Tensor, h: Tensor) -> None:
+    """``acc += grad.T @ h``: fused when ``acc`` has the product's dtype; else (an fp32 sum of bf16 products,
+    which no kernel fuses) in vocabulary blocks, so the temporary product is never larger than the chunk's
+    logits instead of one more weight-sized tensor. Shared by every chunked head-gradient path."""
+    if acc.dtype == grad.dtype:
+        acc.addmm_(grad.T, h)
+        return
     n, vocab = grad.shape
     block = max(1, (n * vocab) // max(1, h.shape[1]))
     for v0 in range(0, vocab, block):
@@ -352,10 +353,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
                     else:
                         grad_hidden[start:end].copy_(grad @ w)
                 if grad_weight is not None:
-                    if grad_weight.dtype == compute_dtype:
-                        grad_weight.addmm_(grad.T, h)
-                    else:  # e.g. fp32 weight under bf16 autocast: low-precision products, added in fp32
-                        _add_product_in_blocks(grad_weight, grad, h)
+                    add_product(grad_weight, grad, h)  # a wider accumulator: low-precision products, summed in fp32
                 del grad
             if grad_hidden is not None and shard is not None:
                 # Each rank's columns give a partial d(loss)/d(hidden); the hidden states are replicated.

@@ -159,8 +159,8 @@ def _license_text(limit: int = 150_000) -> str:
         if sum(map(len, texts)) >= limit:
             break
     text = "\n".join(texts)[:limit]
-    if len(text) < 20_000:
-        pytest.skip("not enough license text in the installed packages")
+    # the project's own dependencies (pinned by constraints.txt) ship far more than this
+    assert len(text) >= 20_000, "not enough license text in the installed packages"
     return text
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from haina.core import collectives
-from haina.core.loss import LossOutput, VocabShard, vocab_shard_of
+from haina.core.loss import LossOutput, VocabShard, add_product, vocab_shard_of
 from haina.plugins.align.common import IGNORE
 
 if TYPE_CHECKING:
@@ -57,17 +57,6 @@ def _chunk_logits(h: Tensor, w: Tensor, inv_temp: float, allowed: int) -> Tensor
     if allowed < z.shape[1]:
         z[:, max(allowed, 0) :] = float("-inf")
     return z
-
-
-def _add_product(acc: Tensor, g: Tensor, h: Tensor) -> None:
-    """``acc += g.T @ h``; in vocabulary blocks when ``acc`` is wider than the product (fp32 sum of bf16
-    products), so the temporary is never larger than the chunk's logits rather than weight-sized."""
-    if acc.dtype == g.dtype:
-        acc.addmm_(g.T, h)
-        return
-    block = max(1, g.numel() // max(1, h.shape[1]))
-    for v0 in range(0, g.shape[1], block):
-        acc[v0 : v0 + block].add_(g[:, v0 : v0 + block].T @ h)
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -169,7 +158,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[c0:c1] = g @ w
                 if grad_weight is not None:
-                    _add_product(grad_weight, g, h)
+                    add_product(grad_weight, g, h)
                 del g
             if grad_hidden is not None and shard is not None:
                 # each rank's columns give a partial d/d(hidden); the hidden states are the same on all
