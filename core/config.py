@@ -310,6 +310,10 @@ class ParallelConfig(_Section):
     activation_checkpoint: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations: none, every block, or the attention core only."
     )
+    fsdp_prefetch: int = Field(
+        0, ge=0, description="FSDP2: blocks whose all-gather is issued ahead explicitly, in forward and backward "
+        "(0 = FSDP2's own: one block ahead in backward); more overlap, more gathered blocks held.",
+    )
     compile: bool = Field(False, description="torch.compile each block's forward (after tp and AC, before FSDP).")
     dp_backend: Literal["fsdp2", "deepspeed"] = Field(
         "fsdp2", description="Sharded data parallelism: FSDP2 (any layout) or DeepSpeed ZeRO (tp = pp = 1)."
@@ -347,10 +351,35 @@ class DeepSpeedConfig(_Section):
     zero_stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 optimizer states, 2 + gradients, 3 + parameters.")
     offload_optimizer: bool = Field(False, description="Optimizer states and step on the CPU (DeepSpeed's CPU Adam).")
     offload_params: bool = Field(False, description="Parameters on the CPU between uses (ZeRO-3 only).")
+    reduce_bucket_size: int | None = Field(
+        None, gt=0, description="Elements per gradient-reduction bucket (a buffer of this size, two with "
+        "overlap_comm); default DeepSpeed's 5e8.",
+    )
+    allgather_bucket_size: int | None = Field(
+        None, gt=0, description="Elements all-gathered at a time after the step (ZeRO-1/2); default DeepSpeed's 5e8.",
+    )
+    overlap_comm: bool | None = Field(
+        None, description="Overlap gradient reduction with backward; default DeepSpeed's (on for ZeRO-3 only).",
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Advanced DeepSpeed keys merged over the derived config, e.g. {zero_optimization: {overlap_comm: true}}.",
     )
+
+    # the zero_optimization keys with typed fields above, and DeepSpeed's defaults for them
+    TUNED_KEYS: ClassVar[tuple[str, ...]] = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm")
+
+    def zero_setting(self, key: str) -> Any:
+        """The value DeepSpeed will use for ``zero_optimization.<key>`` (one of :attr:`TUNED_KEYS`): the
+        typed field, else ``config``'s, else DeepSpeed's default."""
+        value = getattr(self, key)
+        zero = self.config.get("zero_optimization", {})
+        if value is None and isinstance(zero, dict):
+            value = zero.get(key)
+        if value is None:
+            value = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+                     "overlap_comm": self.zero_stage == 3}[key]
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> DeepSpeedConfig:
@@ -363,6 +392,9 @@ class DeepSpeedConfig(_Section):
         for key in ("stage", "offload_optimizer", "offload_param"):
             if isinstance(zero, dict) and key in zero:
                 raise ValueError(f"config.zero_optimization.{key}: use deepspeed.zero_stage / offload_* instead")
+        for key in self.TUNED_KEYS:
+            if getattr(self, key) is not None and isinstance(zero, dict) and key in zero:
+                raise ValueError(f"config.zero_optimization.{key}: set either deepspeed.{key} or this, not both")
         return self
 
 

@@ -4,12 +4,18 @@ Prompts of different lengths are left-padded into one batch (padding is segment 
 never sees) so that every row's next token sits in the last column. Under tensor parallelism every rank
 runs the same loop: the head's forward returns logits gathered over tp, and the sampling generator is
 seeded alike everywhere, so all ranks draw the same tokens.
+
+:class:`Generator` is the seam RL rollouts sample through (prompts in, token ids and their log-probabilities
+out); :class:`ModelGenerator`, this loop on the trained model itself, is the default, and an engine such as
+vLLM or SGLang fits behind the same two methods (``docs/rl.md``).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,8 +103,55 @@ def _all_done(done: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
     return not collectives.any_true(bool((~done).any()), group)
 
 
+@dataclass
+class Generation:
+    """One prompt's continuation (without the prompt, ending with eos when the model produced one) and the
+    log-probability of each of its tokens under the model at the sampling temperature (1 for greedy),
+    before top-k / top-p / repetition-penalty filtering: the policy's own distribution, which RL's ratio
+    compares against."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Generator(ABC):
+    """What an RL rollout samples with: prompts in, token ids and log-probabilities out.
+
+    ``sync`` is called with the actor before each rollout: an engine that keeps its own copy of the weights
+    (vLLM, SGLang) loads them from it there; one that samples from the module itself has nothing to do."""
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], sampling: Sampling, row_seeds: Sequence[int]) -> list[Generation]:
+        """One :class:`Generation` per prompt; prompt i draws with seed ``row_seeds[i]``."""
+
+    def sync(self, model: nn.Module) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Take the actor's current weights (default: nothing to take)."""
+
+
+class ModelGenerator(Generator):
+    """:func:`sample` on the module it is given: haina's KV-cache loop, under any parallel layout."""
+
+    def __init__(self, eos_id: int, group: dist.ProcessGroup | None = None, vocab_limit: int | None = None) -> None:
+        self.eos_id, self.group, self.vocab_limit = eos_id, group, vocab_limit
+        self.model: nn.Module | None = None
+
+    def sync(self, model: nn.Module) -> None:
+        self.model = model
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, row_seeds: Sequence[int]) -> list[Generation]:
+        if self.model is None:
+            raise RuntimeError("ModelGenerator.generate before sync(model)")
+        return sample(self.model, prompts, sampling, self.eos_id, group=self.group, vocab_limit=self.vocab_limit,
+                      row_seeds=row_seeds)
+
+
+def generate(model: nn.Module, prompts: list[list[int]], sampling: Sampling, eos_id: int, **options: Any) -> list[list[int]]:
+    """Each prompt's continuation: :func:`sample` (same options) without the log-probabilities."""
+    return [g.ids for g in sample(model, prompts, sampling, eos_id, **options)]
+
+
 @torch.no_grad()
-def generate(
+def sample(
     model: nn.Module,
     prompts: list[list[int]],
     sampling: Sampling,
@@ -107,8 +160,8 @@ def generate(
     group: dist.ProcessGroup | None = None,
     vocab_limit: int | None = None,
     row_seeds: Sequence[int] | None = None,
-) -> list[list[int]]:
-    """Each prompt's continuation (without the prompt), ending with eos when the model produced one.
+) -> list[Generation]:
+    """Each prompt's continuation and its tokens' log-probabilities (see :class:`Generation`).
 
     ``vocab_limit``: only ids below it are drawn (a model's vocabulary padded past its tokenizer's).
     ``row_seeds``: one sampling seed per prompt instead of ``sampling.seed`` for the batch, so a prompt
@@ -134,13 +187,16 @@ def generate(
     logits = model(tokens, positions, segments=segments, cache=cache, logits=slice(-1, None))[:, -1].float()
     next_pos = positions[:, -1:] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    out: list[list[int]] = [[] for _ in prompts]
+    out = [Generation() for _ in prompts]
+    inv_temperature = 1.0 / sampling.temperature if sampling.temperature > 0 else 1.0
     for step in range(sampling.max_new_tokens):
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         tok = next_token(logits, seen, sampling, generator)
+        logp = torch.log_softmax(logits * inv_temperature, dim=-1).gather(1, tok[:, None])[:, 0].tolist()
         for i in (~done).nonzero()[:, 0].tolist():
-            out[i].append(int(tok[i]))
+            out[i].ids.append(int(tok[i]))
+            out[i].logprobs.append(logp[i])
         done |= tok == eos_id
         if _all_done(done, group) or step == sampling.max_new_tokens - 1:
             break

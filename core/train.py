@@ -152,6 +152,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
         engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
     else:
         parts, pipeline = lay_out(model, cfg, layout, mesh, device, stage_loss=algorithm)
+        del model  # a pipeline stage holds only its share; the whole model it was cut from can go
         optimizers = [build_optimizer(part, cfg.optim) for part in parts]
         pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
         engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)

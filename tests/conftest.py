@@ -48,6 +48,24 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_indexed(tmp_path_factory.mktemp("data") / "tiny", docs)
 
 
+@pytest.fixture(scope="session")
+def alignment_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tokenizer, the verifiable task's data, and pretrain -> sft -> rm runs of the tiny preset through the
+    CLI (one process), shared by every module that starts from them; tests write their own runs elsewhere."""
+    from tests.alignment_helpers import haina, make_alignment_data
+
+    root = tmp_path_factory.mktemp("align")
+    data = make_alignment_data(root / "data")
+    pt = root / "pt"
+    short = ("train.log_every=1", "train.save_every=100", "optim.warmup_steps=0")
+    haina("pretrain", "--config", "tiny", f"train.run_dir={pt}", f"data.prefixes=[{data.pretrain_prefix}]",
+          f"data.tokenizer={data.tokenizer}", "train.steps=6", *short)
+    haina("sft", "--from", str(pt), f"align.data={data.sft}", "train.steps=4", *short)
+    haina("rm", "--from", str(root / "pt-sft"), f"align.data={data.pairs}", f"align.eval_data={data.eval_pairs}",
+          "train.steps=4", *short)
+    return {"data": data, "pt": pt, "sft": root / "pt-sft", "rm": root / "pt-sft-rm", "root": root}
+
+
 def tiny_config(run_dir: Path, data: Path, *overrides: str) -> HainaConfig:
     return load_config(
         "tiny",

@@ -12,7 +12,7 @@ from haina.core.checkpoint import load_model_weights
 from haina.core.config import load_config
 from haina.core.errors import InputFileError
 from haina.core.model import Transformer
-from tests.alignment_helpers import AlignmentData, haina, make_alignment_data, records
+from tests.alignment_helpers import AlignmentData, haina, records
 from tests.conftest import install_plugin_package
 
 # Every test trains through the CLI (pretrain -> sft -> rm, then torchrun with 2 processes).
@@ -26,17 +26,9 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tokenizer, task data, and pretrain -> sft -> rm runs of the tiny preset (one process)."""
-    root = tmp_path_factory.mktemp("align")
-    data = make_alignment_data(root / "data")
-    pt = root / "pt"
-    haina("pretrain", "--config", "tiny", f"train.run_dir={pt}", f"data.prefixes=[{data.pretrain_prefix}]",
-          f"data.tokenizer={data.tokenizer}", "train.steps=6", *SHORT)
-    haina("sft", "--from", str(pt), f"align.data={data.sft}", "train.steps=4", *SHORT)
-    haina("rm", "--from", str(root / "pt-sft"), f"align.data={data.pairs}", f"align.eval_data={data.eval_pairs}",
-          "train.steps=4", *SHORT)
-    return {"data": data, "pt": pt, "sft": root / "pt-sft", "rm": root / "pt-sft-rm", "root": root}
+def runs(alignment_runs: dict) -> dict:
+    """The session's pretrain -> sft -> rm runs of the tiny preset (tests/conftest.py)."""
+    return alignment_runs
 
 
 def _ppo_args(runs: dict, run_dir: Path, steps: int, warmup: int) -> list[str]:

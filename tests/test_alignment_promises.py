@@ -23,7 +23,7 @@ from haina.core.model import Transformer
 from haina.core.model_loading import load_model
 from haina.core.tokenizer import load_tokenizer
 from haina.tools.eval.safety import attack_prompts, replies_of
-from tests.alignment_helpers import AlignmentData, haina, make_alignment_data, records
+from tests.alignment_helpers import AlignmentData, haina, records
 
 # Every test trains through the CLI (the module's pretrain -> sft -> rm runs, then a run of its own).
 pytestmark = pytest.mark.integration
@@ -32,16 +32,9 @@ SHORT = ("train.log_every=1", "train.save_every=100", "optim.warmup_steps=0")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tokenizer, task data, and pretrain -> sft -> rm runs of the tiny preset (one process)."""
-    root = tmp_path_factory.mktemp("promises")
-    data = make_alignment_data(root / "data")
-    pt = root / "pt"
-    haina("pretrain", "--config", "tiny", f"train.run_dir={pt}", f"data.prefixes=[{data.pretrain_prefix}]",
-          f"data.tokenizer={data.tokenizer}", "train.steps=6", *SHORT)
-    haina("sft", "--from", str(pt), f"align.data={data.sft}", "train.steps=4", *SHORT)
-    haina("rm", "--from", str(root / "pt-sft"), f"align.data={data.pairs}", "train.steps=4", *SHORT)
-    return {"data": data, "pt": pt, "sft": root / "pt-sft", "rm": root / "pt-sft-rm", "root": root}
+def runs(alignment_runs: dict) -> dict:
+    """The session's pretrain -> sft -> rm runs of the tiny preset (tests/conftest.py)."""
+    return alignment_runs
 
 
 # ------------------------------------------------------------------------------------------ safety judges

@@ -16,18 +16,15 @@ from haina.core.generate import Sampling
 from haina.core.model_loading import load_model
 from haina.core.tokenizer import load_tokenizer
 from haina.tools.chat import chat_loop, generate_texts
-from tests.alignment_helpers import haina, make_alignment_data
+from tests.alignment_helpers import haina
 
 pytestmark = pytest.mark.integration  # the module fixture trains a checkpoint through the CLI
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("chat")
-    data = make_alignment_data(root / "data")
-    haina("pretrain", "--config", "tiny", f"train.run_dir={root / 'pt'}", f"data.prefixes=[{data.pretrain_prefix}]",
-          f"data.tokenizer={data.tokenizer}", "train.steps=3", "train.save_every=100")
-    return root / "pt"
+def run(alignment_runs: dict) -> Path:
+    """The session's tiny pretraining run (tests/conftest.py)."""
+    return alignment_runs["pt"]
 
 
 def _render_by_hand(tok: Any, turns: list[tuple[str, str]]) -> list[int]:

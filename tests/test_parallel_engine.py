@@ -6,6 +6,8 @@ the reference is the same config in one process with the same global batch.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,33 +57,62 @@ def references(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dic
     return Lazy()
 
 
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[tuple[str, str], Path]:
+    """Each (position, layout) run of STEPS with checkpoints every 2 steps (made on first use): the layout
+    test compares its metrics, the reshard test resumes some of them from their step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("layouts")
+
+    class Lazy(dict):
+        def __missing__(self, key: tuple[str, str]) -> Path:
+            position, layout = key
+            nproc, overrides = LAYOUTS[layout]
+            run = root / f"{position}-{layout}".replace(" ", "_").replace("=", "")
+            run_pretrain(run, tiny_data, nproc, *STEPS, f"model.position={position}", "train.save_every=2", *overrides)
+            self[key] = run
+            return run
+
+    return Lazy()
+
+
+def _stopped_at_step_2(run: Path, into: Path) -> Path:
+    """A copy of a 4-step run as if it had stopped at its step-2 checkpoint (the schedule is the same:
+    decay_steps is fixed); resuming truncates the metrics after it."""
+    shutil.copytree(run, into)
+    shutil.rmtree(into / "checkpoints" / "step_4")
+    (into / "checkpoints" / "latest").write_text("step_2")
+    return into
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(("position", "layout"), CASES, ids=[f"{p}-{n}" for p, n in CASES])
-def test_layout_matches_one_process(position: str, layout: str, references: dict, tmp_path: Path, tiny_data: Path) -> None:
+def test_layout_matches_one_process(position: str, layout: str, references: dict, layout_runs: dict) -> None:
     expected = references[position]
-    nproc, overrides = LAYOUTS[layout]
-    got = run_pretrain(tmp_path / "run", tiny_data, nproc, *STEPS, f"model.position={position}", *overrides)
+    got = [json.loads(line) for line in (layout_runs[position, layout] / "metrics.jsonl").read_text().splitlines()]
     assert max_rel_diff(expected, got, "loss") < 1e-4
     assert max_rel_diff(expected, got, "grad_norm") < 1e-4
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_checkpoint_reshards_between_layouts(references: dict, tmp_path: Path, tiny_data: Path) -> None:
+def test_checkpoint_reshards_between_layouts(
+    references: dict, layout_runs: dict, tmp_path: Path, tiny_data: Path
+) -> None:
     """Saved under one layout, resumed under another: the next steps match an uninterrupted run (the
     layout tests' one-process RoPE reference, saved every 2 steps like these).
 
-    dp_shard=2 -> one process; tp=2 x pp=2 -> dp_shard=4; dp_shard=4 -> tp=2 x pp=2 (sequence parallel).
+    dp_shard=2 -> one process; tp=2 x pp=2 -> dp_shard=4 (both the layout tests' runs, from step 2);
+    dp_shard=4 -> tp=2 x pp=2 (sequence parallel).
     """
     steps = (*STEPS, "train.save_every=2", "train.log_every=1")
     straight = references["rope"]
 
     half = ("train.steps=2",)  # same schedule (decay_steps fixed), stop at the step-2 checkpoint
     tp_pp = ("parallel.tp=2", "parallel.pp=2")
-    run_pretrain(tmp_path / "a", tiny_data, 2, *steps, "parallel.dp_shard=2", *half)
+    _stopped_at_step_2(layout_runs["rope", "dp_shard=2"], tmp_path / "a")
     resumed = run_pretrain(tmp_path / "a", tiny_data, 1, *steps)
-    run_pretrain(tmp_path / "b", tiny_data, 4, *steps, *tp_pp, *half)
+    _stopped_at_step_2(layout_runs["rope", "tp=2 sp x pp=2"], tmp_path / "b")
     resumed_from_tp_pp = run_pretrain(tmp_path / "b", tiny_data, 4, *steps, "parallel.dp_shard=4")
     run_pretrain(tmp_path / "c", tiny_data, 4, *steps, "parallel.dp_shard=4", *half)
     resumed_into_tp_pp = run_pretrain(
@@ -90,6 +121,8 @@ def test_checkpoint_reshards_between_layouts(references: dict, tmp_path: Path, t
     for records in (resumed, resumed_from_tp_pp, resumed_into_tp_pp):
         assert [r["step"] for r in records] == [1, 2, 3, 4]
         assert max_rel_diff(straight, records, "loss") < 1e-5
+    for run in ("a", "b"):  # the copies had no step 4: the resumed runs trained steps 3 and 4 themselves
+        assert (tmp_path / run / "checkpoints" / "step_4" / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize(

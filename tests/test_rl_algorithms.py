@@ -61,6 +61,7 @@ VERIFIER = "[{type: verifier, name: answer, function: 'tests.test_rl_algorithms:
            "{type: verifier, name: variety, function: 'tests.test_rl_algorithms:variety'}, " \
            "{type: length, max_length: 6, buffer: 4, weight: 0.1}]"
 SHARED = {"reward", "reward_std", "reward/answer", "reward/variety", "reward/length", "entropy", "clip_fraction",
+          "generator_logp_gap",
           "approx_kl", "response_length", "truncated", "rollout_tokens_per_s", "train_tokens_per_s"}
 
 
@@ -76,6 +77,7 @@ def test_critic_free_algorithm_trains(start: dict[str, Path], algorithm: str, ex
         assert 0.0 <= r["reward/answer"] <= 1.0 and -1.0 <= r["reward/length"] <= 0.0
         total = r["reward/answer"] + r["reward/variety"] + 0.1 * r["reward/length"]
         assert r["reward"] == pytest.approx(total, abs=1e-5) and r["reward_std"] > 0
+        assert r["generator_logp_gap"] < 1e-4  # the generator's log-probs are the training engine's
         if algorithm == "grpo":  # one update per rollout: the ratio is exactly 1, nothing clips
             assert r["approx_kl"] == 0.0 and r["clip_fraction"] == 0.0
     assert max(r["grad_norm"] for r in records) > 1e-6  # the rewards differ, so there is something to learn

@@ -291,6 +291,12 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return run_prompts(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from haina.tools.plan.command import run_plan
+
+    return run_plan(args)
+
+
 def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from haina.tools.scaling_law import sweep
 
@@ -460,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="SentencePiece model (default: the model's own)")
     p.add_argument("--out", required=True, help="folder for safety.json and safety.png")
     p.set_defaults(func=cmd_eval_safety, bad_input=BAD_INPUT)
+
+    p = sub.add_parser("plan", help="per-rank memory and step time of a run on a GPU type, before launching it")
+    from haina.tools.plan.command import add_arguments as add_plan_arguments
+
+    add_plan_arguments(p)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_plan, bad_input=BAD_INPUT)
 
     sl = sub.add_parser("scaling-law", help="scaling-law ladder and fit").add_subparsers(dest="action", required=True)
     p = sl.add_parser("sweep", help="train a ladder of model sizes for a FLOP budget each; record (compute, loss)")

@@ -40,7 +40,7 @@ def parallelize(
     if data_mesh is not None:
         apply_fsdp(
             part, data_mesh, bf16=cfg.train.precision == "bf16",
-            reshard_after_forward=cfg.parallel.reshard_after_forward,
+            reshard_after_forward=cfg.parallel.reshard_after_forward, prefetch=cfg.parallel.fsdp_prefetch,
         )
 
 

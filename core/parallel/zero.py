@@ -65,6 +65,9 @@ def deepspeed_config(cfg: HainaConfig, layout: Layout, on_cuda: bool = False) ->
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    for key in ds.TUNED_KEYS:  # the typed GPU-time settings; unset ones stay DeepSpeed's (or config's)
+        if getattr(ds, key) is not None:
+            zero[key] = getattr(ds, key)
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,

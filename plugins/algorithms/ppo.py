@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
-from haina.core.config import ConfigError, PluginSettings, plugin_settings
+from haina.core.config import ConfigError, plugin_settings
 from haina.core.loss import LossOutput
 from haina.core.model import Transformer, build_model
 from haina.core.registry import register
@@ -30,6 +30,7 @@ from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.reward_model import value_config
 from haina.plugins.align.advantages import global_masked_whiten
 from haina.plugins.align.common import check_layout
+from haina.plugins.align.packing import ModelInputs, model_inputs
 from haina.plugins.align.preference_data import PromptBatches, read_prompts
 from haina.plugins.align.rl import (
     CriticWarmup,
@@ -41,7 +42,14 @@ from haina.plugins.align.rl import (
     ppo_value_loss,
     tokens_per_rank,
 )
-from haina.plugins.align.rollout import SamplingSettings, sample_rollout
+from haina.plugins.align.rollout import (
+    RLSettings,
+    check_rl_settings,
+    make_generator,
+    mini_batch_rows,
+    per_position,
+    sample_rollout,
+)
 from haina.plugins.align.token_logprobs import model_token_logps, trained_token_logps
 from haina.plugins.rewards.base import RewardSpec, parse_reward_spec, sync_over_tp
 from haina.plugins.rewards.combine import build_reward
@@ -65,7 +73,7 @@ class ActorCritic(nn.Module):
         self.critic.init_weights()
 
 
-class PPOSettings(PluginSettings):
+class PPOSettings(RLSettings):
     """PPO with critic warm-up and a decaying KL coefficient (the report's settings are the defaults)."""
 
     reward_model: str | None = Field(
@@ -75,7 +83,6 @@ class PPOSettings(PluginSettings):
         default_factory=list, description="Reward terms: a reward plugin, or a list of {type, name, weight, "
         "<settings>} summed (see haina.plugins.rewards.base); empty: the reward model.",
     )
-    reference: str | None = Field(None, description="Frozen reference checkpoint; default: align.init_from.")
     kl_start: float = Field(0.2, ge=0, description="KL coefficient at the first step.")
     kl_end: float = Field(0.005, ge=0, description="KL coefficient at the last step.")
     kl_shape: Literal["linear", "cosine", "exponential"] = Field("linear", description="KL schedule.")
@@ -84,9 +91,8 @@ class PPOSettings(PluginSettings):
     gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     critic_warmup_steps: int = Field(20, ge=0, description="Steps in which only the critic trains.")
-    epochs: int = Field(2, gt=0, description="Optimizer steps on each rollout batch.")
+    epochs: int = Field(2, gt=0, description="Passes over each rollout batch.")
     value_coef: float = Field(0.5, ge=0, description="Weight of the critic loss.")
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="Rollout sampling.")
 
 
 @register("algorithm", "ppo", settings=PPOSettings, legacy={
@@ -102,6 +108,7 @@ class PPO(Algorithm):
         if not own.reward and own.reward_model is None:
             raise ConfigError("ppo.reward_model: the ppo algorithm needs it (or rewards of other kinds in ppo.reward)")
         build_reward(reward_terms(own), cfg, "ppo.reward")
+        check_rl_settings(cfg, own, "ppo")
 
     def __init__(self, cfg: HainaConfig) -> None:
         super().__init__(cfg)
@@ -111,6 +118,7 @@ class PPO(Algorithm):
         self.tokenizer = load_tokenizer(cfg)
         self.reference: nn.Module | None = None
         self.reward = build_reward(reward_terms(p), cfg, "ppo.reward")
+        self.generator = make_generator(p.generator, cfg, self.tokenizer, "ppo.generator")
         vocab = self.tokenizer.vocab_size
         self.vocab_limit = vocab if vocab < cfg.model.vocab_size else None
 
@@ -158,16 +166,23 @@ class PPO(Algorithm):
         model = engine.parts[0]
         p = self.settings
         roll = sample_rollout(
-            engine, model.actor, prompts, items or [{} for _ in prompts], p.sampling, tokenizer=self.tokenizer,
-            seq_len=self.cfg.train.seq_len, seed=self.cfg.train.seed + 100_003 * step,
+            engine, self.generator, model.actor, prompts, items or [{} for _ in prompts], p.sampling,
+            tokenizer=self.tokenizer, seq_len=self.cfg.train.seq_len, seed=self.cfg.train.seed + 100_003 * step,
             positions=positions if positions is not None else list(range(len(prompts))),
+            micro_batch=p.rollout_micro_batch,
         )
-        tokens, targets, mask = roll.tokens, roll.targets, roll.mask
-        chunk = self.cfg.loss.chunk_size
+        tokens, targets, mask, lengths = roll.tokens, roll.targets, roll.mask, roll.lengths
+        chunk, rows = self.cfg.loss.chunk_size, (p.rollout_micro_batch, p.pack)
         with engine.autocast:
-            old_logp = trained_token_logps(engine, tokens, targets, chunk, submodule="actor", **self._logp_options()).logp
-            ref_logp = model_token_logps(self.reference, tokens, targets, chunk, **self._logp_options()).logp
-            values = model.critic(tokens, logits=slice(None))[..., 0].float()
+            old_logp = per_position(lambda x: trained_token_logps(
+                engine, x.tokens, x.targets, chunk, submodule="actor", positions=x.positions, segments=x.segments,
+                **self._logp_options(),
+            ).logp, tokens, targets, lengths, *rows)
+            ref_logp = per_position(lambda x: model_token_logps(
+                self.reference, x.tokens, x.targets, chunk, positions=x.positions, segments=x.segments,
+                **self._logp_options(),
+            ).logp, tokens, targets, lengths, *rows)
+            values = per_position(lambda x: _values(model.critic, x), tokens, targets, lengths, *rows)
             total, parts = self.reward.score_terms(roll.reward_input(self.tokenizer))
         scores = sync_over_tp(torch.stack([total, *parts.values()]), engine)
         score = scores[0]
@@ -175,33 +190,35 @@ class PPO(Algorithm):
         rewards = kl_penalty_rewards(old_logp, ref_logp, score, mask, kl_coef)
         advantages, returns = gae(rewards, values * mask, mask, gamma=p.gamma, lam=p.lam)
         return {
-            "tokens": tokens, "targets": targets, "mask": mask, "old_logp": old_logp,
+            "tokens": tokens, "targets": targets, "mask": mask, "lengths": lengths, "old_logp": old_logp,
             "ref_logp": ref_logp, "values": values * mask, "returns": returns,
             "advantages": global_masked_whiten(advantages, mask), "score": score,
-            "tokens_per_rank": tokens_per_rank(mask),
             "parts": {f"reward/{n}": float(v.mean()) for n, v in zip(parts, scores[1:], strict=True)},
             "kl_coef": kl_coef, "rollout_s": roll.rollout_s, "new_tokens": roll.new_tokens, "replies": roll.replies,
+            "gen_logp": roll.gen_logp,
         }
 
     # ----------------------------------------------------------------------------------------- training
 
     def update_loss(self, model: nn.Module, roll: dict[str, Any], actor_trains: bool) -> LossOutput:
-        """The critic's loss and, once the warm-up is over, the actor's, on one rollout batch."""
+        """The critic's loss and, once the warm-up is over, the actor's, on rollout rows (a mini-batch)."""
         p, mask = self.settings, roll["mask"]
+        inputs = model_inputs(roll["tokens"], roll["targets"], roll["lengths"], p.pack)
         with torch.set_grad_enabled(actor_trains and torch.is_grad_enabled()):
             new = model_token_logps(
-                model.actor, roll["tokens"], roll["targets"], self.cfg.loss.chunk_size, entropy=True,
-                **self._logp_options(),
+                model.actor, inputs.tokens, inputs.targets, self.cfg.loss.chunk_size, entropy=True,
+                positions=inputs.positions, segments=inputs.segments, **self._logp_options(),
             )
+        logp = inputs.unpack(new.logp)
         policy_loss, clip_frac, approx_kl = ppo_policy_loss(
-            new.logp, roll["old_logp"], roll["advantages"], mask, clip=p.clip, tokens=roll["tokens_per_rank"],
+            logp, roll["old_logp"], roll["advantages"], mask, clip=p.clip, tokens=roll["tokens_per_rank"],
         )
-        values = model.critic(roll["tokens"], logits=slice(None))[..., 0].float()
+        values = inputs.unpack(_values(model.critic, inputs))
         value_loss, value_clip_frac = ppo_value_loss(
             values, roll["values"], roll["returns"], mask, clip=p.value_clip, tokens=roll["tokens_per_rank"],
         )
         loss = p.value_coef * value_loss + (policy_loss if actor_trains else 0.0)
-        entropy = new.entropy if new.entropy is not None else torch.zeros_like(new.logp)
+        entropy = inputs.unpack(new.entropy) if new.entropy is not None else torch.zeros_like(logp)
         return LossOutput(loss, {
             "policy_loss": policy_loss.detach(), "clip_fraction": clip_frac, "approx_kl": approx_kl,
             "value_loss": value_loss.detach(), "value_clip_fraction": value_clip_frac,
@@ -217,24 +234,35 @@ class PPO(Algorithm):
         actor_trains = self.warmup.actor_trains(step)
         p = self.settings
         start = time.perf_counter()
-        for _ in range(p.epochs):
-            engine.zero_grad()
-            with engine.autocast:
-                out = engine.forward_loss(self.update_loss, roll, actor_trains)
-            engine.backward(out.loss)
-            grad_norm = engine.optimizer_step()
+        row_keys = ("tokens", "targets", "mask", "lengths", "old_logp", "ref_logp", "values", "returns", "advantages")
+        for epoch in range(p.epochs):
+            for rows in mini_batch_rows(mask.shape[0], p.mini_batches, self.cfg.train.seed + 7919 * step + epoch):
+                part = {k: roll[k][rows.to(mask.device)] for k in row_keys}
+                part["tokens_per_rank"] = tokens_per_rank(part["mask"])
+                engine.zero_grad()
+                with engine.autocast:
+                    out = engine.forward_loss(self.update_loss, part, actor_trains)
+                engine.backward(out.loss)
+                grad_norm = engine.optimizer_step()
         train_s = time.perf_counter() - start
         with torch.no_grad():
             kl = ((roll["old_logp"] - roll["ref_logp"]) * mask).sum(-1).mean()
+            gen_gap = ((roll["gen_logp"] - roll["old_logp"]).abs() * mask).sum() / mask.sum().clamp(min=1)
         trained_tokens = int(mask.sum()) * p.epochs
         return {
             "loss": float(out.loss.detach()), "grad_norm": grad_norm, "reward": float(roll["score"].mean()),
             **roll["parts"], "kl": float(kl), "kl_coef": roll["kl_coef"],
             **{k: float(v) for k, v in out.parts.items()},
             "response_length": roll["new_tokens"] / len(roll["replies"]), "actor_trains": float(actor_trains),
+            "generator_logp_gap": float(gen_gap),
             "rollout_tokens_per_s": roll["new_tokens"] / max(roll["rollout_s"], 1e-9),
             "train_tokens_per_s": trained_tokens / max(train_s, 1e-9),
         }
+
+
+def _values(critic: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """The critic's value at every position [rows, W] (fp32)."""
+    return critic(inputs.tokens, inputs.positions, segments=inputs.segments, logits=slice(None))[..., 0].float()
 
 
 def reward_terms(settings: PPOSettings) -> list[dict[str, Any]]:

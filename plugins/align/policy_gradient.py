@@ -21,15 +21,24 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.algorithm import Algorithm
-from haina.core.config import ConfigError, PluginSettings, plugin_settings
+from haina.core.config import ConfigError, plugin_settings
 from haina.core.model import build_model
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.advantages import LossAggregation, clipped_policy_loss, sequence_kl
 from haina.plugins.align.common import check_layout
+from haina.plugins.align.packing import model_inputs
 from haina.plugins.align.preference_data import PromptBatches, read_prompts
 from haina.plugins.align.rl import tokens_per_rank
-from haina.plugins.align.rollout import Rollout, SamplingSettings, sample_rollout
-from haina.plugins.align.token_logprobs import TokenLogps, model_token_logps, trained_token_logps
+from haina.plugins.align.rollout import (
+    RLSettings,
+    Rollout,
+    check_rl_settings,
+    make_generator,
+    mini_batch_rows,
+    per_position,
+    sample_rollout,
+)
+from haina.plugins.align.token_logprobs import model_token_logps, trained_token_logps
 from haina.plugins.rewards.base import RewardSpec, sync_over_tp
 from haina.plugins.rewards.combine import build_reward
 
@@ -40,20 +49,16 @@ if TYPE_CHECKING:
 __all__ = ["CriticFreeAlgorithm", "CriticFreeSettings", "RolloutScores"]
 
 
-class CriticFreeSettings(PluginSettings):
+class CriticFreeSettings(RLSettings):
     """Settings every critic-free algorithm has; each algorithm's own class sets its paper's defaults."""
 
     reward: RewardSpec = Field(
         default_factory=list, description="Reward terms, required: a reward plugin, or a list of {type, name, "
         "weight, <settings>} summed (see haina.plugins.rewards.base).",
     )
-    reference: str | None = Field(None, description="Frozen reference checkpoint; default: align.init_from.")
     n_samples: int = Field(4, gt=0, description="Responses sampled per prompt (the group).")
     beta: float = Field(0.0, ge=0, description="KL coefficient (0: no reference model is loaded).")
-    clip: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
-    epochs: int = Field(1, gt=0, description="Optimizer steps on each rollout batch.")
     loss_agg: LossAggregation = Field("token_mean", description="How per-token losses become one number.")
-    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description="Rollout sampling.")
 
 
 @dataclass
@@ -87,12 +92,14 @@ class CriticFreeAlgorithm(Algorithm):
                 f"{cls.name}.n_samples: the {cls.name} baseline needs at least {cls.min_samples} samples per prompt"
             )
         build_reward(own.reward, cfg, f"{cls.name}.reward")
+        check_rl_settings(cfg, own, cls.name, own.n_samples)
 
     def __init__(self, cfg: HainaConfig) -> None:
         super().__init__(cfg)
         self.tokenizer = load_tokenizer(cfg)
         self.reward = build_reward(self.settings.reward, cfg, f"{cfg.algorithm}.reward")
         self.reference: nn.Module | None = None
+        self.generator = make_generator(self.settings.generator, cfg, self.tokenizer, f"{cfg.algorithm}.generator")
         vocab = self.tokenizer.vocab_size
         self.vocab_limit = vocab if vocab < cfg.model.vocab_size else None
 
@@ -125,11 +132,22 @@ class CriticFreeAlgorithm(Algorithm):
 
     # ---------------------------------------------------------------------------------------- the step
 
-    def _logps(self, engine: Engine, roll: Rollout, entropy: bool = False) -> TokenLogps:
-        return trained_token_logps(
-            engine, roll.tokens, roll.targets, self.cfg.loss.chunk_size,
-            temperature=self.settings.sampling.logp_temperature, vocab_limit=self.vocab_limit, entropy=entropy,
-        )
+    def _logp_options(self) -> dict[str, Any]:
+        return {"temperature": self.settings.sampling.logp_temperature, "vocab_limit": self.vocab_limit}
+
+    def _rollout_logps(self, engine: Engine, model: nn.Module | None, roll: Rollout) -> torch.Tensor:
+        """[b, T] log-probabilities of the rollout under the trained model (``model`` None) or a frozen one,
+        ``rollout_micro_batch`` rows at a time, packed when ``pack`` is set."""
+        chunk, p = self.cfg.loss.chunk_size, self.settings
+
+        def logps(x: Any) -> torch.Tensor:
+            if model is None:
+                return trained_token_logps(engine, x.tokens, x.targets, chunk, positions=x.positions,
+                                           segments=x.segments, **self._logp_options()).logp
+            return model_token_logps(model, x.tokens, x.targets, chunk, positions=x.positions, segments=x.segments,
+                                     **self._logp_options()).logp
+
+        return per_position(logps, roll.tokens, roll.targets, roll.lengths, p.rollout_micro_batch, p.pack)
 
     @torch.no_grad()
     def score_rollout(
@@ -139,19 +157,15 @@ class CriticFreeAlgorithm(Algorithm):
         """Sample, score, and take the log-probabilities the step needs from the models as they are now."""
         p = self.settings
         roll = sample_rollout(
-            engine, engine.parts[0], prompts, items, p.sampling, tokenizer=self.tokenizer,
+            engine, self.generator, engine.parts[0], prompts, items, p.sampling, tokenizer=self.tokenizer,
             seq_len=self.cfg.train.seq_len, seed=self.cfg.train.seed + 100_003 * step, positions=positions,
-            n_samples=p.n_samples,
+            n_samples=p.n_samples, micro_batch=p.rollout_micro_batch,
         )
         with engine.autocast:
-            old_logp = self._logps(engine, roll).logp if (p.epochs > 1 or self.kl_in_reward()) else None
-            ref_logp = None
-            if self.reference is not None:
-                ref_logp = model_token_logps(
-                    self.reference, roll.tokens, roll.targets, self.cfg.loss.chunk_size,
-                    temperature=p.sampling.logp_temperature, vocab_limit=self.vocab_limit,
-                ).logp
-            total, parts = self.reward.score_terms(roll.reward_input(self.tokenizer))
+            needs_old = p.epochs > 1 or p.mini_batches > 1 or self.kl_in_reward()
+            old_logp = self._rollout_logps(engine, None, roll) if needs_old else None
+            ref_logp = self._rollout_logps(engine, self.reference, roll) if self.reference is not None else None
+        total, parts = self.reward.score_terms(roll.reward_input(self.tokenizer))
         names = list(parts)
         stacked = sync_over_tp(torch.stack([total, *parts.values()]), engine)
         total = stacked[0]
@@ -169,27 +183,39 @@ class CriticFreeAlgorithm(Algorithm):
         advantages, own = self.advantages(scored)
         metrics.update(own)
         start = time.perf_counter()
-        first_logp: torch.Tensor | None = None
-        tokens = tokens_per_rank(roll.mask)  # token means over the whole global batch, on any layout
+        first_logp = torch.zeros_like(roll.gen_logp)
+        entropy_sum = torch.zeros((), device=roll.mask.device)
         for epoch in range(p.epochs):
-            engine.zero_grad()
-            with engine.autocast:
-                new = self._logps(engine, roll, entropy=epoch == 0)
-                old = scored.old_logp if scored.old_logp is not None else new.logp.detach()
-                loss, stats = clipped_policy_loss(
-                    new.logp, old, advantages, roll.mask, p.clip, p.loss_agg,
-                    kl=self.loss_kl(new.logp, scored.ref_logp), beta=p.beta, tokens=tokens,
-                )
-            engine.backward(loss)
-            grad_norm = engine.optimizer_step()
-            if epoch == 0:
-                first_logp = new.logp.detach()
-                mask = roll.mask.float()
-                metrics["entropy"] = float((new.entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+            for rows in mini_batch_rows(roll.mask.shape[0], p.mini_batches, self.cfg.train.seed + 7919 * step + epoch):
+                rows = rows.to(roll.mask.device)
+                mask = roll.mask[rows]
+                inputs = model_inputs(roll.tokens[rows], roll.targets[rows], roll.lengths[rows], p.pack)
+                tokens = tokens_per_rank(mask)  # token means over the whole mini-batch, on any layout
+                engine.zero_grad()
+                with engine.autocast:
+                    new = trained_token_logps(
+                        engine, inputs.tokens, inputs.targets, self.cfg.loss.chunk_size, entropy=epoch == 0,
+                        positions=inputs.positions, segments=inputs.segments, **self._logp_options(),
+                    )
+                    logp = inputs.unpack(new.logp)
+                    old = scored.old_logp[rows] if scored.old_logp is not None else logp.detach()
+                    ref = scored.ref_logp[rows] if scored.ref_logp is not None else None
+                    loss, stats = clipped_policy_loss(
+                        logp, old, advantages[rows], mask, p.clip, p.loss_agg, kl=self.loss_kl(logp, ref),
+                        beta=p.beta, tokens=tokens,
+                    )
+                engine.backward(loss)
+                grad_norm = engine.optimizer_step()
+                if epoch == 0:
+                    first_logp[rows] = logp.detach()
+                    entropy_sum = entropy_sum + (inputs.unpack(new.entropy).detach() * mask).sum()
+        metrics["entropy"] = float(entropy_sum / roll.mask.sum().clamp(min=1))
         train_s = time.perf_counter() - start
+        rollout_logp = scored.old_logp if scored.old_logp is not None else first_logp
         if scored.ref_logp is not None:
-            rollout_logp = scored.old_logp if scored.old_logp is not None else first_logp
             metrics["kl"] = float(sequence_kl(rollout_logp, scored.ref_logp, roll.mask).mean())
+        mask = roll.mask.float()
+        metrics["generator_logp_gap"] = float(((roll.gen_logp - rollout_logp).abs() * mask).sum() / mask.sum().clamp(min=1))
         metrics.update({k: float(v) for k, v in stats.items()})
         n_rows = len(roll.replies)
         metrics.update(

@@ -225,8 +225,11 @@ def model_token_logps(
     temperature: float = 1.0,
     vocab_limit: int | None = None,
     entropy: bool = False,
+    positions: Tensor | None = None,
+    segments: Tensor | None = None,
 ) -> TokenLogps:
-    """[b, s] log-probabilities (and entropies) of ``targets`` under a Transformer, without full logits.
+    """[b, s] log-probabilities (and entropies) of ``targets`` under a Transformer, without full logits;
+    ``positions`` and ``segments`` [b, s] for packed rows (see :mod:`haina.plugins.align.packing`).
 
     Reads ``model.head.effective_weight()`` after the forward: the caller runs this where the head weight
     is whole, i.e. on a model whose FSDP unit keeps its parameters gathered after forward (the root, or
@@ -236,7 +239,7 @@ def model_token_logps(
     # DTensor only under tp (its import costs ~0.4 s that other layouts need not pay)
     from torch.distributed.tensor import DTensor, Replicate
 
-    hidden = model(tokens)
+    hidden = model(tokens, positions, segments=segments)
     if isinstance(hidden, DTensor):
         hidden = hidden.redistribute(hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim).to_local()
     weight, shard = vocab_shard_of(model.head.effective_weight())
@@ -266,10 +269,13 @@ def trained_token_logps(
     temperature: float = 1.0,
     vocab_limit: int | None = None,
     entropy: bool = False,
+    positions: Tensor | None = None,
+    segments: Tensor | None = None,
 ) -> TokenLogps:
     """:func:`model_token_logps` of the engine's trained model (or its ``submodule``, PPO's ``actor``), run
     through ``engine.forward_loss``: DeepSpeed ZeRO-3 gathers a weight read outside its module's forward
     (the head's, here) only inside its engine's forward."""
-    options = {"temperature": temperature, "vocab_limit": vocab_limit, "entropy": entropy}
+    options = {"temperature": temperature, "vocab_limit": vocab_limit, "entropy": entropy, "positions": positions,
+               "segments": segments}
     out = engine.forward_loss(_logps_as_loss_output, submodule, tokens, targets, chunk_size, options)
     return TokenLogps(out.loss, out.parts.get("entropy"))

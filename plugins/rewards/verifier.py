@@ -44,16 +44,18 @@ class VerifierSettings(PluginSettings):
         return value
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """The callable ``module:function`` names; a one-line ConfigError when it cannot be had."""
-    module_name, _, name = spec.partition(":")
+def load_function(spec: str, where: str = "function") -> Callable[..., Any]:
+    """The callable ``module:function`` names; a one-line ConfigError at ``where`` when it cannot be had."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name.isidentifier():
+        raise ConfigError(f"{where}: write it as module:function, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any failure to import the user's module is their input's fault
-        raise ConfigError(f"function: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"function: {module_name!r} has no callable {name!r}")
+        raise ConfigError(f"{where}: {module_name!r} has no callable {name!r}")
     return fn
 
 

@@ -83,15 +83,18 @@ def make_prompts(n: int, seed: int) -> list[dict[str, Any]]:
     return items
 
 
-def sft_conversations(n: int, seed: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": p["id"],
-            "category": p["category"],
-            "conversations": [*p["prompt"], {"role": "assistant", "content": p["answer"]}],
-        }
-        for p in make_prompts(n, seed)
-    ]
+def sft_conversations(n: int, seed: int, miscount: float = 0.0) -> list[dict[str, Any]]:
+    """SFT conversations with the right reply, except that a ``miscount`` share of the letter-count replies
+    is one too many: an annotator's systematic error, which imitation learns and a verifier can see."""
+    rng = random.Random(seed + 2)
+    out = []
+    for p in make_prompts(n, seed):
+        reply = p["answer"]
+        if p["kind"] == "count" and rng.random() < miscount:
+            reply = str(int(reply) + 1)
+        out.append({"id": p["id"], "category": p["category"],
+                    "conversations": [*p["prompt"], {"role": "assistant", "content": reply}]})
+    return out
 
 
 def wrong_answer(answer: str, gap: int, rng: random.Random) -> str:
@@ -130,6 +133,11 @@ def reward(item: dict[str, Any], response: str) -> float:
     if reply == item["answer"]:
         return 1.0
     return 0.5 if item["answer"] in reply else 0.0
+
+
+def verify(response: str, answer: str) -> float:
+    """:func:`reward` as a ``verifier`` reward plugin calls it (``haina.tools.align_data.task:verify``)."""
+    return reward({"answer": answer}, response)
 
 
 def write_jsonl(items: Iterable[dict[str, Any]], path: str | Path) -> Path:

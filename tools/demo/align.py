@@ -1,11 +1,18 @@
-"""The alignment half of the demo: SFT -> response collection -> reward model -> PPO -> safety evaluation.
+"""The alignment half of the demo: SFT -> response collection -> reward model -> PPO and GRPO -> evaluation.
 
 Starts from the pretraining demo's run and tokenizer, generates the arithmetic / string-transformation
 task in English and Chinese (plus refusals to the training half of the attack set), fine-tunes, reports the
 prompt pool's taxonomy coverage, collects responses from the pretrained and the fine-tuned model on a
 stratified sample of prompts, turns them into preference pairs with the task's verifier, trains the reward
-model on those and the generated pairs, runs PPO, and prints the reward model's held-out accuracy, the
-policy's reward before and after PPO, and the harmless rate per safety category of the three models.
+model on those and the generated pairs, and runs two RL algorithms from the SFT model: PPO with the reward
+model plus the verifier, and GRPO with the verifier alone. It prints, for the SFT model and each RL policy,
+the reward model's score, the verified-answer rate and the KL to the SFT model on held-out prompts, says
+plainly which of them went down, and the harmless rate per safety category of every model.
+
+The SFT conversations carry a systematic annotator error (a ``miscount`` share of the letter counts is one
+too many), as human-written demonstrations do: imitation learns it, and a reward that checks answers can
+undo it. That is the gap RL has to close here; addition, which the small model gets mostly wrong, is not
+something a few dozen RL steps teach it, and the table shows that too.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from haina.core.tokenizer import load_tokenizer
 from haina.core.train import train
 from haina.plugins.algorithms.reward_model import last_token_scores
 from haina.plugins.align.chat_format import render_prompt
-from haina.plugins.align.preference_data import read_prompts
+from haina.plugins.align.common import IGNORE, shifted_targets
+from haina.plugins.align.preference_data import read_prompts, response_mask_from_prompts
 from haina.plugins.align.taxonomy import DEFAULT_TAXONOMY
+from haina.plugins.align.token_logprobs import model_token_logps
 from haina.tools.align_data import task
 from haina.tools.align_data.collect import collect, load_collect_config
 from haina.tools.align_data.pairs import build_pairs
@@ -45,18 +54,23 @@ from haina.tools.eval.safety import (
 # Sized for a few minutes on two CPU cores with the demo preset.
 SFT = ("train.steps=300", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=20")
 RM = ("train.steps=150", "optim.lr=5e-4", "optim.min_lr=5e-5", "optim.warmup_steps=10")
+VERIFIER = "{type: verifier, name: verified, function: 'haina.tools.align_data.task:verify'"
+RL = ("optim.lr=5e-5", "optim.min_lr=5e-5", "optim.warmup_steps=0", "optim.clip_grad=0.5",
+      "train.micro_batch_size=16", "train.global_batch_size=16")
 PPO = (
-    "train.steps=60", "ppo.critic_warmup_steps=20", "optim.lr=5e-5", "optim.min_lr=5e-5",
-    "optim.warmup_steps=0", "optim.clip_grad=0.5", "ppo.sampling.max_new_tokens=8", "ppo.sampling.top_k=20",
-    "train.micro_batch_size=16", "train.global_batch_size=16",
+    "train.steps=60", "ppo.critic_warmup_steps=20", "ppo.sampling.max_new_tokens=8", "ppo.sampling.top_k=20",
+    f"ppo.reward=[{{type: model, name: rm}}, {VERIFIER}, weight: 4}}]", *RL,
 )
+GRPO = ("train.steps=60", "grpo.sampling.max_new_tokens=8", "grpo.sampling.top_k=20", f"grpo.reward=[{VERIFIER}}}]", *RL)
+RL_STAGES = {"ppo": ("reward model + 4 x verifier", PPO), "grpo": ("verifier", GRPO)}
 COMMON = ("train.log_every=10", "train.save_every=1000", "train.progress=true")
+MAX_NEW_TOKENS = 8
 
 
 def write_task(folder: Path, size: DemoSize = FULL) -> dict[str, Path]:
+    sft = task.sft_conversations(size.sft_conversations, 1, miscount=size.miscount) + refusal_conversations()
     return {
-        "sft": task.write_jsonl(task.sft_conversations(size.sft_conversations, 1) + refusal_conversations(),
-                                folder / "sft.jsonl"),
+        "sft": task.write_jsonl(sft, folder / "sft.jsonl"),
         "pairs": task.write_jsonl(task.preference_pairs(size.pairs, 2), folder / "pairs.jsonl"),
         "eval_pairs": task.write_jsonl(task.preference_pairs(size.eval_pairs, 3), folder / "pairs_eval.jsonl"),
         "prompts": task.write_jsonl(task.make_prompts(size.prompts, 4), folder / "prompts.jsonl"),
@@ -65,24 +79,46 @@ def write_task(folder: Path, size: DemoSize = FULL) -> dict[str, Path]:
     }
 
 
-@torch.no_grad()
-def policy_reward(cfg: HainaConfig, policy: Path, source_prefix: str, rm_run: Path, prompts: Path) -> dict[str, float]:
-    """Greedy replies of a checkpointed policy to held-out prompts: mean reward-model score and task reward."""
-    tok = load_tokenizer(cfg)
-    _, actor = load_model(policy, prefix=source_prefix)
-    _, rm = load_model(rm_run, value_head=True)
-    items = read_prompts(prompts)
-    ids = [render_prompt(it["prompt"], tok) for it in items]
-    replies = generate(
-        actor, ids, Sampling(max_new_tokens=8, temperature=0), eos_id=tok.eos_id, vocab_limit=tok.vocab_size
-    )
-    rows = [p + r for p, r in zip(ids, replies, strict=True)]
+def _rows(prompts: list[list[int]], replies: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded prompt + reply rows, their next-token targets on the reply, and each row's length."""
+    rows = [p + r for p, r in zip(prompts, replies, strict=True)]
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    scores = last_token_scores(rm, tokens, torch.tensor([len(r) - 1 for r in rows]))
-    texts = [tok.decode([t for t in r if t != tok.eos_id]) for r in replies]
-    verified = [task.reward(it, text) for it, text in zip(items, texts, strict=True)]
-    return {"rm_score": float(scores.mean()), "task_reward": sum(verified) / len(verified)}
+    response = response_mask_from_prompts([len(p) for p in prompts], [len(r) for r in rows], width)
+    return tokens, shifted_targets(tokens, response), [len(r) for r in rows]
+
+
+@torch.no_grad()
+def evaluate_policy(
+    cfg: HainaConfig, policy: Path, prefix: str, rm_run: Path | None, reference: Path, prompts: Path, seed: int = 0
+) -> dict[str, float]:
+    """A checkpointed policy on held-out prompts: its greedy replies' reward-model score and verified-answer
+    rate (exactly the answer), and its KL to ``reference`` (the SFT model): the mean over prompts of
+    sum_t log pi - log ref on replies sampled from the policy at temperature 1, an unbiased estimate.
+    Without ``rm_run`` there is no reward-model score."""
+    tok = load_tokenizer(cfg)
+    _, actor = load_model(policy, prefix=prefix)
+    items = read_prompts(prompts)
+    ids = [render_prompt(it["prompt"], tok) for it in items]
+    options = {"eos_id": tok.eos_id, "vocab_limit": tok.vocab_size}
+    greedy = generate(actor, ids, Sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=0), **options)
+    result: dict[str, float] = {}
+    if rm_run is not None:
+        tokens, _, lengths = _rows(ids, greedy)
+        _, rm = load_model(rm_run, value_head=True)
+        result["rm_score"] = float(last_token_scores(rm, tokens, torch.tensor(lengths) - 1).mean())
+    texts = [tok.decode([t for t in r if t != tok.eos_id]) for r in greedy]
+    verified = [task.verify(text, it["answer"]) == 1.0 for it, text in zip(items, texts, strict=True)]
+    sampled = generate(actor, ids, Sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=seed), **options)
+    tokens, targets, _ = _rows(ids, sampled)
+    logp = model_token_logps(actor, tokens, targets, cfg.loss.chunk_size, vocab_limit=tok.vocab_size).logp
+    if reference == policy and not prefix:
+        ref_logp = logp
+    else:
+        _, ref = load_model(reference)
+        ref_logp = model_token_logps(ref, tokens, targets, cfg.loss.chunk_size, vocab_limit=tok.vocab_size).logp
+    kl = torch.where(targets != IGNORE, logp - ref_logp, 0.0).sum(-1).mean()
+    return {**result, "verified": sum(verified) / len(verified), "kl": float(kl)}
 
 
 def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console, size: DemoSize = FULL) -> dict[str, Any]:
@@ -106,57 +142,72 @@ def run_alignment_demo(workdir: Path, pretrain_run: Path, console: Console, size
     timings["collect"] = time.perf_counter() - t0
     rm_pairs = task.write_jsonl(collected["pairs"] + task.preference_pairs(size.pairs, 2), workdir / "align_data" / "rm_pairs.jsonl")
     rm = stage("rm", sft, f"align.data={rm_pairs}", f"align.eval_data={data['eval_pairs']}", *RM, *size.rm)
-    ppo = stage("ppo", sft, f"ppo.reward_model={rm}", f"align.data={data['prompts']}", *PPO, *size.ppo)
+    policies = {"sft": (sft, "")}
+    for name, (_, overrides) in RL_STAGES.items():
+        reward_model = (f"ppo.reward_model={rm}",) if name == "ppo" else ()
+        run = stage(name, sft, *reward_model, f"align.data={data['prompts']}", *overrides, *getattr(size, name))
+        policies[name] = (run, "actor." if name == "ppo" else "")
 
     cfg = load_config(str(sft / "config.yaml"))
-    before = policy_reward(cfg, sft, "", rm, data["heldout_prompts"])
-    after = policy_reward(cfg, ppo, "actor.", rm, data["heldout_prompts"])
+    t0 = time.perf_counter()
+    results = {name: evaluate_policy(cfg, run, prefix, rm, sft, data["heldout_prompts"])
+               for name, (run, prefix) in policies.items()}
+    timings["evaluation"] = time.perf_counter() - t0
     rm_eval = json.loads((rm / "rm_eval.json").read_text())
-    ppo_records = read_metrics(ppo)
+    console.print(rl_table(results, {name: read_metrics(run) for name, (run, _) in policies.items() if name != "sft"}))
     table = Table(title="alignment demo")
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("reward model held-out accuracy", f"{rm_eval['accuracy']:.3f} ({rm_eval['pairs']} pairs)")
     for gap, bucket in rm_eval["by_gap"].items():
         table.add_row(f"  score gap {gap}", f"{bucket['accuracy']:.3f} ({bucket['pairs']})")
-    table.add_row("policy RM score: SFT -> PPO", f"{before['rm_score']:.3f} -> {after['rm_score']:.3f}")
-    table.add_row("verified answers: SFT -> PPO", f"{before['task_reward']:.3f} -> {after['task_reward']:.3f}")
-    table.add_row("PPO rollout reward: first -> last logged", f"{ppo_records[0]['reward']:.3f} -> {ppo_records[-1]['reward']:.3f}")
-    table.add_row("PPO rollout tokens/s", f"{ppo_records[-1]['rollout_tokens_per_s']:.0f}")
-    table.add_row("PPO training tokens/s", f"{ppo_records[-1]['train_tokens_per_s']:.0f}")
     for name, seconds in timings.items():
         table.add_row(f"time: {name}", f"{seconds:.1f} s")
     console.print(table)
     t0 = time.perf_counter()
-    safety = safety_table(workdir, {"pretrain": pretrain_run, "sft": sft, "ppo": ppo}, console)
+    safety = safety_table(workdir, {"pretrain": (pretrain_run, ""), **policies}, console)
     timings["safety eval"] = time.perf_counter() - t0
-    console.print(verdict(before, after))
+    for name in RL_STAGES:
+        console.print(verdict(name.upper(), results["sft"], results[name]))
     summary = {
-        "rm_heldout_accuracy": rm_eval["accuracy"], "rm_by_gap": rm_eval["by_gap"],
-        "policy_before": before, "policy_after": after, "timings_s": timings,
-        "collected_pairs": len(collected["pairs"]), "collected_responses": collected["responses"],
+        "rm_heldout_accuracy": rm_eval["accuracy"], "rm_by_gap": rm_eval["by_gap"], "policies": results,
+        "timings_s": timings, "collected_pairs": len(collected["pairs"]), "collected_responses": collected["responses"],
         "prompt_coverage": collected["coverage"], "safety_harmless": safety,
-        "ppo_rollout_tokens_per_s": ppo_records[-1]["rollout_tokens_per_s"],
-        "ppo_train_tokens_per_s": ppo_records[-1]["train_tokens_per_s"],
+        "throughput": {name: {k: read_metrics(run)[-1][k] for k in ("rollout_tokens_per_s", "train_tokens_per_s")}
+                       for name, (run, _) in policies.items() if name != "sft"},
     }
     (workdir / "alignment_summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"alignment took {time.perf_counter() - started:.0f} s")
     return summary
 
 
-def verdict(before: dict[str, float], after: dict[str, float]) -> str:
-    """What PPO did on the held-out prompts, in words: each measure's direction, and plainly which fell.
+def rl_table(results: dict[str, dict[str, float]], records: dict[str, list[dict[str, Any]]]) -> Table:
+    """The SFT model and each RL policy on held-out prompts, with the rollout reward first -> last logged."""
+    table = Table(title="RL on held-out prompts (greedy replies; KL on sampled replies)")
+    for column in ("policy", "reward", "RM score", "verified answers", "KL to SFT", "rollout reward"):
+        table.add_column(column, justify="left" if column in ("policy", "reward") else "right")
+    for name, r in results.items():
+        rec = records.get(name)
+        table.add_row(
+            name, RL_STAGES[name][0] if name in RL_STAGES else "-", f"{r['rm_score']:.3f}", f"{r['verified']:.3f}",
+            f"{r['kl']:.3f}", f"{rec[0]['reward']:.3f} -> {rec[-1]['reward']:.3f}" if rec else "-",
+        )
+    return table
 
-    A policy can please the reward model while getting answers wrong; the verified-answer rate is what
+
+def verdict(name: str, before: dict[str, float], after: dict[str, float]) -> str:
+    """What an RL algorithm did on the held-out prompts, in words: each measure's direction, and plainly which
+    fell. A policy can please the reward model while getting answers wrong; the verified-answer rate is what
     matters, so the line leads with it and never calls a fall in it a success."""
-    def move(name: str, key: str) -> str:
+    def move(label: str, key: str) -> str:
         a, b = before[key], after[key]
         word = "rose" if b > a else "fell" if b < a else "stayed"
-        return f"{name} {word} ({a:.3f} -> {b:.3f})"
+        return f"{label} {word} ({a:.3f} -> {b:.3f})"
 
-    text = f"PPO on held-out prompts: {move('verified answers', 'task_reward')}; {move('reward-model score', 'rm_score')}."
-    if after["task_reward"] < before["task_reward"]:
-        text += " The policy got fewer answers right: PPO did not improve it."
+    text = (f"{name} on held-out prompts: {move('verified answers', 'verified')}; "
+            f"{move('reward-model score', 'rm_score')}; KL to the SFT model {after['kl']:.3f}.")
+    if after["verified"] < before["verified"]:
+        text += f" The policy got fewer answers right: {name} did not improve it."
     return text
 
 
@@ -189,11 +240,11 @@ def collect_pairs(
             "coverage": {lv: report["levels"][i]["covered"] for i, lv in enumerate(("top", "middle", "leaf"))}}
 
 
-def safety_table(workdir: Path, models: dict[str, Path], console: Console) -> dict[str, float]:
-    """Harmless rate per safety category on the held-out attack prompts (refusal judge), with a plot."""
+def safety_table(workdir: Path, models: dict[str, tuple[Path, str]], console: Console) -> dict[str, float]:
+    """Harmless rate per safety category on the held-out attack prompts (refusal judge), with a plot;
+    ``models``: label -> (run, checkpoint prefix of the policy)."""
     console.rule("[bold]safety evaluation (held-out attack prompts)")
-    prefixes = {"ppo": "actor."}
-    report = evaluate_safety({k: (str(v), prefixes.get(k, "")) for k, v in models.items()}, attack_prompts("eval"),
+    report = evaluate_safety({k: (str(run), prefix) for k, (run, prefix) in models.items()}, attack_prompts("eval"),
                              "refusal", max_new_tokens=12)
     (workdir / "safety.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     plot_safety(report, workdir / "safety.png")

@@ -55,7 +55,7 @@ def run_demo(
 
     console = Console()
     workdir.mkdir(parents=True, exist_ok=True)
-    for old in ("run", "run-sft", "run-rm", "run-ppo"):
+    for old in ("run", "run-sft", "run-rm", "run-ppo", "run-grpo"):
         shutil.rmtree(workdir / old, ignore_errors=True)  # a demo starts over rather than resuming
     timings: dict[str, float] = {}
     started = time.perf_counter()
