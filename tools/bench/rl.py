@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed = args.seeds[0]
         print(json.dumps(child(args.demo, args.child, seed, args.out / f"{args.child}-{seed}", args.steps)))
         return 0
-    result = run(args.demo, args.seeds, args.steps, args.out, Console(), args.algorithms)
+    result = run(args.demo, args.seeds, args.steps, args.out, Console(width=140), args.algorithms)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
