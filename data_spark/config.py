@@ -7,10 +7,10 @@ so a run is fully described by its resolved ``config.yaml`` and a bad value fail
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from haina.core.config import apply_override
 from haina.core.errors import ConfigError
@@ -136,9 +136,6 @@ class LineDedupConfig(_Section):
     enabled: bool = Field(True, description="remove repeated paragraphs and lines across the corpus")
     units: list[Literal["paragraph", "line"]] = Field(["paragraph", "line"], description="units, in order")
     min_chars: int = Field(40, ge=1, description="shorter units are never removed (braces, short headings)")
-    keep_full_text: bool = Field(
-        True, description="near-dedup signs the text as it was before this stage (see near_dedup.py)"
-    )
 
 
 class NearDedupConfig(_Section):
@@ -159,6 +156,9 @@ class NearDedupConfig(_Section):
     max_iterations: int = Field(40, ge=1, description="connected-components iteration cap")
     dup_weight_exponent: float = Field(
         0.25, ge=0, le=1, description="kept representative's weight factor = component size ** this"
+    )
+    report_clusters: int = Field(
+        20, ge=0, description="clusters (representative and removed copies with their Jaccard) listed in report.json"
     )
 
     @model_validator(mode="after")
@@ -246,6 +246,12 @@ class SparkConfig(_Section):
     conf: dict[str, str] = Field({}, description="extra Spark settings")
 
 
+StageName = Literal[
+    "exact_dedup", "heuristics", "quality", "line_dedup", "near_dedup", "embedding", "safety", "category", "weighting",
+]
+STAGE_NAMES: tuple[str, ...] = get_args(StageName)  # the report's order
+
+
 class PrepareConfig(_Section):
     input: InputConfig = Field(default_factory=InputConfig, description="input fields and bad-input limits")
     exact_dedup: ExactDedupConfig = Field(default_factory=ExactDedupConfig, description="stage 1")
@@ -261,6 +267,24 @@ class PrepareConfig(_Section):
     spark: SparkConfig = Field(default_factory=SparkConfig, description="Spark session")
     overwrite: bool = Field(False, description="replace an existing output directory")
     keep_intermediate: bool = Field(False, description="keep per-stage Parquet under stages/ in the output")
+    stage_order: list[StageName] = Field(
+        list(STAGE_NAMES), description="the order the stages run in (default the report's): every stage once, "
+        "weighting last; exact and near dedup decide on the text as ingested wherever they stand"
+    )
+
+    @field_validator("stage_order")
+    @classmethod
+    def _order(cls, order: list[str]) -> list[str]:
+        if sorted(order) != sorted(STAGE_NAMES):
+            problems = []
+            if missing := [s for s in STAGE_NAMES if s not in order]:
+                problems.append(f"missing {', '.join(missing)}")
+            if twice := sorted({s for s in order if order.count(s) > 1}):
+                problems.append(f"repeated {', '.join(twice)}")
+            raise ValueError(f"must name every stage once ({'; '.join(problems)})")
+        if order[-1] != "weighting":
+            raise ValueError("weighting must come last (it weighs what every other stage measured)")
+        return order
 
 
 def load_prepare_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PrepareConfig:

@@ -1,4 +1,9 @@
-"""The job runner: stages in the report's order, each materialised to Parquet, committed by one rename.
+"""The job runner: stages in the report's order (or ``stage_order``), each materialised to Parquet,
+committed by one rename.
+
+Ingest also adds the columns exact and near dedup decide on, taken from each document as it came in
+(:mod:`haina.data_spark.ingest_keys`); they travel through the stages in between and, like every column
+whose name starts with ``_``, are dropped before ``kept/`` is written.
 
 Every stage reads the previous stage's Parquet and writes its own under a temporary folder beside the
 output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, and the final publish
@@ -49,6 +54,7 @@ from haina.data_spark.ingest import (
     quarantined,
     read_inputs,
 )
+from haina.data_spark.ingest_keys import with_ingest_keys
 from haina.data_spark.stages import (
     category,
     embedding,
@@ -65,7 +71,8 @@ from haina.data_spark.tokenized_shards import blend_summary, write_shards
 
 StageFn = Callable[[DataFrame, StageContext], StageResult]
 
-# (name, run, config section with ``enabled`` or None when the stage always runs)
+# (name, run, config section with ``enabled`` or None when the stage always runs), in the report's order;
+# ``stage_order`` in the config may reorder them (:func:`ordered_stages`).
 STAGES: list[tuple[str, StageFn, str | None]] = [
     ("exact_dedup", exact_dedup.run, "exact_dedup"),
     ("heuristics", heuristics.run, "heuristics"),
@@ -77,6 +84,12 @@ STAGES: list[tuple[str, StageFn, str | None]] = [
     ("category", category.run, None),
     ("weighting", weighting.run, None),
 ]
+
+
+def ordered_stages(order: list[str]) -> list[tuple[str, StageFn, str | None]]:
+    """``STAGES`` in the configured order (a stage the order does not name keeps its place after them)."""
+    by_name = {stage[0]: stage for stage in STAGES}
+    return [by_name[name] for name in order if name in by_name] + [s for s in STAGES if s[0] not in order]
 
 
 class Progress:
@@ -370,7 +383,7 @@ def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConf
     quarantined(parsed).write.mode("overwrite").parquet(str(work))
     _publish(work, tmp / "quarantine")
     work = _work(path)
-    _write(documents(parsed), work, cfg.spark.shuffle_partitions)
+    _write(with_ingest_keys(documents(parsed), cfg), work, cfg.spark.shuffle_partitions)
     _remove_tree(parsed_path)
     docs_raw, tokens_raw = _counts(spark.read.parquet(str(work)))
     bad = spark.read.parquet(str(tmp / "quarantine"))
@@ -436,7 +449,7 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
     stages: list[dict[str, Any]] = []
     docs_in, tokens_in = docs_raw, tokens_raw
     resuming = done is not None  # a stage is reused only if every stage before it was
-    for index, (name, run, section) in enumerate(STAGES, start=1):
+    for index, (name, run, section) in enumerate(ordered_stages(cfg.stage_order), start=1):
         if section is not None and not getattr(cfg, section).enabled:
             row = {"stage": name, "skipped": True}
             stages.append(row)

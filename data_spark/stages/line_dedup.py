@@ -82,7 +82,7 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
 
 def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.line_dedup
-    out = df.withColumn("_full_text", F.col("text")) if cfg.keep_full_text else df
+    out = df
     for unit in cfg.units:
         out = _pass(out, unit, cfg.min_chars)
     out = out.cache()

@@ -11,58 +11,46 @@ cluster size, which the weighting stage turns into a factor ``size ** near_dedup
 ("the rest scored"), so a widely copied text keeps some of its weight without being trained on many
 times.
 
-Signatures are taken over the text as it entered line dedup (kept in ``_full_text``): that stage
-strips the paragraphs a later copy shares with an earlier one, which would otherwise hide exactly the
-document-level duplication this stage exists to find.
+The decision is taken on the documents as they came in: ingest signs each document's normalised text
+(:mod:`haina.data_spark.ingest_keys`) and the columns travel here through the stages in between, so two
+copies that the C4 rules, the quality classifier or line dedup trimmed differently are compared as they
+were. Run on its own (no carried columns), the stage signs the text it receives. The removed copies'
+reason gives their Jaccard to the representative, and the report lists the first clusters
+(``report_clusters``): the kept representative and its removed copies with their similarity.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig
 from haina.data_spark.connected_components import connected_components
-from haina.data_spark.minhash import MinHasher, band_keys, lsh_params, shingles
+from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, NEAR_COLUMNS, SIG_FIELD, Signer, carried
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 
-SIG_FIELDS = [
-    T.StructField("_sig", T.ArrayType(T.IntegerType())),
-    T.StructField("_bands", T.ArrayType(T.LongType())),
-    T.StructField("_hv", T.ArrayType(T.IntegerType())),
-]
+SIG_FIELDS = [SIG_FIELD, BANDS_FIELD, HV_FIELD]
+REPORT_COPIES = 10  # removed copies listed per reported cluster (all are counted)
 
 
-def signatures(df: DataFrame, cfg: NearDedupConfig) -> tuple[DataFrame, int, int]:
-    """Add ``_sig`` (uint32 viewed as int32), ``_bands`` and, for exact verification, the sorted shingle
-    hashes ``_hv`` per document; all null for documents without tokens."""
-    bands, rows = lsh_params(cfg.lsh_threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
+def signatures(df: DataFrame, cfg: NearDedupConfig, column: str = "text") -> tuple[DataFrame, int, int]:
+    """Add ``_sig`` (uint32 viewed as int32), ``_bands`` and, for exact verification, the distinct shingle
+    hashes ``_hv`` of ``column`` per document; all null for documents without tokens."""
+    signer = Signer.create(cfg)
     exact = cfg.verify == "exact"
-    hasher = MinHasher.create(cfg.num_perm, cfg.seed, cfg.scheme)
-    size = cfg.shingle_size
-    column = "_full_text" if "_full_text" in df.columns else "text"
 
     def sign(batch: pa.RecordBatch) -> dict[str, list]:
         sigs, keys, hvs = [], [], []
         for text in texts(batch, column):
-            items = shingles(text, size)
-            hv = hasher.hashes(items)
-            signature = hasher.signature(items, hv)
-            if signature is None:
-                sigs.append(None)
-                keys.append(None)
-                hvs.append(None)
-            else:
-                sigs.append(signature.view(np.int32).tolist())
-                keys.append(band_keys(signature, bands, rows))
-                hvs.append(np.unique(hv).view(np.int32).tolist() if exact else None)
+            sig, bands, hv = signer.sign(text)
+            sigs.append(sig)
+            keys.append(bands)
+            hvs.append(hv if exact else None)
         return {"_sig": sigs, "_bands": keys, "_hv": hvs}
 
-    return map_columns(df, sign, SIG_FIELDS), bands, rows
+    return map_columns(df, sign, SIG_FIELDS), signer.bands, signer.rows
 
 
 def candidate_edges(signed: DataFrame) -> DataFrame:
@@ -80,18 +68,21 @@ def candidate_edges(signed: DataFrame) -> DataFrame:
     )
 
 
-def similar(a: str, b: str, cfg: NearDedupConfig) -> Column:
-    """Whether two documents' ``a``/``b`` columns (``_hv`` or ``_sig``, per ``cfg.verify``) reach the
-    threshold: exact Jaccard of shingle hashes (``array_intersect`` on native arrays) or estimated from
-    signature agreement; always true with ``verify: none``."""
-    if cfg.verify == "none":
-        return F.lit(True)
+def similarity(a: str, b: str, cfg: NearDedupConfig) -> Column:
+    """Jaccard of two documents from their ``a``/``b`` columns (``_hv`` or ``_sig``, per ``cfg.verify``):
+    exact on the shingle hashes (``array_intersect`` on native arrays) with ``verify: exact``, else
+    estimated from signature agreement."""
     if cfg.verify == "exact":
         inter = F.size(F.array_intersect(a, b))
-        similarity = inter / (F.size(a) + F.size(b) - inter)
-    else:
-        similarity = F.size(F.filter(F.zip_with(a, b, lambda x, y: x == y), lambda e: e)) / F.lit(cfg.num_perm)
-    return similarity >= F.lit(cfg.threshold)
+        return inter / (F.size(a) + F.size(b) - inter)
+    return F.size(F.filter(F.zip_with(a, b, lambda x, y: x == y), lambda e: e)) / F.lit(cfg.num_perm)
+
+
+def similar(a: str, b: str, cfg: NearDedupConfig) -> Column:
+    """Whether two documents reach the threshold (:func:`similarity`); always true with ``verify: none``."""
+    if cfg.verify == "none":
+        return F.lit(True)
+    return similarity(a, b, cfg) >= F.lit(cfg.threshold)
 
 
 def _verify_column(cfg: NearDedupConfig) -> str:
@@ -109,29 +100,72 @@ def verified(edges: DataFrame, signed: DataFrame, cfg: NearDedupConfig) -> DataF
 
 
 def copies(components: DataFrame, signed: DataFrame, cfg: NearDedupConfig) -> DataFrame:
-    """``(id, component)`` of the members to remove: not the representative, and within the threshold of
-    it (checked directly, since the component may have joined them through a chain)."""
+    """``(id, component, similarity)`` of the members to remove: not the representative, and within the
+    threshold of it (checked directly, since the component may have joined them through a chain)."""
     column = _verify_column(cfg)
     side = signed.select("row_id", column)
     members = components.filter(F.col("id") != F.col("component"))
     pairs = members.join(side.withColumnRenamed("row_id", "id").withColumnRenamed(column, "a"), "id").join(
         side.withColumnRenamed("row_id", "component").withColumnRenamed(column, "b"), "component"
     )
-    return pairs.filter(similar("a", "b", cfg)).select("id", "component")
+    return pairs.filter(similar("a", "b", cfg)).select("id", "component", similarity("a", "b", cfg).alias("similarity"))
+
+
+def _reason(cfg: NearDedupConfig) -> Column:
+    what = "Jaccard" if cfg.verify == "exact" else "estimated Jaccard"
+    return F.format_string(f"near duplicate ({what} %.3f)", F.col("_similarity"))
+
+
+def cluster_report(removal: DataFrame, signed: DataFrame, cfg: NearDedupConfig, texts_are: str) -> dict[str, object]:
+    """Counts, and the first ``report_clusters`` clusters (by representative row id) with a removed copy:
+    the kept representative and up to ``REPORT_COPIES`` of its removed copies with their similarity."""
+    what = ("exact Jaccard of the shingle sets" if cfg.verify == "exact"
+            else "Jaccard estimated from signature agreement") + f", on the {texts_are}"
+    totals = removal.agg(F.countDistinct("_copy_of").alias("clusters"), F.count("*").alias("copies")).first()
+    out: dict[str, object] = {"similarity": what, "clusters": int(totals["clusters"]), "copies": int(totals["copies"])}
+    if not cfg.report_clusters or not totals["copies"]:
+        out["examples"] = []
+        return out
+    firsts = [r["_copy_of"] for r in removal.select("_copy_of").distinct().orderBy("_copy_of").limit(cfg.report_clusters).collect()]
+    ids = signed.select("row_id", "doc_id")
+    rows = (
+        removal.filter(F.col("_copy_of").isin(firsts))
+        .join(ids, "row_id")
+        .join(ids.select(F.col("row_id").alias("_copy_of"), F.col("doc_id").alias("_kept_doc")), "_copy_of")
+        .select("row_id", "doc_id", "_copy_of", "_kept_doc", "_similarity")
+        .collect()
+    )
+    clusters: dict[int, dict] = {}
+    for r in sorted(rows, key=lambda r: (r["_copy_of"], r["row_id"])):
+        cluster = clusters.setdefault(r["_copy_of"], {"kept": {"row_id": r["_copy_of"], "doc_id": r["_kept_doc"]},
+                                                      "copies": [], "copies_total": 0})
+        cluster["copies_total"] += 1
+        if len(cluster["copies"]) < REPORT_COPIES:
+            cluster["copies"].append({"row_id": r["row_id"], "doc_id": r["doc_id"],
+                                      "similarity": round(float(r["_similarity"]), 4)})
+    out["examples"] = [clusters[c] for c in sorted(clusters)]
+    return out
 
 
 def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.near_dedup
-    signed, bands, rows = signatures(df, cfg)
+    from_ingest = carried(df, cfg)
+    if from_ingest:
+        signer = Signer.create(cfg)
+        signed, bands, rows = df, signer.bands, signer.rows
+    else:  # run on its own: sign the text as it is now
+        signed, bands, rows = signatures(df, cfg)
     signed = signed.cache()
     edges = candidate_edges(signed)
     if cfg.verify != "none":
         edges = verified(edges, signed, cfg)
     components = connected_components(edges, cfg.max_iterations).cache()
     sizes = components.groupBy("component").agg(F.count("*").alias("near_dup_size"))
-    removal = copies(components, signed, cfg).select(F.col("id").alias("row_id"), F.col("component").alias("_copy_of"))
+    removal = copies(components, signed, cfg).select(
+        F.col("id").alias("row_id"), F.col("component").alias("_copy_of"), F.col("similarity").alias("_similarity")
+    ).cache()
     labelled = (
-        signed.drop("_sig", "_bands", "_hv", "_full_text")
+        signed.drop(*NEAR_COLUMNS)
         .join(components.withColumnRenamed("id", "row_id"), "row_id", "left")
         .join(sizes, "component", "left")
         .withColumn("near_dup_size", F.coalesce("near_dup_size", F.lit(1)).cast("int"))
@@ -140,6 +174,9 @@ def run(df, ctx: StageContext) -> StageResult:
         .cache()
     )
     is_copy = F.col("_copy_of").isNotNull()
-    kept = labelled.filter(~is_copy).drop("_copy_of")
-    removed = removed_rows(labelled.filter(is_copy), F.lit("near duplicate"), F.col("_copy_of"))
-    return StageResult(kept, removed, {"bands": bands, "rows": rows, "num_perm": cfg.num_perm})
+    kept = labelled.filter(~is_copy).drop("_copy_of", "_similarity")
+    removed = removed_rows(labelled.filter(is_copy), _reason(cfg), F.col("_copy_of"))
+    texts_are = "texts as ingested" if from_ingest else "texts as this stage received them"
+    notes = {"bands": bands, "rows": rows, "num_perm": cfg.num_perm, "signed": texts_are,
+             "near_duplicates": cluster_report(removal, signed, cfg, texts_are)}
+    return StageResult(kept, removed, notes)

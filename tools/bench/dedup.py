@@ -1,34 +1,78 @@
-"""Near-dedup quality and speed: ``python -m haina.tools.bench.dedup [--docs 50000]``.
+"""Near-dedup quality and speed: ``python -m haina.tools.bench.dedup [--docs 6000] [--skip-job]``.
 
-Generates random-word documents and plants edited copies at chosen Jaccard similarities, runs the Spark
-MinHash-LSH stage (signatures, banding, exact verification, connected components, removal of the members
-within the threshold of their cluster's representative) on local[2], and prints document-dedup precision
-and recall against exact Jaccard ground truth: precision = share of removals whose kept representative is
-at J >= threshold, recall = share of the pairs at J >= threshold of which at least one document was
-removed (the pair no longer trains twice). Diagnostics follow: the verified links alone, whole clusters
-(which join pairs through a third document), a recall-by-similarity table beside the LSH S-curve, and
-throughput: the MinHash stage alone, the whole ``haina data prepare`` job, and datasketch's
-single-process MinHashLSH on the same documents.
+The corpus is real English text installed on this machine, nothing generated: Python's reference topics
+(``pydoc_data``), standard-library docstrings, the installed distributions' METADATA descriptions and
+licence files, then the installed packages' docstrings, cut at paragraph boundaries into documents of
+700 - 2,500 characters. A document is used only if the job's heuristic rules keep it and its Jaccard
+with every document chosen before it is below 0.3 (the installed licences repeat one another), so the
+only near-duplicates are the planted ones: a fifth of the documents get one to three copies, each with
+word edits (replacements by words of the corpus) at a rate that spreads its Jaccard to the original over
+0.5 .. 1, and one of five shapes, most of them ones the job's edit stages trim differently in the two
+copies:
+
+* ``edit``: word edits alone (line dedup then strips the copy's unedited lines, the original keeps them);
+* ``reflow``: the copy's paragraphs laid out anew (one line each, or wrapped at another width), so the
+  sentence-quality classifier, which judges the sentences of each line, removes different pieces;
+* ``spam``: spam sentences added to some of the copy's lines (the quality classifier removes them);
+* ``boilerplate``: navigation and copyright lines added (the C4 line rules remove them);
+* ``truncated``: the copy's first or last paragraph dropped.
+
+Ground truth is the exact Jaccard of the raw texts' word 5-gram sets (lower-cased, ``shingles``).
+
+First (unless ``--skip-stage``) the MinHash-LSH stage alone on the raw texts (signatures, banding,
+exact verification, connected components, removal of the members within the threshold of their
+cluster's representative), on local[2]: document-dedup precision = share of removals whose kept
+representative is at J >= threshold, recall = share of the pairs at J >= threshold of which at least one
+document was removed; the verified links alone (every pair sharing a band, verified as the stage
+verifies), whole clusters (which join pairs through a third document), a recall-by-similarity table
+beside the LSH S-curve, and throughput beside datasketch's single-process MinHashLSH.
+
+Then (unless ``--skip-job``) the whole ``haina data prepare`` job as the command runs it (local[2],
+default config, intermediate stages kept for the diagnostics): precision of the near-dedup removals
+against the raw texts' Jaccard to their kept representative; recall over the planted pairs at
+J >= threshold, a pair counting as caught when a dedup stage (exact, line or near dedup) removed one of
+its documents (pairs of which another stage removed a document are left out and counted); the pairs
+that the stages before near-dedup trimmed apart (their texts as near-dedup received them, and as line
+dedup received them, below the threshold) and the recall on them; recall by similarity (rows
+``J 0.80-0.85 ...``: pairs, share caught, share with a document removed by near, exact and line dedup,
+share trimmed apart) and by shape; seconds per stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import email
 import json
+import os
 import random
+import re
+import sysconfig
 import tempfile
+import textwrap
 import time
+from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
 
-from haina.data_spark.config import load_prepare_config
+from pyspark.sql import functions as F
+
+from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.connected_components import connected_components
 from haina.data_spark.minhash import MinHasher, candidate_probability, lsh_params, shingles
 from haina.data_spark.prepare import prepare_main
+from haina.data_spark.rules import clean_lines, document_reason
 from haina.data_spark.session import get_session
 from haina.data_spark.stages.near_dedup import candidate_edges, copies, signatures, verified
+from haina.data_spark.text import detect_kind
+from haina.tools.demo.corpus import BOILERPLATE, SPAM_EN
 
 BUCKETS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.75), (0.75, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01)]
+SHAPES = ("edit", "reflow", "spam", "boilerplate", "truncated")
+DEDUP_STAGES = ("exact_dedup", "line_dedup", "near_dedup")
+_SKIP_DIRS = {"test", "tests", "testing", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+_DOC_CHARS = (700, 2500)
+_BASE_MAX_JACCARD = 0.3
 
 
 def jaccard(a: str, b: str, size: int) -> float:
@@ -36,50 +80,184 @@ def jaccard(a: str, b: str, size: int) -> float:
     return len(x & y) / len(x | y) if x | y else 1.0
 
 
-def _edit(words: list[str], fraction: float, rng: random.Random, vocab: list[str]) -> list[str]:
-    out = list(words)
-    for pos in rng.sample(range(len(out)), max(1, int(fraction * len(out)))):
-        out[pos] = rng.choice(vocab)
-    return out
+# ------------------------------------------------------------------------------------- real text
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
 
 
-STOP_WORDS = ("the", "of", "and", "to", "in", "that", "with", "is")
+def _chunks(paragraphs: list[str], rng: random.Random) -> Iterator[str]:
+    """Consecutive paragraphs grouped into documents of a random size in ``_DOC_CHARS``."""
+    current: list[str] = []
+    size, target = 0, rng.randint(*_DOC_CHARS)
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        size += len(paragraph) + 2
+        if size >= target:
+            yield "\n\n".join(current)
+            current, size, target = [], 0, rng.randint(*_DOC_CHARS)
+    if current and size >= _DOC_CHARS[0]:
+        yield "\n\n".join(current)
 
 
-def _prose(rng: random.Random, vocab: list[str], length: int) -> list[str]:
-    """Sentence-shaped pseudo-words: stop words among them, a capital first word, a final period, so
-    the whole job's Gopher and C4 rules keep the documents (random tokens alone fail them all)."""
-    words: list[str] = []
-    while len(words) < length:
-        sentence = [rng.choice(STOP_WORDS) if rng.random() < 0.3 else rng.choice(vocab) for _ in range(rng.randint(8, 16))]
-        sentence[0] = sentence[0].capitalize()
-        sentence[-1] += "."
-        words += sentence
-    return words
+def _docstrings(path: Path) -> list[str]:
+    """Module, class and function docstrings of a source file (200 characters or more)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 200:
+                found.append(doc)
+    return found
+
+
+def _source_files(root: Path) -> Iterator[Path]:
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(".py"):
+                yield Path(folder) / name
+
+
+def real_texts() -> Iterator[list[str]]:
+    """Paragraphs of each piece of English text installed here, in a fixed order: Python's reference
+    topics, standard-library docstrings, distributions' METADATA descriptions and licences, packages'
+    docstrings."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield _paragraphs(topics[name])
+    for path in _source_files(Path(sysconfig.get_paths()["stdlib"])):
+        yield [p for doc in _docstrings(path) for p in _paragraphs(doc)]
+    site = Path(sysconfig.get_paths()["purelib"])
+    for info in sorted(site.glob("*.dist-info")):
+        meta = info / "METADATA"
+        if meta.is_file():
+            body = email.message_from_string(meta.read_text(encoding="utf-8", errors="replace")).get_payload()
+            if isinstance(body, str):
+                yield _paragraphs(body)
+        for path in sorted(info.rglob("*")):
+            if path.is_file() and "LICEN" in path.name.upper():
+                yield _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
+    for package in sorted(p for p in site.iterdir() if (p / "__init__.py").is_file()):
+        for path in _source_files(package):
+            yield [p for doc in _docstrings(path) for p in _paragraphs(doc)]
+
+
+def base_documents(rng: random.Random, size: int) -> Iterator[str]:
+    """Documents of real text: English prose that the job's heuristic rules keep, each with Jaccard
+    below ``_BASE_MAX_JACCARD`` to every one given before it (checked exactly)."""
+    rules = HeuristicsConfig()
+    index: dict[bytes, list[int]] = {}
+    sizes: list[int] = []
+    for paragraphs in real_texts():
+        for text in _chunks(paragraphs, rng):
+            if detect_kind(text) != "en" or document_reason(clean_lines(text, "en", rules)[0], "en", rules):
+                continue
+            grams = set(shingles(text, size))
+            if len(grams) < 50:
+                continue
+            overlap: dict[int, int] = {}
+            for gram in grams:
+                for other in index.get(gram, ()):
+                    overlap[other] = overlap.get(other, 0) + 1
+            if any(n / (len(grams) + sizes[o] - n) >= _BASE_MAX_JACCARD for o, n in overlap.items()):
+                continue
+            for gram in grams:
+                index.setdefault(gram, []).append(len(sizes))
+            sizes.append(len(grams))
+            yield text
+
+
+# -------------------------------------------------------------------------------------- planting
+
+def _edit(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
+    """Replace about ``rate`` of the whitespace-separated words by words of the corpus; spacing and
+    line layout stay as they were."""
+    parts = re.split(r"(\s+)", text)
+    words = [i for i in range(0, len(parts), 2) if parts[i]]
+    for i in rng.sample(words, min(len(words), round(rate * len(words)))):
+        parts[i] = rng.choice(vocab)
+    return "".join(parts)
+
+
+def _reflow(text: str, rng: random.Random) -> str:
+    """Every paragraph on one line, or wrapped at another width (only whitespace changes)."""
+    width = rng.choice([0, 0, 48, 60, 100])
+    out = []
+    for paragraph in text.split("\n\n"):
+        flat = " ".join(paragraph.split())
+        out.append(textwrap.fill(flat, width, break_long_words=False, break_on_hyphens=False) if width else flat)
+    return "\n\n".join(out)
+
+
+def _shape(text: str, shape: str, rng: random.Random, serial: int) -> str:
+    if shape == "reflow":
+        return _reflow(text, rng)
+    lines = text.split("\n")
+    if shape == "spam":
+        for i in rng.sample(range(len(lines)), max(1, len(lines) // 16)):
+            if lines[i].strip():
+                lines[i] = f"{lines[i].rstrip()} {rng.choice(SPAM_EN).format(n=serial)}"
+        return "\n".join(lines)
+    if shape == "boilerplate":
+        return "\n".join([BOILERPLATE[0], *lines, rng.choice(BOILERPLATE[1:3])])
+    if shape == "truncated":
+        paragraphs = text.split("\n\n")
+        if len(paragraphs) >= 3:
+            return "\n\n".join(paragraphs[1:] if rng.random() < 0.5 else paragraphs[:-1])
+    return text
 
 
 def make_corpus(n: int, seed: int, size: int) -> tuple[list[dict], list[tuple[int, int, float]]]:
-    """Documents (id, text) and the planted pairs (i, j, exact Jaccard); a fifth of the documents are
-    edited copies (1 - 3 per original) with edit rates spread so similarities cover 0.5 .. 1."""
+    """``n`` documents (id, text, shape) in a shuffled order, and the planted pairs (i, j, exact Jaccard
+    of the raw texts): a fifth of the originals get 1 - 3 copies, each of one shape, with word edits at
+    rates spread so similarities cover 0.5 .. 1."""
     rng = random.Random(seed)
-    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(20000)]
-    docs: list[dict] = []
-    groups: list[list[int]] = []
-    while len(docs) < n:
-        words = _prose(rng, vocab, rng.randint(150, 300))
-        group = [len(docs)]
-        docs.append({"id": str(len(docs)), "text": " ".join(words)})
-        if rng.random() < 0.1:
-            for _ in range(rng.randint(1, 3)):
-                if len(docs) >= n:
-                    break
-                fraction = rng.uniform(0.0, 0.12)  # word edits; each edit breaks up to `size` shingles
-                group.append(len(docs))
-                docs.append({"id": str(len(docs)), "text": " ".join(_edit(words, fraction, rng, vocab))})
+    vocab: list[str] = []  # the distinct words of the originals so far: replacements are real words
+    seen: set[str] = set()
+    groups: list[list[dict]] = []
+    total = 0
+    for text in base_documents(rng, size):
+        if total >= n:
+            break
+        for word in re.findall(r"[A-Za-z]{3,12}", text):
+            if word not in seen:
+                seen.add(word)
+                vocab.append(word)
+        group = [{"text": text, "shape": "original"}]
+        if rng.random() < 0.2:
+            for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
+                shape = rng.choice(SHAPES)
+                copy = _shape(_edit(text, rng.uniform(0.0, 0.05), rng, vocab), shape, rng, total)
+                group.append({"text": copy, "shape": shape})
+        group = group[: n - total]
         groups.append(group)
-    pairs = [(i, j, jaccard(docs[i]["text"], docs[j]["text"], size)) for g in groups for i, j in combinations(g, 2)]
+        total += len(group)
+    if total < n:
+        print(f"(the installed text gives {total:,} documents, not {n:,})")
+    order = list(range(total))
+    rng.shuffle(order)  # originals and copies in any order: either may come first in the job
+    docs: list[dict] = [{}] * total
+    members: list[list[int]] = []
+    position = iter(order)
+    for group in groups:
+        ids = []
+        for record in group:
+            i = next(position)
+            docs[i] = {"id": str(i), **record}
+            ids.append(i)
+        members.append(ids)
+    pairs = [(min(i, j), max(i, j), jaccard(docs[i]["text"], docs[j]["text"], size))
+             for ids in members for i, j in combinations(ids, 2)]
     return docs, pairs
 
+
+# ------------------------------------------------------------------------------ the stage alone
 
 def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set], float]:
     """(verified links, pairs in one final cluster, (kept, removed) pairs, band keys per document, seconds)."""
@@ -94,7 +272,13 @@ def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set],
     labels = connected_components(edges, cfg.near_dedup.max_iterations).cache()
     removals = {(r["component"], r["id"]) for r in copies(labels, signed, cfg.near_dedup).collect()}
     seconds = time.perf_counter() - start
-    links = {(min(r["src"], r["dst"]), max(r["src"], r["dst"])) for r in edges.collect()}
+    # The stage links each bucket member to the bucket's smallest id only (enough for the components);
+    # a pair's own link is every pair sharing a bucket, verified the stage's way.
+    bands = signed.select("row_id", F.posexplode("_bands").alias("band", "key"))
+    candidates = (bands.alias("a").join(bands.alias("b"), ["band", "key"])
+                  .filter(F.col("a.row_id") < F.col("b.row_id"))
+                  .select(F.col("a.row_id").alias("src"), F.col("b.row_id").alias("dst")).distinct())
+    links = {(r["src"], r["dst"]) for r in verified(candidates, signed, cfg.near_dedup).collect()}
     members: dict[int, list[int]] = {}
     for row in labels.collect():
         members.setdefault(row["component"], []).append(row["id"])
@@ -106,7 +290,7 @@ def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set],
 
 
 def _precision_recall(found: set, truth: set, similarity: dict, threshold: float) -> tuple[float, float]:
-    """A found pair outside the planted groups is two random texts (J ~ 0): a false positive."""
+    """A found pair outside the planted groups is two unrelated texts (J < 0.3): a false positive."""
     hits = found & truth
     false = [p for p in found if similarity.get(p, 0.0) < threshold]
     return len(hits) / max(1, len(hits) + len(false)), len(hits) / max(1, len(truth))
@@ -126,37 +310,102 @@ def datasketch_lsh(docs: list[dict], cfg) -> float:
     return time.perf_counter() - start
 
 
-def whole_job(docs: list[dict], folder: Path) -> float:
+# -------------------------------------------------------------------------------- the whole job
+
+def _stage_texts(out: Path, stage: str) -> dict[int, str]:
+    """Document id -> text as ``stage`` received it: the newest stage folder before ``stage``'s."""
+    import pyarrow.parquet as pq
+
+    folders = sorted(p for p in (out / "stages").iterdir() if p.is_dir())
+    index = next(i for i, p in enumerate(folders) if p.name.endswith(f"_{stage}"))
+    table = pq.read_table(folders[index - 1], columns=["doc_id", "text"])
+    return dict(zip(map(int, table.column("doc_id").to_pylist()), table.column("text").to_pylist(), strict=True))
+
+
+def whole_job(docs: list[dict], folder: Path) -> tuple[dict, float]:
+    """Run ``haina data prepare`` on ``docs``; the job's outcome per document and its seconds."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
     path = folder / "docs.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    path.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in docs), encoding="utf-8")
+    out = folder / "out"
     start = time.perf_counter()
-    prepare_main([path], folder / "out", master="local[2]", progress=False,
-                 overrides=["heuristics.en.min_words=20"])
+    prepare_main([path], out, master="local[2]", progress=False, overrides=["keep_intermediate=true"])
     seconds = time.perf_counter() - start
-    report = json.loads((folder / "out" / "report.json").read_text())
-    print("whole job, documents per stage: " + ", ".join(
-        f"{row['stage']} {row['docs_in']:,}->{row['docs_out']:,}" for row in report["stages"]))
-    return seconds
+    report = json.loads((out / "report.json").read_text())
+    removed = ds.dataset(out / "removed", format="parquet", partitioning="hive").to_table(
+        columns=["row_id", "doc_id", "stage", "dup_of"]).to_pylist()
+    kept = pq.read_table(out / "kept", columns=["row_id", "doc_id"]).to_pylist()
+    doc_of = {r["row_id"]: int(r["doc_id"]) for r in removed + kept}
+    outcome = {
+        "report": report,
+        "stage": {int(r["doc_id"]): r["stage"] for r in removed},
+        "dup_of": {int(r["doc_id"]): doc_of[r["dup_of"]] for r in removed if r["dup_of"] is not None},
+        "before_near_dedup": _stage_texts(out, "near_dedup"),
+        "before_line_dedup": _stage_texts(out, "line_dedup"),
+    }
+    return outcome, seconds
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=50_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-job", action="store_true", help="skip timing the whole prepare job")
-    args = parser.parse_args(argv)
-    cfg = load_prepare_config(None, [])
+def report_job(docs: list[dict], pairs: list[tuple[int, int, float]], outcome: dict, threshold: float, size: int) -> None:
+    stage, dup_of, before = outcome["stage"], outcome["dup_of"], outcome["before_near_dedup"]
+    report = outcome["report"]
+    print(f"documents per stage (seconds): ingest {report['ingest']['documents']:,} ({report['ingest']['seconds']:.1f}), " + ", ".join(
+        f"{row['stage']} {row['docs_in']:,}->{row['docs_out']:,} ({row['seconds']:.1f})"
+        for row in report["stages"] if "docs_in" in row))
+    near = [(doc, rep) for doc, rep in dup_of.items() if stage[doc] == "near_dedup"]
+    right = sum(jaccard(docs[doc]["text"], docs[rep]["text"], size) >= threshold for doc, rep in near)
+    counted, left_out = [], 0
+    for i, j, sim in pairs:
+        others = {stage.get(i), stage.get(j)} - {None, *DEDUP_STAGES}
+        if others:
+            left_out += sim >= threshold
+        else:
+            counted.append((i, j, sim))
+    caught = {(i, j): stage.get(i) in DEDUP_STAGES or stage.get(j) in DEDUP_STAGES for i, j, _ in counted}
+    truth = [(i, j) for i, j, sim in counted if sim >= threshold]
+    recall = sum(caught[p] for p in truth) / max(1, len(truth))
+    print(f"{'job dedup':<15} precision {right / max(1, len(near)):.4f}  recall {recall:.4f}  "
+          f"({len(near):,} removed by near-dedup; {len(truth):,} pairs with J >= {threshold}, "
+          f"{left_out:,} more left out: another stage removed a document)")
+    apart = {(i, j): jaccard(before[i], before[j], size) < threshold
+             for i, j in truth if i in before and j in before}
+    trimmed = [p for p, is_apart in apart.items() if is_apart]
+    early = outcome["before_line_dedup"]
+    early_apart = [(i, j) for i, j in apart if jaccard(early[i], early[j], size) < threshold]
+    print(f"trimmed apart before near-dedup: {len(trimmed):,} of the {len(apart):,} pairs at J >= {threshold} that "
+          f"reached it, {len(early_apart):,} of them already before line dedup; recall on them "
+          f"{sum(caught[p] for p in trimmed) / max(1, len(trimmed)):.4f} and "
+          f"{sum(caught[p] for p in early_apart) / max(1, len(early_apart)):.4f}")
+    print(f"{'raw Jaccard':>13} {'pairs':>6} {'caught':>7} {'near':>6} {'exact':>6} {'line':>6} {'apart':>6}")
+    for low, high in BUCKETS:
+        inside = [(i, j) for i, j, sim in counted if low <= sim < high]
+        if not inside:
+            continue
+
+        def share(pred, inside=inside) -> float:
+            return sum(pred(i, j) for i, j in inside) / len(inside)
+
+        by = {name: share(lambda i, j, name=name: name in (stage.get(i), stage.get(j))) for name in DEDUP_STAGES}
+        reached = [(i, j) for i, j in inside if i in before and j in before]
+        apart_share = sum(jaccard(before[i], before[j], size) < threshold for i, j in reached) / max(1, len(reached))
+        print(f"J {low:>4.2f}-{min(high, 1.0):<5.2f} {len(inside):>6} {share(lambda i, j: caught[(i, j)]):>7.3f} "
+              f"{by['near_dedup']:>6.3f} {by['exact_dedup']:>6.3f} {by['line_dedup']:>6.3f} {apart_share:>6.3f}")
+    shapes = {}
+    for i, j in truth:
+        names = sorted({docs[i]["shape"], docs[j]["shape"]} - {"original"})
+        shapes.setdefault(names[0] if len(names) == 1 else "two copies", []).append(caught[(i, j)])
+    print(f"recall by shape at J >= {threshold}: " + ", ".join(
+        f"{name} {sum(v) / len(v):.3f} ({len(v)})" for name, v in sorted(shapes.items())))
+
+
+def stage_alone(docs: list[dict], pairs: list[tuple[int, int, float]], cfg, bands: int, rows: int) -> None:
     nd = cfg.near_dedup
-    docs, pairs = make_corpus(args.docs, args.seed, nd.shingle_size)
-    bands, rows = lsh_params(nd.lsh_threshold, nd.num_perm, nd.false_positive_weight, nd.false_negative_weight)
-    MinHasher.create(nd.num_perm, nd.seed, nd.scheme)
-    print(f"{len(docs):,} documents, {len(pairs):,} planted pairs; LSH {bands} bands x {rows} rows, "
-          f"threshold {nd.threshold}", flush=True)
-
     links, clustered, removals, keys, spark_s = spark_minhash(docs, cfg)
     truth = {(i, j) for i, j, sim in pairs if sim >= nd.threshold}
     true_sim = {(i, j): sim for i, j, sim in pairs}
-    right = sum(true_sim.get(p, 0.0) >= nd.threshold for p in removals)
+    right = sum(true_sim.get((min(p), max(p)), 0.0) >= nd.threshold for p in removals)
     gone = {m for _, m in removals}
     broken = sum(i in gone or j in gone for i, j in truth)
     print(f"{'document dedup':<15} precision {right / max(1, len(removals)):.4f}  recall "
@@ -177,10 +426,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Spark MinHash stage (local[2]): {len(docs) / spark_s:,.0f} docs/s ({spark_s:.1f} s)", flush=True)
     ds = datasketch_lsh(docs, cfg)
     print(f"datasketch MinHashLSH (1 process): {len(docs) / ds:,.0f} docs/s ({ds:.1f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=6000, help="documents, originals and copies")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-job", action="store_true", help="skip the whole prepare job")
+    parser.add_argument("--skip-stage", action="store_true", help="skip the MinHash stage alone and datasketch")
+    args = parser.parse_args(argv)
+    cfg = load_prepare_config(None, [])
+    nd = cfg.near_dedup
+    started = time.perf_counter()
+    docs, pairs = make_corpus(args.docs, args.seed, nd.shingle_size)
+    bands, rows = lsh_params(nd.lsh_threshold, nd.num_perm, nd.false_positive_weight, nd.false_negative_weight)
+    MinHasher.create(nd.num_perm, nd.seed, nd.scheme)
+    print(f"{len(docs):,} documents, {len(pairs):,} planted pairs; LSH {bands} bands x {rows} rows, "
+          f"threshold {nd.threshold} (corpus built in {time.perf_counter() - started:.1f} s)", flush=True)
+
+    if not args.skip_stage:
+        stage_alone(docs, pairs, cfg, bands, rows)
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as tmp:
-            job = whole_job(docs, Path(tmp))
+            outcome, job = whole_job(docs, Path(tmp))
         print(f"whole prepare job (local[2]): {len(docs) / job:,.0f} docs/s ({job:.1f} s)")
+        report_job(docs, pairs, outcome, nd.threshold, nd.shingle_size)
 
 
 if __name__ == "__main__":

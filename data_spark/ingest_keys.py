@@ -1,0 +1,112 @@
+"""What the dedup stages decide on, taken once from each document as it came in and carried as columns.
+
+Exact dedup and near-dedup judge the documents as they entered the job, not as the edit stages left
+them: the C4 line rules, the sentence-quality classifier and line/paragraph dedup can trim two copies of
+one text very differently (one loses half its sentences, the other none; a later copy loses every line
+an earlier one already has), and copies that have drifted apart by the time near-dedup runs are still
+copies. So ingest takes the exact-dedup normalisation of each document (:func:`normalize`: NFKC, lower
+case, punctuation dropped, whitespace collapsed) once and adds:
+
+* ``_key``: the exact-dedup key, 16 bytes of BLAKE2b of the normalised text (when exact dedup runs);
+* ``_bands``: the LSH band keys of the MinHash signature of its word shingles, and, for verification and
+  the report's similarity, either ``_hv``, the distinct shingle hashes (``near_dedup.verify: exact``, one
+  int32 per distinct shingle), or ``_sig``, the signature itself (``signature`` or ``none``,
+  ``num_perm`` int32) (when near-dedup runs).
+
+Shingles of the normalised text are those of the raw text (shingle tokens ignore case, punctuation and
+spacing anyway) up to NFKC folding. Every stage passes on the columns it does not write (``map_columns``
+and the joins keep them), so the stage that needs a column finds it wherever the configured stage order
+puts it; that stage drops its own columns, and the job drops every column whose name starts with ``_``
+before writing ``kept/`` (``removed/`` has a fixed projection), so none of them reaches the training
+output. They do travel through the intermediate stage folders, which grow by about four bytes per word
+(``verify: exact``) or ``4 * num_perm`` bytes per document (``signature``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+from haina.data_spark.arrow_batches import map_columns, texts
+from haina.data_spark.config import NearDedupConfig, PrepareConfig
+from haina.data_spark.minhash import MinHasher, band_keys, lsh_params, shingles
+from haina.data_spark.text import normalize
+
+KEY_FIELD = T.StructField("_key", T.BinaryType())
+SIG_FIELD = T.StructField("_sig", T.ArrayType(T.IntegerType()))
+BANDS_FIELD = T.StructField("_bands", T.ArrayType(T.LongType()))
+HV_FIELD = T.StructField("_hv", T.ArrayType(T.IntegerType()))
+NEAR_COLUMNS = ("_sig", "_bands", "_hv")
+
+
+def exact_key(normalized: str) -> bytes:
+    """The exact-dedup key of a document's normalised text."""
+    return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class Signer:
+    """MinHash signature, band keys and shingle hashes of one text, for one near-dedup config;
+    picklable, so it ships to executors as is."""
+
+    hasher: MinHasher
+    bands: int
+    rows: int
+    shingle_size: int
+
+    @classmethod
+    def create(cls, cfg: NearDedupConfig) -> Signer:
+        bands, rows = lsh_params(cfg.lsh_threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
+        return cls(MinHasher.create(cfg.num_perm, cfg.seed, cfg.scheme), bands, rows, cfg.shingle_size)
+
+    def sign(self, text: str) -> tuple[list[int] | None, list[int] | None, list[int] | None]:
+        """(signature as int32, band keys, distinct shingle hashes as int32); all None without tokens."""
+        items = shingles(text, self.shingle_size)
+        hv = self.hasher.hashes(items)
+        signature = self.hasher.signature(items, hv)
+        if signature is None:
+            return None, None, None
+        return (signature.view(np.int32).tolist(), band_keys(signature, self.bands, self.rows),
+                np.unique(hv).view(np.int32).tolist())
+
+
+def near_fields(cfg: NearDedupConfig) -> list[T.StructField]:
+    """The near-dedup columns ingest carries: band keys, and what verification and the report compare."""
+    return [BANDS_FIELD, HV_FIELD if cfg.verify == "exact" else SIG_FIELD]
+
+
+def carried(df: DataFrame, cfg: NearDedupConfig) -> bool:
+    """Whether ``df`` carries the near-dedup columns of ingest (a stage run on its own may not)."""
+    return {f.name for f in near_fields(cfg)} <= set(df.columns)
+
+
+def with_ingest_keys(df: DataFrame, cfg: PrepareConfig) -> DataFrame:
+    """``df`` plus ``_key`` (exact dedup enabled) and the near-dedup columns (near-dedup enabled),
+    from one normalisation of each text."""
+    fields = ([KEY_FIELD] if cfg.exact_dedup.enabled else []) + (near_fields(cfg.near_dedup) if cfg.near_dedup.enabled else [])
+    if not fields:
+        return df
+    names = [f.name for f in fields]
+    signer = Signer.create(cfg.near_dedup) if cfg.near_dedup.enabled else None
+
+    def keys(batch: pa.RecordBatch) -> dict[str, list]:
+        out: dict[str, list] = {name: [] for name in names}
+        for text in texts(batch):
+            normalized = normalize(text)
+            if "_key" in out:
+                out["_key"].append(exact_key(normalized))
+            if signer is not None:
+                sig, bands, hv = signer.sign(normalized)
+                out["_bands"].append(bands)
+                if "_hv" in out:
+                    out["_hv"].append(hv)
+                else:
+                    out["_sig"].append(sig)
+        return out
+
+    return map_columns(df, keys, fields)
