@@ -51,5 +51,13 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
+def close_distributed() -> None:
+    """Leave the process group before the interpreter exits. Left to exit-time destructors, gloo's worker
+    threads can be torn down while still joinable, and the process aborts ("terminate called without an
+    active exception", SIGABRT) after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -14,6 +14,7 @@ from haina.core.errors import InputFileError
 from haina.core.model import Transformer
 from tests.alignment_helpers import AlignmentData, haina, records
 from tests.conftest import install_plugin_package
+from tests.parallel_helpers import run_many
 
 # Every test trains through the CLI (pretrain -> sft -> rm, then torchrun with 2 processes).
 pytestmark = pytest.mark.integration
@@ -132,19 +133,26 @@ def _algorithm_args(algorithm: str, runs: dict, run_dir: Path) -> list[str]:
     }[algorithm] + [f"train.run_dir={run_dir}", "train.global_batch_size=4"]  # the same batch on every layout
 
 
+ALGORITHMS = ["sft", "rm", "ppo", "dpo", "grpo"]
+
+
+def _spec(algorithm: str, runs: dict, run_dir: Path, *extra: str) -> dict:
+    """A :mod:`tests.multi_train` run: ``haina <algorithm> --from ... <overrides>``."""
+    args = _algorithm_args(algorithm, runs, run_dir)
+    source = args[args.index("--from") + 1]
+    overrides = [a for i, a in enumerate(args) if a != "--from" and (i == 0 or args[i - 1] != "--from")]
+    return {"name": f"{run_dir.name}", "algorithm": algorithm, "from": source, "overrides": [*overrides, *SHORT, *extra]}
+
+
 @pytest.fixture(scope="module")
-def one_process(runs: dict) -> dict[str, list[dict]]:
-    """Each algorithm's two steps in one process: what every layout must reproduce (computed on first use)."""
-    cache: dict[str, list[dict]] = {}
-
-    class Lazy(dict):
-        def __missing__(self, algorithm: str) -> list[dict]:
-            run_dir = runs["root"] / f"single-{algorithm}"
-            haina(algorithm, *_algorithm_args(algorithm, runs, run_dir), *SHORT)
-            cache[algorithm] = records(run_dir)
-            return cache[algorithm]
-
-    return Lazy()
+def layout_runs(runs: dict) -> dict[tuple[str, str], list[dict]]:
+    """Each algorithm's two steps in one process (what every layout must reproduce) and under each layout,
+    made on first use: every algorithm of one layout in one launch (:func:`run_many`)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for layout, nproc, extra in (("single", 1, ()), *((name, 2, LAYOUTS[name]) for name in LAYOUTS)):
+        logged = run_many([_spec(a, runs, runs["root"] / f"{layout}-{a}", *extra) for a in ALGORITHMS], nproc)
+        out.update({(layout, a): logged[f"{layout}-{a}"] for a in ALGORITHMS})
+    return out
 
 
 # The metric each algorithm's layouts must reproduce, and how closely: PPO's rollouts are seeded alike on
@@ -153,16 +161,16 @@ COMPARED = {"sft": ("loss", "lm_loss"), "rm": ("loss", "accuracy"), "dpo": ("los
             "ppo": ("loss", "reward", "kl"), "grpo": ("loss", "reward", "kl")}
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("algorithm", ["sft", "rm", "ppo", "dpo", "grpo"])
-def test_algorithm_runs_on_two_processes(algorithm: str, layout: str, runs: dict, one_process: dict) -> None:
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_algorithm_runs_on_two_processes(algorithm: str, layout: str, runs: dict, layout_runs: dict) -> None:
     """Each algorithm under tensor parallelism (fsdp2 backend) and on DeepSpeed ZeRO-3 gives the one-process
     run's losses and metrics within 1e-4, step by step."""
-    run_dir = runs["root"] / f"{layout}-{algorithm}"
-    haina(algorithm, *_algorithm_args(algorithm, runs, run_dir), *LAYOUTS[layout], *SHORT, nproc=2)
-    logged = records(run_dir)
+    logged = layout_runs[layout, algorithm]
     assert [r["step"] for r in logged] == [1, 2]
+    saved = load_config(str(runs["root"] / f"{layout}-{algorithm}" / "config.yaml"))  # it ran as that layout
+    assert (saved.parallel.tp, saved.parallel.dp_backend) == ((2, "fsdp2") if layout == "tp2" else (1, "deepspeed"))
     expected = {
         "sft": {"lm_loss", "max_z_loss"},
         "rm": {"accuracy", "reward_margin"},
@@ -172,7 +180,7 @@ def test_algorithm_runs_on_two_processes(algorithm: str, layout: str, runs: dict
         "grpo": {"reward", "reward_std", "kl", "kl_loss", "entropy", "flat_groups"},
     }[algorithm]
     assert expected <= set(logged[-1])
-    reference = one_process[algorithm]
+    reference = layout_runs["single", algorithm]
     for key in COMPARED[algorithm]:
         for ours, theirs in zip(logged, reference, strict=True):
             assert abs(ours[key] - theirs[key]) <= 1e-4 * max(1.0, abs(theirs[key])), (key, ours["step"], ours[key], theirs[key])

@@ -18,7 +18,7 @@ from haina.core.parallel.mesh import resolve_layout
 from haina.core.parallel.zero import convert_checkpoint, deepspeed_config
 from tests.alignment_helpers import haina
 from tests.conftest import one_line_error
-from tests.parallel_helpers import max_rel_diff, run_pretrain
+from tests.parallel_helpers import max_rel_diff, run_pretrains
 
 # 2 processes x micro-batch 1 x 2 accumulation steps: gradient accumulation is part of the parity
 COMMON = ("train.steps=5", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=5",
@@ -40,11 +40,9 @@ def _trajectory(run: Path) -> list[dict]:
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
     """The same 5 fp32 steps on 2 processes: FSDP2, and ZeRO-1 (with CPU Adam), -2 and -3."""
     root = tmp_path_factory.mktemp("deepspeed")
-    out = {"fsdp2": root / "fsdp2"}
-    run_pretrain(out["fsdp2"], tiny_data, 2, *COMMON)
-    for name, overrides in STAGES.items():
-        out[name] = root / name
-        run_pretrain(out[name], tiny_data, 2, *COMMON, *overrides)
+    out = {name: root / name for name in ("fsdp2", *STAGES)}
+    run_pretrains([("fsdp2", out["fsdp2"], list(COMMON)),
+                   *((name, out[name], [*COMMON, *overrides]) for name, overrides in STAGES.items())], tiny_data, 2)
     return out
 
 
@@ -66,8 +64,8 @@ def test_zero_stage_matches_fsdp2(stage: str, runs: dict[str, Path]) -> None:
 def test_zero3_resume_is_exact(runs: dict[str, Path], tiny_data: Path, tmp_path: Path) -> None:
     """Stop at the step-2 checkpoint (same schedule: decay_steps is fixed), resume to step 5."""
     run = tmp_path / "resumed"
-    run_pretrain(run, tiny_data, 2, *COMMON, *STAGES["zero3"], "train.steps=2")
-    run_pretrain(run, tiny_data, 2, *COMMON, *STAGES["zero3"])
+    run_pretrains([("half", run, [*COMMON, *STAGES["zero3"], "train.steps=2"]),
+                   ("resumed", run, [*COMMON, *STAGES["zero3"]])], tiny_data, 2)
     resumed, straight = _trajectory(run), _trajectory(runs["zero3"])
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(resumed, straight, strict=True):

@@ -28,7 +28,7 @@ from haina.tools.hf.export import export_hf, save_hf
 from haina.tools.hf.importer import import_hf
 from haina.tools.tokenizer import train_tokenizer
 from tests.conftest import EOS, one_line_error, tiny_config
-from tests.parallel_helpers import run_pretrain
+from tests.parallel_helpers import run_pretrains
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -335,27 +335,37 @@ def test_training_resumes_from_an_import(runs: dict[str, Path], tmp_path: Path, 
     assert resumed.final_loss < fresh.final_loss - 0.5  # started from the trained weights, not from init
 
 
+@pytest.fixture(scope="module")
+def parallel_runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
+    """The same steps in one process and under tp=2 and pp=2 (both in one two-process launch)."""
+    root = tmp_path_factory.mktemp("parallel")
+    train(tiny_config(root / "one", tiny_data, *LAYOUT_STEPS))
+    run_pretrains([(layout, root / layout, [*LAYOUT_STEPS, f"parallel.{layout}"]) for layout in ("tp=2", "pp=2")],
+                  tiny_data, 2)
+    return {name: root / name for name in ("one", "tp=2", "pp=2")}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("layout", ["tp=2", "pp=2"])
-def test_export_from_parallel_checkpoints(layout: str, tmp_path: Path, tiny_data: Path) -> None:
+def test_export_from_parallel_checkpoints(layout: str, tmp_path: Path, parallel_runs: dict[str, Path]) -> None:
     """A tp=2 / pp=2 checkpoint exports to the weights a one-process run of the same steps exports, loads
     in transformers with matching logits, and round-trips exactly."""
     transformers = pytest.importorskip("transformers")
-    run_pretrain(tmp_path / "par", tiny_data, 2, *LAYOUT_STEPS, f"parallel.{layout}")
-    train(tiny_config(tmp_path / "one", tiny_data, *LAYOUT_STEPS))
-    par = export_hf(tmp_path / "par", tmp_path / "par_llama", "llama")
-    one = export_hf(tmp_path / "one", tmp_path / "one_llama", "llama")
+    saved = load_config(str(parallel_runs[layout] / "config.yaml")).parallel
+    assert (saved.tp, saved.pp) == ((2, 1) if layout == "tp=2" else (1, 2))  # it ran as that layout
+    par = export_hf(parallel_runs[layout], tmp_path / "par_llama", "llama")
+    one = export_hf(parallel_runs["one"], tmp_path / "one_llama", "llama")
     a, b = _tensors(par), _tensors(one)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
     hf = transformers.LlamaForCausalLM.from_pretrained(str(par)).eval()
-    _, model = load_model(tmp_path / "par")
+    _, model = load_model(parallel_runs[layout])
     tokens = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (hf(tokens).logits - _logits(model, tokens)).abs().max().item() < 1e-4
 
-    bc = export_hf(tmp_path / "par", tmp_path / "par_bc", "baichuan")
+    bc = export_hf(parallel_runs[layout], tmp_path / "par_bc", "baichuan")
     import_hf(bc, tmp_path / "back")
     again = export_hf(tmp_path / "back", tmp_path / "again", "baichuan")
     x, y = _tensors(bc), _tensors(again)

@@ -1,7 +1,8 @@
 """The parallel engine on CPU with gloo: layout parity with one process, resharding checkpoints, errors.
 
-Every run is a real `haina pretrain --nproc-per-node N` (torchrun) of the tiny preset for a few steps;
-the reference is the same config in one process with the same global batch.
+Every run is the tiny preset's ``train`` under torchrun for a few steps, the runs of one world size in one
+launch (:mod:`tests.multi_train`); the reference is the same config in one process with the same global
+batch. The CLI's own torchrun launch has its tests in test_launchers and test_reliability_dist.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 
 from haina.core.config import ConfigError, load_config
 from haina.core.parallel.mesh import resolve_layout
-from tests.parallel_helpers import max_rel_diff, run_pretrain
+from tests.parallel_helpers import max_rel_diff, run_pretrains
 
 STEPS = (
     "train.steps=4", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=4",
@@ -43,36 +44,28 @@ ALIBI_LAYOUTS = ("pp=2 1f1b", "tp=2", "tp=2 sp x pp=2", "tp=2 sp x dp_shard=2")
 CASES = [("rope", name) for name in LAYOUTS] + [("alibi", name) for name in ALIBI_LAYOUTS]
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, list[dict]]:
-    """One-process runs of STEPS per position encoding (made on first use), shared by every test here."""
-    root = tmp_path_factory.mktemp("refs")
-
-    class Lazy(dict):
-        def __missing__(self, position: str) -> list[dict]:
-            self[position] = run_pretrain(root / position, tiny_data, 1, *STEPS, f"model.position={position}",
-                                          "train.save_every=2", "train.log_every=1")
-            return self[position]
-
-    return Lazy()
+ONE = "one process"
 
 
 @pytest.fixture(scope="module")
-def layout_runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[tuple[str, str], Path]:
-    """Each (position, layout) run of STEPS with checkpoints every 2 steps (made on first use): the layout
-    test compares its metrics, the reshard test resumes some of them from their step-2 checkpoint."""
+def matrix(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[tuple[str, str], Path]:
+    """Every run of STEPS this module compares (made on first use), checkpoints every 2 steps: the
+    one-process reference per position encoding, each (position, layout) case, and the dp_shard=4 run the
+    reshard test resumes from; one launch per world size (:func:`run_pretrains`) instead of one per run."""
     root = tmp_path_factory.mktemp("layouts")
+    cases = {("rope", ONE): (1, []), ("alibi", ONE): (1, []), **{(p, n): LAYOUTS[n] for p, n in CASES},
+             ("rope", "dp_shard=4"): (4, ["parallel.dp_shard=4"])}
+    dirs = {key: root / f"{key[0]}-{key[1]}".replace(" ", "_").replace("=", "") for key in cases}
+    for world in sorted({nproc for nproc, _ in cases.values()}):
+        run_pretrains([
+            (f"{p}-{n}", dirs[p, n], [*STEPS, f"model.position={p}", "train.save_every=2", "train.log_every=1", *o])
+            for (p, n), (nproc, o) in cases.items() if nproc == world
+        ], tiny_data, world)
+    return dirs
 
-    class Lazy(dict):
-        def __missing__(self, key: tuple[str, str]) -> Path:
-            position, layout = key
-            nproc, overrides = LAYOUTS[layout]
-            run = root / f"{position}-{layout}".replace(" ", "_").replace("=", "")
-            run_pretrain(run, tiny_data, nproc, *STEPS, f"model.position={position}", "train.save_every=2", *overrides)
-            self[key] = run
-            return run
 
-    return Lazy()
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _stopped_at_step_2(run: Path, into: Path) -> Path:
@@ -85,44 +78,44 @@ def _stopped_at_step_2(run: Path, into: Path) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(("position", "layout"), CASES, ids=[f"{p}-{n}" for p, n in CASES])
-def test_layout_matches_one_process(position: str, layout: str, references: dict, layout_runs: dict) -> None:
-    expected = references[position]
-    got = [json.loads(line) for line in (layout_runs[position, layout] / "metrics.jsonl").read_text().splitlines()]
+def test_layout_matches_one_process(position: str, layout: str, matrix: dict) -> None:
+    run, (nproc, overrides) = matrix[position, layout], LAYOUTS[layout]
+    # it ran as that layout: one checkpoint shard per process, the layout's settings in its config
+    assert len(list((run / "checkpoints" / "step_4").glob("__*_0.distcp"))) == nproc
+    saved = load_config(str(run / "config.yaml"))
+    for override in overrides:
+        key, value = override.split("=")
+        section, name = key.split(".")
+        assert str(getattr(getattr(saved, section), name)).lower() == value, override
+    expected, got = _records(matrix[position, ONE]), _records(run)
     assert max_rel_diff(expected, got, "loss") < 1e-4
     assert max_rel_diff(expected, got, "grad_norm") < 1e-4
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_checkpoint_reshards_between_layouts(
-    references: dict, layout_runs: dict, tmp_path: Path, tiny_data: Path
-) -> None:
+def test_checkpoint_reshards_between_layouts(matrix: dict, tmp_path: Path, tiny_data: Path) -> None:
     """Saved under one layout, resumed under another: the next steps match an uninterrupted run (the
-    layout tests' one-process RoPE reference, saved every 2 steps like these).
+    one-process RoPE reference). The layout runs stopped at their step-2 checkpoint:
 
-    dp_shard=2 -> one process; tp=2 x pp=2 -> dp_shard=4 (both the layout tests' runs, from step 2);
-    dp_shard=4 -> tp=2 x pp=2 (sequence parallel).
+    dp_shard=2 -> one process; tp=2 x pp=2 -> dp_shard=4; dp_shard=4 -> tp=2 x pp=2 (sequence parallel).
     """
     steps = (*STEPS, "train.save_every=2", "train.log_every=1")
-    straight = references["rope"]
-
-    half = ("train.steps=2",)  # same schedule (decay_steps fixed), stop at the step-2 checkpoint
+    straight = _records(matrix["rope", ONE])
     tp_pp = ("parallel.tp=2", "parallel.pp=2")
-    _stopped_at_step_2(layout_runs["rope", "dp_shard=2"], tmp_path / "a")
-    resumed = run_pretrain(tmp_path / "a", tiny_data, 1, *steps)
-    _stopped_at_step_2(layout_runs["rope", "tp=2 sp x pp=2"], tmp_path / "b")
-    resumed_from_tp_pp = run_pretrain(tmp_path / "b", tiny_data, 4, *steps, "parallel.dp_shard=4")
-    run_pretrain(tmp_path / "c", tiny_data, 4, *steps, "parallel.dp_shard=4", *half)
-    resumed_into_tp_pp = run_pretrain(
-        tmp_path / "c", tiny_data, 4, *steps, *tp_pp, "parallel.sequence_parallel=true"
-    )
-    for records in (resumed, resumed_from_tp_pp, resumed_into_tp_pp):
+    a = _stopped_at_step_2(matrix["rope", "dp_shard=2"], tmp_path / "a")
+    b = _stopped_at_step_2(matrix["rope", "tp=2 sp x pp=2"], tmp_path / "b")
+    c = _stopped_at_step_2(matrix["rope", "dp_shard=4"], tmp_path / "c")
+    resumed = run_pretrains([("a", a, list(steps))], tiny_data, 1)["a"]
+    four = run_pretrains([("b", b, [*steps, "parallel.dp_shard=4"]),
+                          ("c", c, [*steps, *tp_pp, "parallel.sequence_parallel=true"])], tiny_data, 4)
+    for records in (resumed, four["b"], four["c"]):
         assert [r["step"] for r in records] == [1, 2, 3, 4]
         assert max_rel_diff(straight, records, "loss") < 1e-5
-    for run in ("a", "b"):  # the copies had no step 4: the resumed runs trained steps 3 and 4 themselves
-        assert (tmp_path / run / "checkpoints" / "step_4" / "manifest.json").is_file()
+    for run in (a, b, c):  # the copies had no step 4: the resumed runs trained steps 3 and 4 themselves
+        assert (run / "checkpoints" / "step_4" / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize(

@@ -20,14 +20,27 @@ HIDDEN, FFN, LAYERS, VOCAB = 5120, 13696, 40, 125696
 PARAMETERS = LAYERS * (4 * HIDDEN**2 + 3 * HIDDEN * FFN + 2 * HIDDEN) + 2 * VOCAB * HIDDEN + HIDDEN
 
 
+# the layouts the tests read; all simulated at once on first use, each in a process of its own (the fake
+# world needs its own process group), side by side
+LAYOUTS = (("parallel.dp_shard=32",), ("parallel.dp_replicate=4", "parallel.dp_shard=8"),
+           ("parallel.dp_shard=32", "parallel.pp_stage_layers=[9,11,11,9]"))
+
+
 @functools.cache
+def _reports() -> dict[tuple[str, ...], dict]:
+    procs = {o: subprocess.Popen([sys.executable, "-m", "haina.tools.simulate", *BASE, *o], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for o in LAYOUTS}
+    reports = {}
+    for overrides, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        reports[overrides] = json.loads(out.strip().splitlines()[-1])
+    return reports
+
+
 def _simulate(*overrides: str) -> dict:
-    """The simulation's JSON report (a fresh process: the fake world needs its own process group); cached,
-    since two tests read the same layout."""
-    proc = subprocess.run([sys.executable, "-m", "haina.tools.simulate", *BASE, *overrides],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The simulation's JSON report of one of :data:`LAYOUTS`."""
+    return _reports()[overrides]
 
 
 @pytest.mark.parametrize(("name", "overrides", "ranks_per_stage"), [

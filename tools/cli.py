@@ -550,11 +550,19 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: let the agent see the failure's error file
-        from torch.distributed.elastic.multiprocessing.errors import record
+    try:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: let the agent see the failure's error file
+            from torch.distributed.elastic.multiprocessing.errors import record
 
-        sys.exit(record(run)())
-    sys.exit(run())
+            code = record(run)()
+        else:
+            code = run()
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that used it pays for the import
+            from haina.core.distributed import close_distributed
+
+            close_distributed()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
