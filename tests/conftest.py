@@ -52,18 +52,23 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def alignment_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tokenizer, the verifiable task's data, and pretrain -> sft -> rm runs of the tiny preset through the
     CLI (one process), shared by every module that starts from them; tests write their own runs elsewhere."""
-    from tests.alignment_helpers import haina, make_alignment_data
+    from tests.alignment_helpers import make_alignment_data
+    from tests.parallel_helpers import run_many
 
     root = tmp_path_factory.mktemp("align")
     data = make_alignment_data(root / "data")
-    pt = root / "pt"
-    short = ("train.log_every=1", "train.save_every=100", "optim.warmup_steps=0")
-    haina("pretrain", "--config", "tiny", f"train.run_dir={pt}", f"data.prefixes=[{data.pretrain_prefix}]",
-          f"data.tokenizer={data.tokenizer}", "train.steps=6", *short)
-    haina("sft", "--from", str(pt), f"align.data={data.sft}", "train.steps=4", *short)
-    haina("rm", "--from", str(root / "pt-sft"), f"align.data={data.pairs}", f"align.eval_data={data.eval_pairs}",
-          "train.steps=4", *short)
-    return {"data": data, "pt": pt, "sft": root / "pt-sft", "rm": root / "pt-sft-rm", "root": root}
+    pt, sft, rm = root / "pt", root / "pt-sft", root / "pt-sft-rm"
+    short = ["train.log_every=1", "train.save_every=100", "optim.warmup_steps=0"]
+    run_many([  # one process, the three runs in turn (as `haina pretrain`, `haina sft --from`, `haina rm --from`)
+        {"name": "pt", "overrides": [f"train.run_dir={pt}", f"data.prefixes=[{data.pretrain_prefix}]",
+                                     f"data.tokenizer={data.tokenizer}", "train.steps=6", *short]},
+        {"name": "sft", "algorithm": "sft", "from": str(pt),
+         "overrides": [f"train.run_dir={sft}", f"align.data={data.sft}", "train.steps=4", *short]},
+        {"name": "rm", "algorithm": "rm", "from": str(sft),
+         "overrides": [f"train.run_dir={rm}", f"align.data={data.pairs}", f"align.eval_data={data.eval_pairs}",
+                       "train.steps=4", *short]},
+    ], 1)
+    return {"data": data, "pt": pt, "sft": sft, "rm": rm, "root": root}
 
 
 def tiny_config(run_dir: Path, data: Path, *overrides: str) -> HainaConfig:

@@ -33,6 +33,7 @@ from haina.tools.eval.safety import (
     plot_safety,
 )
 from tests.alignment_helpers import haina, make_alignment_data
+from tests.parallel_helpers import run_many
 
 TOY = {
     "math": {"arithmetic": ["addition", {"name": "division", "description": "a / b", "keywords": ["divided"]}]},
@@ -158,8 +159,8 @@ def two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     data = make_alignment_data(root / "data")
     common = ["--config", "tiny", f"data.prefixes=[{data.pretrain_prefix}]", f"data.tokenizer={data.tokenizer}",
               "train.save_every=100"]
-    haina("pretrain", *common, f"train.run_dir={root / 'small'}", "train.steps=2")
-    haina("pretrain", *common, f"train.run_dir={root / 'longer'}", "train.steps=4")
+    run_many([{"name": name, "overrides": [*common[2:], f"train.run_dir={root / name}", f"train.steps={steps}"]}
+              for name, steps in (("small", 2), ("longer", 4))], 1)  # the tiny preset, two runs in one process
     prompts = task.write_jsonl(task.make_prompts(10, 7), root / "prompts.jsonl")
     return root / "small", root / "longer", prompts
 
