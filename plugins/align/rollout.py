@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RLSettings", "Rollout", "SamplingSettings", "check_rl_settings", "last_user_turn", "make_generator",
-    "mini_batch_rows", "per_position", "row_chunks", "sample_rollout",
+    "mini_batch_rows", "padded_rows", "per_position", "row_chunks", "sample_rollout",
 ]
 
 
@@ -174,6 +174,19 @@ class Rollout:
         )
 
 
+def padded_rows(
+    prompts: list[list[int]], replies: list[list[int]], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Prompt + reply rows right-padded with 0 [b, s], their next-token targets on the reply (IGNORE
+    elsewhere), and each row's length."""
+    rows = [p + r for p, r in zip(prompts, replies, strict=True)]
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    lengths = [len(r) for r in rows]
+    response = response_mask_from_prompts([len(p) for p in prompts], lengths, width).to(device)
+    return tokens, shifted_targets(tokens, response), lengths
+
+
 @torch.no_grad()
 def sample_rollout(
     engine: Engine,
@@ -216,14 +229,9 @@ def sample_rollout(
     rollout_s = time.perf_counter() - start
     replies = [g.ids[: seq_len - len(p)] or [eos] for p, g in zip(prompts, drawn, strict=True)]
     finished = [r == g.ids and r[-1] == eos for r, g in zip(replies, drawn, strict=True)]
-    rows = [p + r for p, r in zip(prompts, replies, strict=True)]
-    width = max(len(r) for r in rows)
     device = engine.device
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-    lengths = [len(r) for r in rows]
-    response = response_mask_from_prompts([len(p) for p in prompts], lengths, width).to(device)
-    targets = shifted_targets(tokens, response)
-    gen_logp = torch.zeros(len(rows), width, dtype=torch.float32)
+    tokens, targets, lengths = padded_rows(prompts, replies, device)
+    gen_logp = torch.zeros(tokens.shape, dtype=torch.float32)
     for i, (p, r, g) in enumerate(zip(prompts, replies, drawn, strict=True)):
         if r == g.ids[: len(r)]:  # not a reply cut to nothing, which became an [eos] the generator never drew
             gen_logp[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(g.logprobs[: len(r)])

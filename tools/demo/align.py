@@ -34,8 +34,9 @@ from haina.core.tokenizer import load_tokenizer
 from haina.core.train import train
 from haina.plugins.algorithms.reward_model import last_token_scores
 from haina.plugins.align.chat_format import render_prompt
-from haina.plugins.align.common import IGNORE, shifted_targets
-from haina.plugins.align.preference_data import read_prompts, response_mask_from_prompts
+from haina.plugins.align.common import IGNORE
+from haina.plugins.align.preference_data import read_prompts
+from haina.plugins.align.rollout import padded_rows
 from haina.plugins.align.taxonomy import DEFAULT_TAXONOMY
 from haina.plugins.align.token_logprobs import model_token_logps
 from haina.tools.align_data import task
@@ -79,15 +80,6 @@ def write_task(folder: Path, size: DemoSize = FULL) -> dict[str, Path]:
     }
 
 
-def _rows(prompts: list[list[int]], replies: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-padded prompt + reply rows, their next-token targets on the reply, and each row's length."""
-    rows = [p + r for p, r in zip(prompts, replies, strict=True)]
-    width = max(len(r) for r in rows)
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    response = response_mask_from_prompts([len(p) for p in prompts], [len(r) for r in rows], width)
-    return tokens, shifted_targets(tokens, response), [len(r) for r in rows]
-
-
 @torch.no_grad()
 def evaluate_policy(
     cfg: HainaConfig, policy: Path, prefix: str, rm_run: Path | None, reference: Path, prompts: Path, seed: int = 0
@@ -104,13 +96,13 @@ def evaluate_policy(
     greedy = generate(actor, ids, Sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=0), **options)
     result: dict[str, float] = {}
     if rm_run is not None:
-        tokens, _, lengths = _rows(ids, greedy)
+        tokens, _, lengths = padded_rows(ids, greedy)
         _, rm = load_model(rm_run, value_head=True)
         result["rm_score"] = float(last_token_scores(rm, tokens, torch.tensor(lengths) - 1).mean())
     texts = [tok.decode([t for t in r if t != tok.eos_id]) for r in greedy]
     verified = [task.verify(text, it["answer"]) == 1.0 for it, text in zip(items, texts, strict=True)]
     sampled = generate(actor, ids, Sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=seed), **options)
-    tokens, targets, _ = _rows(ids, sampled)
+    tokens, targets, _ = padded_rows(ids, sampled)
     logp = model_token_logps(actor, tokens, targets, cfg.loss.chunk_size, vocab_limit=tok.vocab_size).logp
     if reference == policy and not prefix:
         ref_logp = logp
