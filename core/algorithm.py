@@ -42,7 +42,10 @@ class Algorithm(abc.ABC):
         """Refuse layouts or missing inputs in one line (raise ConfigError), before any process starts."""
 
     def build_model(self, cfg: HainaConfig, device: torch.device) -> nn.Module:
-        """The trained module (default: the Transformer of ``cfg.model``, initialised from the seed)."""
+        """The trained module (default: the Transformer of ``cfg.model``). The loop calls this with the
+        meta device, cuts the module by the layout and materialises this rank's shards; every module in
+        it that holds parameters or buffers must fill them in ``reset_parameters()`` (or be covered by
+        an enclosing module's ``init_module``, as the Transformer's are)."""
         return build_model(cfg, device)
 
     def setup(self, engine: Engine, resumed: bool) -> None:

@@ -46,6 +46,7 @@ from haina.core.files import (
     verify_manifest,
     write_durable,
 )
+from haina.core.materialize import fill_from_full
 from haina.core.parallel.zero_state import read_model_state
 
 LATEST = "latest"
@@ -418,10 +419,23 @@ def load_model_weights(
                 skipped.append(name)
             continue
         wanted[source_prefix + key] = tensor
-    if deepspeed:
-        wanted = {k: full[k] for k in wanted}
-    else:
-        _load({"model": wanted}, step_dir)
+    if deepspeed:  # full tensors, each copied into this rank's shard of it, one at a time
+        with torch.no_grad():
+            for key, tensor in wanted.items():
+                fill_from_full(tensor, full.pop(key))
+        return skipped
+    _load({"model": wanted}, step_dir)
     loaded = {prefix + k[len(source_prefix) :]: v for k, v in wanted.items()}
     set_model_state_dict(module, loaded, options=StateDictOptions(strict=False))
     return skipped
+
+
+def load_frozen_weights(source: str | Path, module: nn.Module) -> None:
+    """Every weight of a frozen model (reference, reward model) from ``source``: its shards were never
+    initialised, so a weight the checkpoint lacks is refused in one line rather than left as garbage."""
+    missing = load_model_weights(source, module)
+    if missing:
+        raise InputFileError(
+            f"{source}: no weight {missing[0]} of the frozen model's shape in the checkpoint ({len(missing)} "
+            "missing; a checkpoint of another model config?)"
+        )

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from haina.core.checkpoint import CheckpointManager, TrainerState, load_checkpoint, load_model_weights
+from haina.core.checkpoint import (
+    CheckpointManager,
+    TrainerState,
+    load_checkpoint,
+    load_frozen_weights,
+)
 from haina.core.config import HainaConfig
 from haina.core.guard import OK, SpikeGuard, agree
 from haina.core.optim import set_lr
@@ -40,10 +45,13 @@ class Engine:
     skipped_updates: int = 0  # updates refused for a non-finite gradient norm
 
     def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
-        """A model that does not train (reference, reward model): weights, then the same parallel layout."""
+        """A model that does not train (reference, reward model), built on the meta device: cut by the
+        trained model's layout, then only this rank's shards materialised and read from ``source``
+        (initialised from the seed when there is none)."""
+        (part,), _ = lay_out(module, self.cfg, self.layout, self.mesh, self.device, frozen=True,
+                             initialise=source is None)
         if source is not None:
-            load_model_weights(source, module)
-        (part,), _ = lay_out(module, self.cfg, self.layout, self.mesh, self.device, frozen=True)
+            load_frozen_weights(source, part)
         return part
 
     def set_lr(self, lr: float) -> None:

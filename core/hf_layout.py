@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +94,29 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> dict[st
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> dict[str, torch.Tensor]:
-    """HF tensors of ``fmt`` -> haina state dict; every weight the model needs must be there."""
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+def from_hf(tensors: Mapping[str, torch.Tensor], fmt: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """HF tensors of ``fmt`` -> {haina parameter name: a function reading its full tensor}.
+
+    Nothing is read here: ``tensors`` may be :func:`read_weights`' lazy mapping, and each haina tensor is
+    read (Q, K and V joined into W_pack for llama) only when its function is called, so a loader holds one
+    tensor at a time."""
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    qkv: dict[str, dict[str, str]] = {}
+    for name in tensors:
         match = _HF_LAYER.match(name)
         if name == "model.embed_tokens.weight":
-            out["embed_tokens.weight"] = tensor
+            out["embed_tokens.weight"] = _reader(tensors, name)
         elif name == "model.norm.weight":
-            out["norm.weight"] = tensor
+            out["norm.weight"] = _reader(tensors, name)
         elif name == "lm_head.weight":
-            out["head.weight"] = tensor
+            out["head.weight"] = _reader(tensors, name)
         elif match and match.group(2) in _LAYER_NAMES:
-            out[f"layers.{match.group(1)}.{match.group(2)}"] = tensor
+            out[f"layers.{match.group(1)}.{match.group(2)}"] = _reader(tensors, name)
         elif match and fmt == "baichuan" and match.group(2) == "self_attn.W_pack.weight":
-            out[f"layers.{match.group(1)}.self_attn.W_pack.weight"] = tensor
+            out[f"layers.{match.group(1)}.self_attn.W_pack.weight"] = _reader(tensors, name)
         elif match and fmt == "llama" and match.group(2) in ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                                               "self_attn.v_proj.weight"):
-            qkv.setdefault(match.group(1), {})[match.group(2).split(".")[1][0]] = tensor
+            qkv.setdefault(match.group(1), {})[match.group(2).split(".")[1][0]] = name
         elif name.endswith("rotary_emb.inv_freq"):
             continue  # a derived buffer some exporters save; haina recomputes it
         else:
@@ -119,10 +124,15 @@ def from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> dic
     for layer, parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise HFFormatError(f"layer {layer}: q_proj, k_proj and v_proj are all needed, got {sorted(parts)}")
-        out[f"layers.{layer}.self_attn.W_pack.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        names = [parts["q"], parts["k"], parts["v"]]
+        out[f"layers.{layer}.self_attn.W_pack.weight"] = lambda names=names: torch.cat([tensors[n] for n in names])
     if "head.weight" not in out and "embed_tokens.weight" in out:
-        out["head.weight"] = out["embed_tokens.weight"].clone()  # tied embeddings: haina's head is untied
+        out["head.weight"] = out["embed_tokens.weight"]  # tied embeddings: haina's head is an untied copy
     return out
+
+
+def _reader(tensors: Mapping[str, torch.Tensor], name: str) -> Callable[[], torch.Tensor]:
+    return lambda: tensors[name]
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -300,24 +310,57 @@ def write_weights(out: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: 
     return files
 
 
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory: safetensors (single or indexed) or, failing that, PyTorch
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a model directory by name, each read from its file when asked for (safetensors
+    are read tensor by tensor; ``.bin`` files are memory-mapped), so no loader holds the whole model."""
+
+    def __init__(self, files: dict[str, Path], bins: dict[str, dict[str, torch.Tensor]]) -> None:
+        self._files, self._bins = files, bins
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name in self._files:
+            with safe_open(str(self._files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        for tensors in self._bins.values():
+            if name in tensors:
+                return tensors[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._files
+        for tensors in self._bins.values():
+            yield from tensors
+
+    def __len__(self) -> int:
+        return len(self._files) + sum(len(t) for t in self._bins.values())
+
+
+def read_weights(model_dir: Path) -> LazyWeights:
+    """Every tensor of a model directory, lazily: safetensors (single or indexed) or, failing that, PyTorch
     ``.bin`` files (as the Baichuan 2 release ships), read with ``weights_only`` so nothing is unpickled."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
     if (model_dir / INDEX).is_file():
         names = set(json.loads((model_dir / INDEX).read_text(encoding="utf-8"))["weight_map"].values())
         files = [model_dir / n for n in sorted(names)]
-    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
     for path in files:
-        tensors.update(load_file(str(path)))
+        with safe_open(str(path), framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), path))
+    bins: dict[str, dict[str, torch.Tensor]] = {}
     if not files:
         for path in sorted(model_dir.glob("pytorch_model*.bin")):
-            tensors.update(torch.load(path, map_location="cpu", weights_only=True))
-    if not tensors:
+            try:
+                bins[path.name] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+                bins[path.name] = torch.load(path, map_location="cpu", weights_only=True)
+    weights = LazyWeights(where, bins)
+    if not len(weights):
         raise HFFormatError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights")
-    return tensors
+    return weights
 
 
 def write_tokenizer(out: Path, model: Path, fmt: str, max_len: int, roles: tuple[str, str]) -> dict[str, int]:

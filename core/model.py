@@ -5,8 +5,9 @@ Parameter names follow the released Baichuan 2 checkpoints (``embed_tokens``, ``
 hidden states, not logits: the loss multiplies them with ``head.effective_weight()`` in chunks so the
 [tokens, 125,696] logits never exist whole.
 
-Big models are built on the meta device and materialized with ``model.to_empty(device=...)`` followed by
-``model.init_weights()`` (which also refills derived buffers such as the ALiBi slopes).
+Models are built on the meta device, cut by the layout there, and only each rank's shards are
+materialised and initialised (:mod:`haina.core.materialize`; the rule per module is
+:meth:`Transformer.init_module`, derived buffers such as the ALiBi slopes come from ``reset_parameters``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from haina.core.attention import AttentionInputs
 from haina.core.config import HainaConfig, ModelConfig
 from haina.core.errors import PluginError
 from haina.core.kv_cache import KVCache, LayerCache
+from haina.core.materialize import init_weights, materialize
+
+# Where models are built: the layout cuts them there and only each rank's shards are materialised.
+META = torch.device("meta")
 
 # Linear layers that write into the residual stream; their init is scaled down with depth.
 RESIDUAL_OUTPUTS: tuple[str, ...] = ("o_proj", "down_proj")
@@ -189,35 +194,43 @@ class Transformer(nn.Module):
         """Full logits [b, s, vocab]; for tests and generation (training uses the chunked loss)."""
         return self.head(hidden)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every weight from the current torch RNG (no seeding here; the caller seeds).
+    def init_module(self, name: str, module: nn.Module) -> bool:
+        """Initialise one of this model's modules (``name`` relative to the model) in place from the current
+        RNG; False leaves it to the module's own ``reset_parameters`` (norms -> ones, heads, ALiBi slopes).
 
         Linear and embedding weights ~ normal(0, init_std). The residual-output projections (o_proj,
         down_proj) get std / sqrt(2 * num_layers): the stream is a sum of 2 * num_layers branch outputs, so
-        this keeps its variance at init independent of depth (the GPT-2 / Megatron scaled init). Every
-        other module with ``reset_parameters`` (norms -> ones, heads -> normal, ALiBi slopes) resets itself.
+        this keeps its variance at init independent of depth (the GPT-2 / Megatron scaled init).
+        :func:`haina.core.materialize.init_weights` calls this once per module with that module's own
+        seed and full-size tensors, so the values do not depend on the layout.
         """
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, module in self.named_modules():
-            if module is self:
-                continue
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                leaf = name.rsplit(".", 1)[-1]
-                module.weight.normal_(0.0, out_std if leaf in RESIDUAL_OUTPUTS else std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
+        leaf = name.rsplit(".", 1)[-1]
+        module.weight.normal_(0.0, std / math.sqrt(2 * self.cfg.num_layers) if leaf in RESIDUAL_OUTPUTS else std)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+        return True
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every weight: from ``seed``, or from a seed drawn from the current torch RNG (so the
+        caller's ``torch.manual_seed`` decides); the same values as any parallel layout of this model gets."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        init_weights(self, seed)
 
 
 def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:
-    """fp32 parameters (the master copy), the same on every rank (same seed); bf16 lives in autocast."""
-    torch.manual_seed(cfg.train.seed)
-    with device:
+    """The Transformer of ``cfg.model`` on the meta device, or materialised on ``device`` with fp32
+    parameters initialised from ``cfg.train.seed`` (the master copy; bf16 lives in autocast).
+
+    The training loop and every tool build on meta, cut the model by the layout, and materialise only
+    this rank's shards (:func:`haina.core.materialize.materialize`), with the same values."""
+    with torch.device("meta"):
         model = Transformer(cfg.model)
-    model.init_weights()
+    if device.type != "meta":
+        materialize(model, device, cfg.train.seed)
     return model
 
 

@@ -37,6 +37,7 @@ from haina.core.config import HainaConfig, dump_config
 from haina.core.distributed import default_device, init_distributed, is_main_process
 from haina.core.engine import Engine
 from haina.core.guard import KINDS, NONFINITE_GRAD, OK, SpikeGuard, agree
+from haina.core.materialize import materialize
 from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token, truncate_metrics
 from haina.core.optim import build_optimizer, lr_at
 from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -143,16 +144,17 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     tcfg = cfg.train
     algorithm = algorithm_class(cfg)(cfg)
     torch.manual_seed(tcfg.seed)
-    model = algorithm.build_model(cfg, device)
+    model = algorithm.build_model(cfg, torch.device("meta"))  # cut on meta; only this rank's shards materialise
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     dp_rank = _dp_rank(mesh, layout)
     pipeline = None
     if cfg.parallel.dp_backend == "deepspeed":
+        materialize(model, device, tcfg.seed)  # whole on every rank: DeepSpeed partitions it at attach()
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.model.attention, device.type)
         engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
     else:
         parts, pipeline = lay_out(model, cfg, layout, mesh, device, stage_loss=algorithm)
-        del model  # a pipeline stage holds only its share; the whole model it was cut from can go
+        del model  # a pipeline stage holds only its share of the (meta) model it was cut from
         optimizers = [build_optimizer(part, cfg.optim) for part in parts]
         pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
         engine = Engine(cfg, layout, mesh, device, parts, optimizers, autocast, pp_group, dp_rank)

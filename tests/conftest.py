@@ -15,6 +15,7 @@ import torch
 
 from haina.core.config import HainaConfig, load_config
 from haina.core.errors import HainaError
+from tests.data_helpers import cli_runs  # noqa: F401  (a session fixture: the data CLI runs, shared by two modules)
 
 # transformers copies trust_remote_code model files into its module cache: the tests' copies stay out of ~/.cache
 os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "haina-tests-hf-modules"))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,76 @@ def tiny_tokenizer(folder: Path) -> Path:
         character_coverage=1.0, byte_fallback=True, hard_vocab_limit=False, minloglevel=2,
     )
     return folder / "tok.model"
+
+
+# --------------------------------------------------------------------- the CLI and spark-submit runs
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = [*TEST_OVERRIDES, "spark.shuffle_partitions=2", "safety.blocklist=['[unsafe-demo]']"]
+# one plain JSON-lines event log per application (Spark 4 rolls and compresses it by default)
+EVENT_LOG = ["spark.eventLog.enabled=true", "spark.eventLog.rolling.enabled=false", "spark.eventLog.compress=false"]
+
+# Runs in a fresh interpreter: the CLI's entry point in-process, stdout of each command captured, then the
+# master and parallelism of the session the commands made.
+CLI_SCRIPT = """
+import contextlib, io, json, sys
+from haina.tools.cli import run
+commands = json.loads(sys.argv[1])
+result = {}
+for name, argv in commands.items():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = run(argv)
+    result[name] = {"rc": rc, "stdout": out.getvalue()}
+from pyspark import SparkContext
+sc = SparkContext._active_spark_context
+result["master"] = sc.master
+result["parallelism"] = sc.defaultParallelism
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_GATEWAY")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python, spark-submit
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The README's data commands run as a user runs them (see test_data_cli), once per session: `haina data
+    prepare` then `data tokenize --prepared` through the CLI in a fresh interpreter (`--master local[1]`), and
+    `launchers/spark_submit.sh prepare` beside it."""
+    root = tmp_path_factory.mktemp("cli")
+    inputs = [str(write_jsonl(root / "a.jsonl", known_corpus()[:6])),
+              str(write_jsonl(root / "b.jsonl", known_corpus()[6:], BAD_LINES))]
+    model = tiny_tokenizer(root / "tok")
+    (root / "tmp").mkdir()
+    (root / "events").mkdir()
+    submit_log = open(root / "submit.log", "w")  # noqa: SIM115  (closed below)
+    submit = subprocess.Popen(
+        [str(ROOT / "launchers" / "spark_submit.sh"), "prepare", "--input", *inputs, "--output",
+         str(root / "submitted"), *OVERRIDES],
+        cwd=root, stdout=submit_log, stderr=subprocess.STDOUT, text=True,
+        env=_env(SPARK_MASTER="local[1]", TMPDIR=str(root / "tmp"),  # the launcher's wheel lands in TMPDIR
+                 SPARK_ARGS=" ".join(f"--conf {c}" for c in EVENT_LOG) + f" --conf spark.eventLog.dir={(root / 'events').as_uri()}"),
+    )
+    try:
+        commands = {
+            "prepare": ["data", "prepare", "--input", *inputs, "--output", str(root / "cli"), "--master", "local[1]",
+                        *OVERRIDES],
+            "tokenize": ["data", "tokenize", "--prepared", str(root / "cli"), "--tokenizer", str(model),
+                         "--master", "local[1]"],
+        }
+        cli = subprocess.run([sys.executable, "-c", CLI_SCRIPT, json.dumps(commands)], cwd=root, env=_env(),
+                             capture_output=True, text=True, timeout=1200)
+        submit.wait(timeout=1200)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+        submit_log.close()
+    line = next((ln for ln in cli.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert cli.returncode == 0 and line, cli.stdout[-3000:] + cli.stderr[-3000:]
+    return {"root": root, "model": model, "cli": json.loads(line[len("RESULT "):]), "submit_rc": submit.returncode,
+            "submit_log": (root / "submit.log").read_text(errors="replace")}

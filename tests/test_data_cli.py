@@ -3,15 +3,13 @@ through the CLI with `--master local[1]`, and `launchers/spark_submit.sh` in its
 
 Two Spark jobs in all, side by side: one fresh interpreter calls the CLI's ``run`` in-process (prepare, then
 tokenize of its output), so `--master` picks the session instead of meeting the test process's own; and
-spark-submit runs the same prepare. Every test below reads their outputs."""
+spark-submit runs the same prepare (the session fixture ``cli_runs`` of tests.data_helpers; test_data_pipeline
+compares its own in-process run with them). Every test below reads their outputs."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -19,77 +17,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from tests.data_helpers import BAD_LINES, TEST_OVERRIDES, known_corpus, tiny_tokenizer, write_jsonl
+from tests.data_helpers import BAD_LINES, known_corpus
 from tests.test_data_pipeline import _check_blend_against_kept
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
-
-ROOT = Path(__file__).resolve().parents[1]
-OVERRIDES = [*TEST_OVERRIDES, "spark.shuffle_partitions=2", "safety.blocklist=['[unsafe-demo]']"]
-# one plain JSON-lines event log per application (Spark 4 rolls and compresses it by default)
-EVENT_LOG = ["spark.eventLog.enabled=true", "spark.eventLog.rolling.enabled=false", "spark.eventLog.compress=false"]
-
-# Runs in a fresh interpreter: the CLI's entry point in-process, stdout of each command captured, then the
-# master and parallelism of the session the commands made.
-CLI_SCRIPT = """
-import contextlib, io, json, sys
-from haina.tools.cli import run
-commands = json.loads(sys.argv[1])
-result = {}
-for name, argv in commands.items():
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = run(argv)
-    result[name] = {"rc": rc, "stdout": out.getvalue()}
-from pyspark import SparkContext
-sc = SparkContext._active_spark_context
-result["master"] = sc.master
-result["parallelism"] = sc.defaultParallelism
-print("RESULT " + json.dumps(result))
-"""
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_GATEWAY")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python, spark-submit
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("cli")
-    inputs = [str(write_jsonl(root / "a.jsonl", known_corpus()[:6])),
-              str(write_jsonl(root / "b.jsonl", known_corpus()[6:], BAD_LINES))]
-    model = tiny_tokenizer(root / "tok")
-    (root / "tmp").mkdir()
-    (root / "events").mkdir()
-    submit_log = open(root / "submit.log", "w")  # noqa: SIM115  (closed below)
-    submit = subprocess.Popen(
-        [str(ROOT / "launchers" / "spark_submit.sh"), "prepare", "--input", *inputs, "--output",
-         str(root / "submitted"), *OVERRIDES],
-        cwd=root, stdout=submit_log, stderr=subprocess.STDOUT, text=True,
-        env=_env(SPARK_MASTER="local[1]", TMPDIR=str(root / "tmp"),  # the launcher's wheel lands in TMPDIR
-                 SPARK_ARGS=" ".join(f"--conf {c}" for c in EVENT_LOG) + f" --conf spark.eventLog.dir={(root / 'events').as_uri()}"),
-    )
-    try:
-        commands = {
-            "prepare": ["data", "prepare", "--input", *inputs, "--output", str(root / "cli"), "--master", "local[1]",
-                        *OVERRIDES],
-            "tokenize": ["data", "tokenize", "--prepared", str(root / "cli"), "--tokenizer", str(model),
-                         "--master", "local[1]"],
-        }
-        cli = subprocess.run([sys.executable, "-c", CLI_SCRIPT, json.dumps(commands)], cwd=root, env=_env(),
-                             capture_output=True, text=True, timeout=1200)
-        submit.wait(timeout=1200)
-    finally:
-        if submit.poll() is None:
-            submit.kill()
-        submit_log.close()
-    line = next((ln for ln in cli.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert cli.returncode == 0 and line, cli.stdout[-3000:] + cli.stderr[-3000:]
-    return {"root": root, "model": model, "cli": json.loads(line[len("RESULT "):]), "submit_rc": submit.returncode,
-            "submit_log": (root / "submit.log").read_text(errors="replace")}
 
 
 def _without_timings(report: dict) -> dict:
@@ -108,8 +39,8 @@ def _kept_ids() -> set[str]:
     return {r["id"] for r in known_corpus() if r["expect"] == "kept"}
 
 
-def test_prepare_through_the_cli(runs: dict) -> None:
-    result, out = runs["cli"]["prepare"], runs["root"] / "cli"
+def test_prepare_through_the_cli(cli_runs: dict) -> None:
+    result, out = cli_runs["cli"]["prepare"], cli_runs["root"] / "cli"
     assert result["rc"] == 0, result["stdout"][-2000:]
     summary = [ln for ln in result["stdout"].splitlines() if ln.startswith("kept ")]
     assert len(summary) == 1, result["stdout"][-2000:]
@@ -124,19 +55,19 @@ def test_prepare_through_the_cli(runs: dict) -> None:
     assert {r["doc_id"] for r in kept} == _kept_ids()
 
 
-def test_master_option_is_used(runs: dict) -> None:
+def test_master_option_is_used(cli_runs: dict) -> None:
     """`--master local[1]` is accepted by both commands and is the session they ran in."""
-    assert runs["cli"]["prepare"]["rc"] == runs["cli"]["tokenize"]["rc"] == 0
-    assert runs["cli"]["master"] == "local[1]"
-    assert runs["cli"]["parallelism"] == 1
+    assert cli_runs["cli"]["prepare"]["rc"] == cli_runs["cli"]["tokenize"]["rc"] == 0
+    assert cli_runs["cli"]["master"] == "local[1]"
+    assert cli_runs["cli"]["parallelism"] == 1
 
 
-def test_tokenize_prepared_through_the_cli(runs: dict) -> None:
+def test_tokenize_prepared_through_the_cli(cli_runs: dict) -> None:
     from haina.core.config import load_config
     from haina.core.data import check_data_files, resolve_blend
     from haina.core.indexed_dataset import check_indexed_dataset
 
-    result, out = runs["cli"]["tokenize"], runs["root"] / "cli"
+    result, out = cli_runs["cli"]["tokenize"], cli_runs["root"] / "cli"
     assert result["rc"] == 0, result["stdout"][-2000:]
     match = re.fullmatch(r"([\d,]+) tokens in (\d+) parts; blend (\S+)", result["stdout"].strip().splitlines()[-1])
     assert match, result["stdout"][-2000:]
@@ -148,10 +79,10 @@ def test_tokenize_prepared_through_the_cli(runs: dict) -> None:
         assert (out / f"{entry['prefix']}.bin").is_file() and (out / f"{entry['prefix']}.idx").is_file()
         check_indexed_dataset(out / entry["prefix"], "data.blend")
     # weights and shard contents recomputed from the kept documents (token counts from SentencePiece itself)
-    _check_blend_against_kept(out, runs["model"], entries)
+    _check_blend_against_kept(out, cli_runs["model"], entries)
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(runs["model"]))
+    sp = spm.SentencePieceProcessor(model_file=str(cli_runs["model"]))
     texts = pq.read_table(out / "kept", columns=["text"]).column("text").to_pylist()
     assert int(match[1].replace(",", "")) == sum(len(sp.encode(t)) + 1 for t in texts)
     report = json.loads((out / "report.json").read_text())
@@ -166,10 +97,10 @@ def test_tokenize_prepared_through_the_cli(runs: dict) -> None:
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no staging folder left"
 
 
-def test_spark_submit_matches_the_in_process_run(runs: dict) -> None:
-    root = runs["root"]
-    assert runs["submit_rc"] == 0, runs["submit_log"][-4000:]
-    assert re.search(r"^kept 7 documents \(", runs["submit_log"], re.M), runs["submit_log"][-2000:]
+def test_spark_submit_matches_the_in_process_run(cli_runs: dict) -> None:
+    root = cli_runs["root"]
+    assert cli_runs["submit_rc"] == 0, cli_runs["submit_log"][-4000:]
+    assert re.search(r"^kept 7 documents \(", cli_runs["submit_log"], re.M), cli_runs["submit_log"][-2000:]
     cli = json.loads((root / "cli" / "report.json").read_text())
     submitted = json.loads((root / "submitted" / "report.json").read_text())
     assert _without_timings(submitted) == _without_timings(cli)
@@ -198,11 +129,11 @@ def _submitted_properties(root: Path) -> dict:
     return properties
 
 
-def test_spark_submit_ships_the_wheel(runs: dict) -> None:
+def test_spark_submit_ships_the_wheel(cli_runs: dict) -> None:
     """Without HAINA_ENV_ARCHIVE, haina goes with --py-files as a wheel built from this checkout (the launcher's
     documented way), and SPARK_ARGS reach spark-submit (the event log exists because of them)."""
-    root = runs["root"]
-    assert runs["submit_rc"] == 0, runs["submit_log"][-4000:]
+    root = cli_runs["root"]
+    assert cli_runs["submit_rc"] == 0, cli_runs["submit_log"][-4000:]
     properties = _submitted_properties(root)
     (wheel,) = (root / "tmp").glob("*/haina-*.whl")
     assert str(wheel) in properties.get("spark.submit.pyFiles", ""), properties.get("spark.submit.pyFiles")
@@ -211,7 +142,7 @@ def test_spark_submit_ships_the_wheel(runs: dict) -> None:
     assert properties.get("spark.app.name") == "haina-data-prepare"
 
 
-def test_spark_submit_uses_its_master(runs: dict) -> None:
+def test_spark_submit_uses_its_master(cli_runs: dict) -> None:
     """SPARK_MASTER=local[1] is the master the launcher's application ran with (its event log says so)."""
-    assert runs["submit_rc"] == 0, runs["submit_log"][-4000:]
-    assert _submitted_properties(runs["root"]).get("spark.master") == "local[1]"
+    assert cli_runs["submit_rc"] == 0, cli_runs["submit_log"][-4000:]
+    assert _submitted_properties(cli_runs["root"]).get("spark.master") == "local[1]"

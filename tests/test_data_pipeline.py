@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -33,11 +34,12 @@ def job(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
     root = tmp_path_factory.mktemp("job")
     inputs = [write_jsonl(root / "a.jsonl", known_corpus()[:6]), write_jsonl(root / "b.jsonl", known_corpus()[6:], BAD_LINES)]
     model = tiny_tokenizer(root / "tok")
-    overrides = [*TEST_OVERRIDES, f"tokenize.model={model}", "safety.blocklist=['[unsafe-demo]']"]
+    # the CLI run of test_data_cli has the same settings (the k-means layout follows spark.shuffle_partitions)
+    overrides = [*TEST_OVERRIDES, "spark.shuffle_partitions=2", f"tokenize.model={model}", "safety.blocklist=['[unsafe-demo]']"]
     cfg = load_prepare_config(None, overrides)
     first = run_pipeline(spark, inputs, root / "out1", cfg, progress=False)
-    second = run_pipeline(spark, inputs, root / "out2", cfg, progress=False)
-    return {"root": root, "inputs": inputs, "cfg": cfg, "reports": (first, second), "model": model}
+    shutil.copytree(root / "out1", root / "out2")  # for the re-tokenize test, which replaces its shards
+    return {"root": root, "inputs": inputs, "cfg": cfg, "reports": (first,), "model": model}
 
 
 def _removed(out: Path) -> dict[str, str]:
@@ -80,16 +82,22 @@ def test_report_counts_and_quarantine(job: dict) -> None:
 
 
 @pytest.mark.integration
-def test_two_runs_are_identical(job: dict) -> None:
+def test_two_runs_are_identical(job: dict, cli_runs: dict) -> None:
+    """This in-process run (local[2]) and the CLI's run of the same input in another process (local[1],
+    test_data_cli) give the same rows, removals and blend weights."""
     def snapshot(out: Path) -> list:
         rows = pq.read_table(out / "kept").to_pylist()
         return sorted((r["row_id"], r["text"], r["weight"], r["bucket"], r["emb_cluster"]) for r in rows)
 
-    assert snapshot(job["root"] / "out1") == snapshot(job["root"] / "out2")
-    assert _removed(job["root"] / "out1") == _removed(job["root"] / "out2")
-    blend1 = json.loads((job["root"] / "out1" / "blend.json").read_text())
-    blend2 = json.loads((job["root"] / "out2" / "blend.json").read_text())
-    assert blend1 == blend2
+    other = cli_runs["root"] / "cli"
+    assert cli_runs["cli"]["prepare"]["rc"] == cli_runs["cli"]["tokenize"]["rc"] == 0
+    assert snapshot(job["root"] / "out1") == snapshot(other)
+    assert _removed(job["root"] / "out1") == _removed(other)
+
+    def weights(out: Path) -> list:
+        return [(e["category"], e["weight"]) for e in json.loads((out / "blend.json").read_text())["datasets"]]
+
+    assert weights(job["root"] / "out1") == weights(other)
 
 
 @pytest.mark.integration

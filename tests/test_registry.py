@@ -63,13 +63,19 @@ from haina.core.registry import register
 class SinusoidalQK(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        d = cfg.head_dim
-        pos = torch.arange(cfg.max_seq_len, dtype=torch.float32)[:, None]
+        self.head_dim, self.max_seq_len = cfg.head_dim, cfg.max_seq_len
+        self.register_buffer("table", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):  # the model is built on the meta device: the table is filled here
+        d = self.head_dim
+        pos = torch.arange(self.max_seq_len, dtype=torch.float32)[:, None]
         freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
-        table = torch.zeros(cfg.max_seq_len, d)
+        table = torch.zeros(self.max_seq_len, d)
         table[:, 0::2] = torch.sin(pos * freq)
         table[:, 1::2] = torch.cos(pos * freq)
-        self.register_buffer("table", table, persistent=False)
+        with torch.no_grad():
+            self.table.copy_(table.to(self.table.device))
 
     def forward(self, q, k, positions):
         trace = os.environ.get("ACME_TRACE")

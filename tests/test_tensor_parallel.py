@@ -115,11 +115,12 @@ def _parity_worker(rank: int, position: str) -> None:
 
         # One AdamW step keeps the two in step. The moments are compared tightly; the weights more
         # loosely, because Adam's first update g / (|g| + eps) turns a rounding-level difference of an
-        # almost-zero gradient entry into a visible fraction of lr.
+        # almost-zero gradient entry into a visible fraction of lr: eps = 1e-6 here (not 1e-8) keeps an
+        # entry of |g| ~ 1e-8 from flipping a whole lr-sized step on a rounding difference.
         lr = 1e-3
         states = []
         for m in (reference, model):
-            opt = build_optimizer(m, cfg.optim)
+            opt = build_optimizer(m, cfg.optim.model_copy(update={"eps": 1e-6}))
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
@@ -130,7 +131,7 @@ def _parity_worker(rank: int, position: str) -> None:
                 torch.testing.assert_close(
                     _full(states[1][name][key]), states[0][name][key], rtol=1e-5, atol=atol, msg=f"{key} {name}"
                 )
-            torch.testing.assert_close(_full(p), ref_params[name].detach(), rtol=0, atol=lr / 20, msg=name)
+            torch.testing.assert_close(_full(p), ref_params[name].detach(), rtol=0, atol=lr / 20, msg=lambda m, name=name: f"{name}: {m}")
         batch2 = _batch(cfg.model.vocab_size, seed=2)
         _close(algorithm.loss(model, batch2).loss, algorithm.loss(reference, batch2).loss, f"loss after step {tag}")
 

@@ -79,13 +79,19 @@ class ScaledSinusoidalSettings(PluginSettings):
 class ScaledSinusoidal(nn.Module):
     def __init__(self, cfg, settings):
         super().__init__()
-        d = cfg.head_dim
-        pos = torch.arange(cfg.max_seq_len, dtype=torch.float32)[:, None]
-        freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(settings.base) / d))
-        table = torch.zeros(cfg.max_seq_len, d)
+        self.head_dim, self.max_seq_len, self.settings = cfg.head_dim, cfg.max_seq_len, settings
+        self.register_buffer("table", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):  # the model is built on the meta device: the table is filled here
+        d = self.head_dim
+        pos = torch.arange(self.max_seq_len, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(self.settings.base) / d))
+        table = torch.zeros(self.max_seq_len, d)
         table[:, 0::2] = torch.sin(pos * freq)
         table[:, 1::2] = torch.cos(pos * freq)
-        self.register_buffer("table", table * settings.scale, persistent=False)
+        with torch.no_grad():
+            self.table.copy_((table * self.settings.scale).to(self.table.device))
 
     def forward(self, q, k, positions):
         add = self.table[positions].to(q.dtype)

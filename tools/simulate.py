@@ -14,8 +14,10 @@ so a 13B model on 1,024 ranks takes about a second.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,19 +56,23 @@ def _shards_cover(param: torch.Tensor) -> tuple[bool, list[int]]:
     distinct local numels seen."""
     if not isinstance(param, DTensor):
         return True, [param.numel()]
-    mesh, placements = param.device_mesh, param.placements
-    shape = tuple(mesh.shape)
+    return _cover(tuple(param.shape), tuple(param.device_mesh.shape), tuple(param.placements))
+
+
+@functools.cache
+def _cover(global_shape: tuple[int, ...], shape: tuple[int, ...], placements: tuple[Any, ...]) -> tuple[bool, list[int]]:
+    """:func:`_shards_cover` by (shape, mesh, placements): the blocks' parameters repeat them 40 times."""
     split = [i for i, p in enumerate(placements) if not p.is_replicate()]  # Shard, and FSDP-over-tp's _StridedShard
     total, seen = 0, set()
     for coords in itertools.product(*(range(shape[i]) for i in split)):
         coordinate = [0] * len(shape)
         for i, c in zip(split, coords, strict=True):
             coordinate[i] = c
-        local, _ = _compute_local_shape_and_global_offset(param.shape, shape, coordinate, placements)
+        local, _ = _compute_local_shape_and_global_offset(global_shape, shape, coordinate, placements)
         n = int(torch.Size(local).numel())
         total += n
         seen.add(n)
-    return total == param.numel(), sorted(seen)
+    return total == math.prod(global_shape), sorted(seen)
 
 
 def simulate(cfg: HainaConfig, world: int) -> dict[str, Any]:
@@ -108,11 +114,12 @@ def simulate(cfg: HainaConfig, world: int) -> dict[str, Any]:
 def _vocab_parallel_rows(cfg: HainaConfig, layout: Layout, world: int) -> list[tuple[int, int]]:
     """(local rows, first row) of the head weight on each tp rank, as the vocabulary-parallel loss sees it."""
     rows = []
+    one_block = cfg.model.model_copy(update={"num_layers": 1})  # the head's split does not depend on depth
     for tp_rank in range(layout.tp):
         _fake_world(_rank_of(layout, tp=tp_rank), world)
         mesh = build_mesh(layout, "cpu")
         with torch.device("meta"):
-            model = Transformer(cfg.model)
+            model = Transformer(one_block)
         if layout.tp > 1:
             apply_tensor_parallel(model, mesh["tp"], cfg.parallel.sequence_parallel)
         local, shard = vocab_shard_of(model.head.weight)

@@ -25,11 +25,20 @@ def import_deepspeed(device: torch.device) -> Any:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
+        import deepspeed.comm.torch as ds_comm
     except ImportError as exc:
         raise RuntimeError(
             f"parallel.dp_backend=deepspeed needs DeepSpeed: pip install 'haina[deepspeed]' ({exc})"
         ) from None
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend compiles a shared-memory all-reduce (C++, ~20 s on two cores) at its
+        # first init_distributed; only its inference all-reduce uses it, which ZeRO training never calls.
+        ds_comm.build_shm_op = _no_shm_op
     return deepspeed
+
+
+def _no_shm_op() -> None:
+    return None
 
 
 def read_model_state(step_dir: Path) -> dict[str, torch.Tensor]:

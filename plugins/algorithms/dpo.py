@@ -18,7 +18,7 @@ from torch import nn
 from haina.core.algorithm import Algorithm
 from haina.core.config import PluginSettings
 from haina.core.loss import LossOutput
-from haina.core.model import build_model
+from haina.core.model import META, build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.common import config_check, shifted_targets, token_logps
@@ -59,7 +59,7 @@ class DPO(Algorithm):
         init_from = self.cfg.align.init_from
         if not resumed:
             load_model_weights(init_from, engine.parts[0])
-        self.reference = engine.prepare_frozen(build_model(self.cfg, engine.device), self.settings.reference or init_from)
+        self.reference = engine.prepare_frozen(build_model(self.cfg, META), self.settings.reference or init_from)
 
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> PairBatches:
         return PairBatches(

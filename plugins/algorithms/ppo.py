@@ -24,7 +24,8 @@ from torch import nn
 from haina.core.algorithm import Algorithm
 from haina.core.config import ConfigError, plugin_settings
 from haina.core.loss import LossOutput
-from haina.core.model import Transformer, build_model
+from haina.core.materialize import materialize
+from haina.core.model import META, Transformer, build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.algorithms.reward_model import value_config
@@ -67,10 +68,6 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.actor = Transformer(cfg.model)
         self.critic = Transformer(value_config(cfg))
-
-    def init_weights(self) -> None:
-        self.actor.init_weights()
-        self.critic.init_weights()
 
 
 class PPOSettings(RLSettings):
@@ -123,9 +120,10 @@ class PPO(Algorithm):
         self.vocab_limit = vocab if vocab < cfg.model.vocab_size else None
 
     def build_model(self, cfg: HainaConfig, device: torch.device) -> nn.Module:
-        with device:
+        with torch.device("meta"):
             model = ActorCritic(cfg)
-        model.init_weights()
+        if device.type != "meta":
+            materialize(model, device, cfg.train.seed)
         return model
 
     def setup(self, engine: Engine, resumed: bool) -> None:
@@ -143,7 +141,7 @@ class PPO(Algorithm):
             # the chunked log-probs read the actor's head weight after its forward: keep it gathered until
             # the backward, as the root unit of a single model does
             model.actor.set_reshard_after_forward(False, recurse=False)
-        self.reference = engine.prepare_frozen(build_model(self.cfg, engine.device), p.reference or init_from)
+        self.reference = engine.prepare_frozen(build_model(self.cfg, META), p.reference or init_from)
         self.reward.setup(engine)
 
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> PromptBatches:

@@ -22,7 +22,7 @@ from torch import nn
 
 from haina.core.algorithm import Algorithm
 from haina.core.config import ConfigError, plugin_settings
-from haina.core.model import build_model
+from haina.core.model import META, build_model
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.advantages import LossAggregation, clipped_policy_loss, sequence_kl
 from haina.plugins.align.common import check_layout
@@ -107,7 +107,7 @@ class CriticFreeAlgorithm(Algorithm):
         super().setup(engine, resumed)  # the actor from align.init_from
         if self.settings.beta > 0:
             source = self.settings.reference or self.cfg.align.init_from
-            self.reference = engine.prepare_frozen(build_model(self.cfg, engine.device), source)
+            self.reference = engine.prepare_frozen(build_model(self.cfg, META), source)
         self.reward.setup(engine)
 
     def batches(self, cfg: HainaConfig, run_dir: Path, num_samples: int) -> PromptBatches:

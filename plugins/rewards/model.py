@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from haina.core.config import ConfigError, PluginSettings, plugin_settings
+from haina.core.model import META
 from haina.core.registry import register
 from haina.plugins.algorithms.reward_model import build_value_model, last_token_scores
 from haina.plugins.rewards.base import Reward, RewardInput
@@ -44,7 +45,7 @@ class ModelReward(Reward):
             raise ConfigError(f"path: a model reward needs the reward model's run (or {self.cfg.algorithm}.reward_model)")
 
     def setup(self, engine: Engine) -> None:
-        self.model = engine.prepare_frozen(build_value_model(self.cfg, engine.device), self.path)
+        self.model = engine.prepare_frozen(build_value_model(self.cfg, META), self.path)
 
     @torch.no_grad()
     def score(self, batch: RewardInput) -> torch.Tensor:

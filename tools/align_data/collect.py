@@ -27,7 +27,7 @@ from haina.core.distributed import default_device, init_distributed, is_main_pro
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl, read_yaml, write_durable
 from haina.core.generate import Sampling, generate
-from haina.core.model_loading import is_hf_dir, load_model
+from haina.core.model_loading import is_hf_dir, open_model
 from haina.core.placement import inference_config, place
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.chat_format import render_prompt
@@ -147,11 +147,12 @@ def collect(cfg: CollectConfig, overrides: list[str] | None = None, progress: bo
     _drop_torn_line(part_file)  # a record torn by a kill; it is generated again
     made = 0
     for source in cfg.models:
-        model_cfg, model = load_model(source.checkpoint, prefix=source.prefix)
+        opened = open_model(source.checkpoint, prefix=source.prefix)
+        model_cfg = opened.cfg
         tokenizer = load_tokenizer(model_cfg, cfg.tokenizer)
         run_cfg = inference_config(model_cfg, [*(overrides or []), "parallel.sequence_parallel=false"], cfg.batch_size,
                                    "rm collect")
-        placed = place(model, run_cfg, world)
+        placed = place(opened, run_cfg, world)
         step = _step_of(source.checkpoint)
         for setting in cfg.settings:
             sampling = Sampling(**setting.model_dump(exclude={"name", "samples"}))
@@ -183,7 +184,7 @@ def collect(cfg: CollectConfig, overrides: list[str] | None = None, progress: bo
                         made += 1
                 if progress and is_main_process():
                     print(f"collect {source.name}/{setting.name}: batch {r + 1}/{rounds}", flush=True)
-        del placed, model
+        del placed
     collectives.barrier()
     total = 0
     if is_main_process():

@@ -31,7 +31,7 @@ from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl
 from haina.core.indexed_dataset import check_indexed_dataset
 from haina.core.model import Transformer
-from haina.core.model_loading import load_model
+from haina.core.model_loading import ModelSource, open_model
 from haina.core.placement import inference_config, place
 from haina.core.tokenizer import Tokenizer
 from haina.plugins.algorithms.pretrain import Pretrain
@@ -127,10 +127,10 @@ class _Scorer:
     """Summed NLL of a [rows, width] batch on this rank's share of the model; None where this rank
     holds no loss (pipeline stages before the last; tp ranks but the first count once)."""
 
-    def __init__(self, model: Transformer, cfg: HainaConfig, world: int) -> None:
+    def __init__(self, source: ModelSource, cfg: HainaConfig, world: int) -> None:
         cfg.loss.terms = {"cross_entropy": 1.0}
         self.scorer = Pretrain(cfg)
-        placed = place(model, cfg, world, stage_loss=self.scorer)
+        placed = place(source, cfg, world, stage_loss=self.scorer)
         self.device, self.layout, self.autocast = placed.device, placed.layout, placed.autocast
         self.dp_rank, self.pipeline, self.model = placed.dp_rank, placed.pipeline, placed.model
         self.counts = placed.tp_rank == 0 and (self.pipeline is None or self.pipeline.has_last)
@@ -183,7 +183,8 @@ def evaluate_perplexity(
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    cfg, model = load_model(checkpoint)
+    source = open_model(checkpoint)
+    cfg = source.cfg
     seq_len = seq_len or cfg.model.max_seq_len
     if not 0 < seq_len <= cfg.model.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len}: must be in 1..{cfg.model.max_seq_len} (the model's max_seq_len)")
@@ -194,7 +195,7 @@ def evaluate_perplexity(
     if too_big >= cfg.model.vocab_size:
         raise InputFileError(f"--data: token id {too_big} is outside the model's vocabulary ({cfg.model.vocab_size})")
     init_distributed(default_device(), cfg.parallel.collective_timeout_s)
-    scorer = _Scorer(model.eval(), cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    scorer = _Scorer(source, cfg, int(os.environ.get("WORLD_SIZE", "1")))
     batches = _batches(by_source, seq_len, scorer.rows)
     dp = scorer.layout.dp
     rounds = -(-len(batches) // dp)  # every rank runs as many forwards (collectives must pair up)

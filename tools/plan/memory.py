@@ -13,7 +13,8 @@ A step has moments with different working sets, and the largest decides whether 
 - **end of backward**: all gradients and the root unit's (embedding, head) gradient buffers;
 - **optimizer step**: all gradients plus the optimizer's temporaries;
 - **rollout** (RL): the KV cache of the decoded batch and the decoding buffers;
-- **initialisation**: ``build_model`` materialises each whole model in fp32 before the layout cuts it.
+- **initialisation**: models are built on the meta device and cut there; each rank materialises its own
+  shards, drawing one module's full tensors at a time (DeepSpeed builds the trained model whole).
 
 With gradient accumulation or a pipeline, the gradients of earlier micro-batches are there throughout.
 Persistent in every phase: the trained models' parameters and AdamW states, and the frozen models.
@@ -37,7 +38,13 @@ from haina.core.parallel.mesh import Layout, resolve_layout
 from haina.tools.plan import activations as act
 from haina.tools.plan.algorithms import ALIGNMENT, Role, Workload, workload
 from haina.tools.plan.gpus import GIB, Target
-from haina.tools.plan.params import RankParams, largest_param, rank_params, total_parameters
+from haina.tools.plan.params import (
+    RankParams,
+    largest_full_tensor,
+    largest_param,
+    rank_params,
+    total_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,9 @@ def plan_memory(cfg: HainaConfig, nproc: int, target: Target, algorithm: str | N
     if w.loss == "full_logits":
         notes.append("dpo: the policy and the reference compute full [rows, seq, vocab] logits (no chunking)")
     if any(r.peak.name == "initialisation" for r in ranks):
-        notes.append("the peak is the model build: build_model materialises each whole model in fp32 on every rank "
-                     "before the layout cuts it")
+        notes.append("the peak is the model build: DeepSpeed gets the whole fp32 model on every rank before ZeRO "
+                     "partitions it" if cfg.parallel.dp_backend == "deepspeed" else
+                     "the peak is the model build: each rank's shards plus one module drawn at full size")
     return MemoryPlan(layout, target, w, ranks, reserve_gib * GIB if on_gpu else 0.0,
                       fragmentation if on_gpu else 0.0, notes)
 
@@ -355,33 +363,30 @@ def _rank(cfg: HainaConfig, layout: Layout, w: Workload, d: Dtypes, device: str,
 
     if w.step_rows:
         phases.append(Phase("rollout", [*static, *_rollout(cfg, layout, w, d, device, trained, frozen, fsdp)]))
-    phases.append(Phase("initialisation", _initialisation(static, whole, frozen, layout.pp > 1, d, deepspeed,
-                                                          cfg.deepspeed.zero_stage)))
+    drawn = max(largest_full_tensor(r.model, embed=pp_rank == 0, head=last_stage) for r, _ in [*trained, *frozen])
+    phases.append(Phase("initialisation", _initialisation(static, whole, drawn, d, deepspeed, cfg.deepspeed.zero_stage)))
     stored = local_trained
     if deepspeed and cfg.deepspeed.zero_stage == 3:
         stored = math.ceil(local_trained / layout.dp)
     return RankMemory(pp_rank, stored, local_frozen, phases, host)
 
 
-def _initialisation(static: list[Term], whole: float, frozen: list[tuple[Role, RankParams]], pipeline: bool,
-                    d: Dtypes, deepspeed: bool, cfg_stage: int = 2) -> list[Term]:
-    """Building the models: ``build_model`` materialises each whole model in fp32 on every rank before the
-    layout cuts it (the trained one first, then each frozen one beside the trained shards)."""
-    built = Term("whole model at build", whole, "fp32, on every rank, before the layout cuts it")
+def _initialisation(static: list[Term], whole: float, drawn: int, d: Dtypes, deepspeed: bool,
+                    cfg_stage: int = 2) -> list[Term]:
+    """Building the models. Under FSDP2, tp and pp they are built on the meta device and cut there; each
+    rank then materialises its shards of the trained model and of each frozen one, drawing one module at
+    full size at a time and keeping its slice (:mod:`haina.core.materialize`). DeepSpeed gets the whole
+    trained model in fp32 on every rank and partitions it itself."""
     if deepspeed:
+        built = Term("whole model at build", whole, "fp32, on every rank, before ZeRO partitions it")
         # deepspeed.initialize casts a bf16 run's model in place (the fp32 copy goes as the bf16 one comes),
         # then ZeRO-1/2 copy the parameters into one flat buffer: 2 + 2 bytes per parameter under bf16, no
         # more than the fp32 build; an fp32 run's flat copy comes on top. ZeRO-3 partitions in place.
         if cfg_stage < 3 and d.gathered == 4:
             return [built, Term("ZeRO flattening", whole, "flat fp32 copy of the parameters (ZeRO-1/2)")]
         return [built]
-    first = [built]  # a pipeline stage then copies its share, and train() lets the whole model go
-    if not frozen:
-        return first
-    largest = max(4 * total_parameters(r.model) for r, _ in frozen)
-    beside = [*[t for t in static if t.name == "parameters"],
-              Term("frozen model at build", largest, "fp32, whole, before the layout cuts it")]
-    return beside if sum(t.bytes for t in beside) > sum(t.bytes for t in first) else first
+    held = [t for t in static if t.name in ("parameters", "frozen models")]
+    return [*held, Term("one module at full size", 4 * drawn, "fp32, drawn whole, then this rank's slice kept")]
 
 
 def _head_tp(role: Role, layout: Layout) -> float:

@@ -172,6 +172,14 @@ def largest_param(model: ModelConfig, layout: Layout, fsdp: bool = True) -> int:
                for piece in (shapes.block, shapes.embed, shapes.norm, shapes.head) for shape, dim in piece)
 
 
+def largest_full_tensor(model: ModelConfig, embed: bool = True, head: bool = True) -> int:
+    """Numel of the largest parameter at full (unsharded) size that a stage holds (its blocks, with the
+    embedding on the first stage, norm and head on the last): what materialising draws at once."""
+    shapes = model_shapes(model)
+    pieces = [shapes.block, *([shapes.embed] if embed else []), *([shapes.norm, shapes.head] if head else [])]
+    return max(math.prod(shape) for piece in pieces for shape, _ in piece)
+
+
 def total_parameters(model: ModelConfig) -> int:
     shapes = model_shapes(model)
     return model.num_layers * shapes.full("block") + shapes.full("embed") + shapes.full("norm") + shapes.full("head")
