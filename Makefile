@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench-loss bench-dedup bench-layouts bench-speed bench-imports clean
+.PHONY: setup demo test test-fast lint bench-loss bench-dedup bench-quality bench-layouts bench-speed bench-imports clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ lint: setup
 
 bench-loss: setup
 	$(PY) -m haina.tools.bench.loss
+
+bench-quality: setup
+	$(PY) -m haina.tools.bench.quality
 
 bench-dedup: setup
 	$(PY) -m haina.tools.bench.dedup

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from haina.core.config import apply_override
 from haina.core.errors import ConfigError
 from haina.core.files import read_yaml
-from haina.core.validation import allowed_keys_of, one_line_validation_error
+from haina.core.validation import SectionError, allowed_keys_of, one_line_validation_error
 
 
 class _Section(BaseModel):
@@ -123,13 +123,55 @@ class ModelTrainConfig(_Section):
     max_iter: int = Field(60, ge=1, description="optimizer iterations")
 
 
+class QualityModelConfig(ModelTrainConfig):
+    """The quality classifier learns from some fourteen thousand lines, so it needs far less regularisation
+    than the safety classifier's few hundred."""
+
+    reg_param: float = Field(1e-5, ge=0, description="L2 regularisation of the logistic regression")
+
+
 class QualityConfig(_Section):
+    """Stage 3. The cut between kept and removed sentences is either fixed (``sentence_threshold``) or taken
+    from this job's own sentences so that ``target_removal_share`` of their characters goes. A fixed
+    threshold wins: setting it alone clears the share; setting both is a contradiction and an error."""
+
     enabled: bool = Field(True, description="score every sentence with the quality classifier")
     kinds: list[Literal["en", "zh", "code"]] = Field(["en", "zh"], description="document kinds to judge")
     min_sentence_chars: int = Field(12, ge=1, description="shorter sentences are not judged (kept)")
-    sentence_threshold: float = Field(0.5, ge=0, le=1, description="sentences scoring below this are removed")
+    sentence_threshold: float | None = Field(
+        None, ge=0, le=1, description="fixed cut: sentences whose probability is below this are removed; when "
+        "set it wins over target_removal_share (which must then be left unset); None: use the share"
+    )
+    target_removal_share: float | None = Field(
+        0.03, ge=0, lt=1, description="when sentence_threshold is unset: the cut is the score quantile of this "
+        "job's judged sentences below which this share of their characters lies (the Baichuan 2 report's "
+        "sentence filter removed about 3% of tokens; characters, since the approximate tokens count every "
+        "symbol of a ruler line as a token)"
+    )
+    report_removed: int = Field(
+        20, ge=0, description="removed sentences listed with their scores in report.json: this many of the "
+        "lowest-scoring and this many of those just below the cut"
+    )
     min_doc_score: float = Field(0.2, ge=0, le=1, description="documents whose quality score is below this go")
-    model: ModelTrainConfig = Field(default_factory=ModelTrainConfig, description="classifier training")
+    model: QualityModelConfig = Field(
+        default_factory=QualityModelConfig,
+        description="classifier training (seed_file None: lines of installed text, generated spam, boilerplate "
+        "and garbage, and the packaged seed; see docs/data_quality.md)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_cut(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("sentence_threshold") is None:
+            if isinstance(data, dict) and "target_removal_share" in data and data["target_removal_share"] is None:
+                raise SectionError(("target_removal_share",), "is null but sentence_threshold is not set: "
+                                   "give one of them (the cut needs a threshold or a share)")
+            return data
+        if data.get("target_removal_share") is not None:
+            raise SectionError(("sentence_threshold",), f"{data['sentence_threshold']} contradicts "
+                               f"target_removal_share={data['target_removal_share']}: set one of them "
+                               "(target_removal_share=null to use the fixed threshold)")
+        return {**data, "target_removal_share": None}
 
 
 class LineDedupConfig(_Section):

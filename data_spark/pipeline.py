@@ -112,6 +112,29 @@ class Progress:
             f"[green]✓[/] {name:<12} {row['docs_in']:>8,} → {row['docs_out']:>8,} docs  "
             f"{row['tokens_in']:>11,} → {row['tokens_out']:>11,} tokens  {row['seconds']:.1f}s"
         )
+        for line in cut_lines(row):
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def cut_lines(row: dict[str, Any], examples: int = 3) -> list[str]:
+    """The quality stage's cut in a few lines: threshold, what it removed, and the lowest-scoring and
+    just-below-the-cut removed sentences with their scores (all of them are in report.json)."""
+    cut, sample = row.get("cut"), row.get("removed_sample")
+    if not isinstance(cut, dict) or not isinstance(sample, dict):
+        return []
+    how = (f"target_removal_share {cut['target_removal_share']:.1%}" if cut.get("rule") == "target_removal_share"
+           else "sentence_threshold")
+    lines = [f"  cut at score {cut['threshold']:.4f} ({how}): removed {cut['removed_sentences']:,} of "
+             f"{cut['judged_sentences']:,} judged sentences, {cut['removed_char_share']:.1%} of their characters"]
+    shown = set()
+    for title, key in (("lowest", "lowest"), ("just below the cut", "just_below_cut")):
+        for item in sample.get(key, [])[:examples]:
+            if (item["row_id"], item["text"], item["score"]) in shown:
+                continue  # few removed: the two lists meet
+            shown.add((item["row_id"], item["text"], item["score"]))
+            text = item["text"] if len(item["text"]) <= 70 else item["text"][:69] + "…"
+            lines.append(f"    {title:<18} {item['score']:.4f}  {text}")
+    return lines
 
 
 def _counts(df: DataFrame) -> tuple[int, int]:

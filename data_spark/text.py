@@ -67,6 +67,12 @@ def sentences(line: str) -> list[str]:
     return [piece for piece in _SENTENCE_END.split(line) if piece and piece.strip()]
 
 
+def judged_sentences(text: str, min_chars: int) -> list[str]:
+    """The pieces of ``text`` that the sentence-quality stage scores, in order: the :func:`sentences` of
+    each line, those shorter than ``min_chars`` (stripped) left out."""
+    return [piece for line in text.split("\n") for piece in sentences(line) if len(piece.strip()) >= min_chars]
+
+
 def normalize(text: str) -> str:
     """NFKC, lower case, punctuation dropped, whitespace collapsed: the key of exact and line dedup."""
     text = unicodedata.normalize("NFKC", text).lower()

@@ -39,9 +39,8 @@ def trimmed_apart() -> tuple[str, str]:
 
     ``first`` has a paragraph per line; two paragraphs carry a C4 blocklist phrase, so the heuristics
     stage drops those whole paragraphs. ``second`` is the same text wrapped at 60 columns with one word
-    changed: the C4 rule drops only the wrapped line with the phrase, the quality classifier (which
-    judges the sentences of each line) drops some of the wrapped sentence pieces, and line dedup drops
-    the paragraphs ``first`` already has (their key ignores the wrapping)."""
+    changed: the C4 rule drops only the wrapped line with the phrase, and line dedup drops the paragraphs
+    ``first`` already has (their key ignores the wrapping)."""
     sentences = EN_SENTENCES + EN_EXTRA
     paragraphs = [" ".join(sentences[i : i + 5]) for i in range(0, 30, 5)]
     paragraphs[1] += " " + NOTICE
@@ -90,8 +89,10 @@ def test_copies_trimmed_apart_by_the_edit_stages_are_found(spark, tmp_path: Path
                {"id": "other-2", "text": en_doc(18)}, {"id": "second", "text": second},
                {"id": "other-3", "text": en_doc(0)}]
     path = write_jsonl(tmp_path / "in.jsonl", records)
+    # a fixed sentence cut: the default (a share of this five-document corpus) would remove the changed
+    # sentence whose survival below tells the copies apart
     cfg = load_prepare_config(None, [*TEST_OVERRIDES, "embedding.enabled=false", "safety.enabled=false",
-                                     "keep_intermediate=true"])
+                                     "keep_intermediate=true", "quality.sentence_threshold=0.5"])
     out = tmp_path / "out"
     report = run_pipeline(spark, [path], out, cfg, progress=False)
 
@@ -149,7 +150,7 @@ def test_bench_dedup_whole_job_on_real_text(capsys: pytest.CaptureFixture[str]) 
     precision, recall, removed, pairs = float(found[1]), float(found[2]), int(found[3]), int(found[4])
     assert precision >= 0.99 and recall >= 0.9 and removed >= 5 and pairs >= 10, out
     apart = re.search(r"trimmed apart before near-dedup: (\d+) of the (\d+) pairs .*, (\d+) of them already", out)
-    assert apart and int(apart[1]) >= 5 and int(apart[3]) >= 1, out
+    assert apart and int(apart[1]) >= 5, out
     rows = [line.split() for line in out.splitlines() if re.match(r"J \d\.\d\d-\d\.\d\d ", line)]
     assert len(rows) >= 4, out
     for row in rows:

@@ -1,22 +1,44 @@
 """Stage 3: sentence-level quality classifier; low-quality sentences go, the document keeps its score.
 
+Two passes over the documents. The first scores every judged sentence (:func:`judged_sentences`: the
+sentences of each line, short ones left out) and keeps the log-odds beside the text. The cut is then
+either ``quality.sentence_threshold`` or, by default, the point below which ``target_removal_share`` of
+the judged sentences' characters lies, read off a histogram of log-odds that Spark aggregates (a few
+thousand bins come to the driver, never a document). The second pass removes the sentences below the cut.
+A classifier's probabilities on one corpus say little about another (the seed's prose is not the job's),
+so a share the report can be compared with is the default, not a probability.
+
 The score of a document is the character-weighted mean probability of its judged sentences, taken
 before removal so it says how clean the original was. Kinds not listed in ``quality.kinds`` (code by
 default: the classifier reads prose) and documents without a judged sentence score 1.0.
+
+The stage's notes in ``report.json`` give the model's seed, the cut and how it was chosen, what it
+removed, and a sample of removed sentences with their scores (the lowest and those just below the cut),
+so a person can judge where the cut fell.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pyarrow as pa
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import QualityConfig
-from haina.data_spark.linear_model import LinearModel, fit_and_save, read_seed
+from haina.data_spark.linear_model import LinearModel, fit_and_save, logit_of, read_seed, sigmoid
+from haina.data_spark.quality_seed import build_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
-from haina.data_spark.text import approx_tokens, is_cjk, sentences
+from haina.data_spark.text import approx_tokens, is_cjk, judged_sentences, sentences
 
+SCORED = [
+    T.StructField("_qlogit", T.ArrayType(T.DoubleType())),
+    T.StructField("_qlen", T.ArrayType(T.IntegerType())),
+    T.StructField("_qtok", T.ArrayType(T.IntegerType())),
+]
 FIELDS = [
     T.StructField("text", T.StringType()),
     T.StructField("ntok", T.LongType()),
@@ -24,22 +46,25 @@ FIELDS = [
     T.StructField("sentences_removed", T.IntegerType()),
     T.StructField("_reason", T.StringType()),
 ]
+BINS_PER_UNIT = 100  # histogram resolution in log-odds: 0.01, a change of at most 0.25% in probability
+LOGIT_RANGE = 30.0  # log-odds beyond +-30 share the end bins
 
 
-def judge(text: str, model: LinearModel, cfg: QualityConfig) -> tuple[str, float, int]:
-    """(text without low-quality sentences, document score, sentences removed)."""
+def judge(text: str, logits: list[float], cut: float, cfg: QualityConfig) -> tuple[str, float, int]:
+    """(text without the sentences whose log-odds are below ``cut``, document score, sentences removed);
+    ``logits`` are those of ``judged_sentences(text)``, in order."""
+    scores = iter(logits)
     lines_out, removed, weighted, chars = [], 0, 0.0, 0
     for line in text.split("\n"):
-        pieces = sentences(line)
         keep, changed = [], False
-        for piece in pieces:
+        for piece in sentences(line):
             if len(piece.strip()) < cfg.min_sentence_chars:
                 keep.append(piece)
                 continue
-            prob = model.score(piece)
-            weighted += prob * len(piece)
+            logit = next(scores)
+            weighted += sigmoid(logit) * len(piece)
             chars += len(piece)
-            if prob < cfg.sentence_threshold:
+            if logit < cut:
                 removed += 1
                 changed = True
             else:
@@ -53,17 +78,31 @@ def judge(text: str, model: LinearModel, cfg: QualityConfig) -> tuple[str, float
     return "\n".join(lines_out).strip("\n"), score, removed
 
 
-def _apply(bc, cfg: QualityConfig):
+def _score(bc, cfg: QualityConfig):
     kinds = set(cfg.kinds)
 
+    def score(batch: pa.RecordBatch) -> dict[str, list]:
+        model: LinearModel = bc.value
+        logits, lengths, tokens = [], [], []
+        for text, kind in zip(texts(batch), texts(batch, "kind"), strict=True):
+            pieces = judged_sentences(text, cfg.min_sentence_chars) if kind in kinds else []
+            logits.append([model.logit(p) for p in pieces])
+            lengths.append([len(p) for p in pieces])
+            tokens.append([approx_tokens(p) for p in pieces])
+        return {"_qlogit": logits, "_qlen": lengths, "_qtok": tokens}
+
+    return score
+
+
+def _apply(cut: float, cfg: QualityConfig):
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
-        model = bc.value
         out: dict[str, list] = {f.name: [] for f in FIELDS}
-        for text, kind, ntok in zip(texts(batch), texts(batch, "kind"), texts(batch, "ntok"), strict=True):
-            if kind not in kinds:
+        columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "ntok"), texts(batch, "kind"))
+        for text, logits, ntok, kind in zip(*columns, strict=True):
+            if kind not in cfg.kinds:
                 new_text, score, removed = text, 1.0, 0
             else:
-                new_text, score, removed = judge(text, model, cfg)
+                new_text, score, removed = judge(text, logits, cut, cfg)
             reason = None
             if not new_text.strip():
                 reason, new_text = "quality: every sentence below threshold", text
@@ -79,16 +118,117 @@ def _apply(bc, cfg: QualityConfig):
     return apply
 
 
+def _sentences(scored: DataFrame) -> DataFrame:
+    """One row per judged sentence: (row_id, pos, logit, chars, tokens); Spark explodes it, nothing is
+    collected."""
+    return scored.select("row_id", F.posexplode(F.arrays_zip("_qlogit", "_qlen", "_qtok")).alias("pos", "s")).select(
+        "row_id", "pos", F.col("s._qlogit").alias("logit"), F.col("s._qlen").alias("chars"),
+        F.col("s._qtok").alias("tokens"),
+    )
+
+
+def histogram(sentences_df: DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(bin lower edges in log-odds, characters) per non-empty bin, ascending."""
+    clipped = F.greatest(F.least(F.col("logit"), F.lit(LOGIT_RANGE - 1e-9)), F.lit(-LOGIT_RANGE))
+    rows = (sentences_df.groupBy(F.floor(clipped * BINS_PER_UNIT).alias("bin"))
+            .agg(F.sum("chars").alias("chars")).orderBy("bin").collect())
+    bins = np.array([r["bin"] for r in rows], dtype=np.int64)
+    return bins / BINS_PER_UNIT, np.array([r["chars"] for r in rows], float)
+
+
+def cut_for_share(edges: np.ndarray, weights: np.ndarray, share: float) -> float:
+    """The smallest bin edge below which at least ``share`` of the weight lies (the share quantile):
+    -inf (nothing removed) for a share of 0 or nothing to judge, +inf when every bin is needed. Sentences
+    of one score (repeats of a line) fall in one bin and go together, so a small corpus with repeated
+    lines can lose more than ``share``; a large one lands within a bin's width of it."""
+    total = weights.sum()
+    if total <= 0 or share <= 0:
+        return float("-inf")
+    reached = np.cumsum(weights) / total >= share - 1e-12  # cutting above bin i removes bins 0..i
+    first = int(np.argmax(reached)) if reached.any() else len(edges) - 1
+    return float(edges[first + 1]) if first + 1 < len(edges) else float("inf")
+
+
+def choose_cut(sentences_df: DataFrame, cfg: QualityConfig) -> tuple[float, dict[str, object]]:
+    """The log-odds cut and how it was chosen (notes)."""
+    if cfg.sentence_threshold is not None:
+        return logit_of(cfg.sentence_threshold), {"rule": "sentence_threshold"}
+    share = float(cfg.target_removal_share or 0.0)
+    edges, chars = histogram(sentences_df)
+    cut = cut_for_share(edges, chars, share) if len(edges) else float("-inf")
+    return cut, {"rule": "target_removal_share", "target_removal_share": share,
+                 "histogram_bin": 1.0 / BINS_PER_UNIT}
+
+
+def _threshold(cut: float) -> float:
+    return 0.0 if cut == float("-inf") else 1.0 if cut == float("inf") else round(sigmoid(cut), 6)
+
+
+def removal_summary(sentences_df: DataFrame, cut: float) -> dict[str, object]:
+    """Judged and removed sentences, characters and (approximate) tokens, and the removed shares of each."""
+    below = F.col("logit") < F.lit(cut) if math.isfinite(cut) else F.lit(cut == float("inf"))
+    row = sentences_df.agg(
+        F.count("*").alias("sentences"), F.count(F.when(below, 1)).alias("removed_sentences"),
+        *(F.coalesce(F.sum(c), F.lit(0)).alias(c) for c in ("chars", "tokens")),
+        *(F.coalesce(F.sum(F.when(below, F.col(c))), F.lit(0)).alias(f"removed_{c}") for c in ("chars", "tokens")),
+    ).first()
+    out: dict[str, object] = {}
+    for unit, name in (("sentences", "sentence"), ("chars", "char"), ("tokens", "token")):
+        total, removed = int(row[unit]), int(row[f"removed_{unit}"])
+        out |= {f"judged_{unit}": total, f"removed_{unit}": removed,
+                f"removed_{name}_share": round(removed / total, 6) if total else 0.0}
+    return out
+
+
+def removed_sample(scored: DataFrame, sentences_df: DataFrame, cut: float, cfg: QualityConfig) -> dict[str, list]:
+    """The ``report_removed`` lowest-scoring removed sentences and the ``report_removed`` highest-scoring
+    ones (just below the cut), with scores, document ids and texts; ordered by (score, row id, position)
+    so the sample is the same on every run. Only the sampled documents' texts reach the driver."""
+    k = cfg.report_removed
+    if k == 0 or cut == float("-inf"):
+        return {"lowest": [], "just_below_cut": []}
+    removed = sentences_df.filter(F.col("logit") < F.lit(cut)) if math.isfinite(cut) else sentences_df
+    lowest = removed.orderBy("logit", "row_id", "pos").limit(k).collect()
+    near = removed.orderBy(F.desc("logit"), "row_id", "pos").limit(k).collect()
+    wanted = sorted({r["row_id"] for r in (*lowest, *near)})
+    docs = {r["row_id"]: (r["doc_id"], r["text"]) for r in
+            scored.filter(F.col("row_id").isin(wanted)).select("row_id", "doc_id", "text").collect()}
+
+    def entry(r) -> dict[str, object]:
+        doc_id, text = docs[r["row_id"]]
+        return {"score": round(sigmoid(r["logit"]), 6), "doc_id": doc_id, "row_id": r["row_id"],
+                "text": judged_sentences(text, cfg.min_sentence_chars)[r["pos"]].strip()}
+
+    return {"lowest": [entry(r) for r in lowest], "just_below_cut": [entry(r) for r in near]}
+
+
 def fit(ctx: StageContext, cfg: QualityConfig) -> LinearModel:
-    rows = read_seed("quality_seed.tsv", cfg.model.seed_file)
-    return fit_and_save(ctx.spark, rows, cfg.model, ctx.workdir / "models" / "quality.npz", ctx.notes, "quality_model")
+    """The classifier: on the built seed (installed text, generated bad lines, the packaged seed file) or
+    on ``quality.model.seed_file`` alone."""
+    if cfg.model.seed_file is None:
+        seed = build_seed()
+        rows, sizes = seed.rows, seed.sizes
+    else:
+        rows, sizes = read_seed("quality_seed.tsv", cfg.model.seed_file), None
+    path = ctx.workdir / "models" / "quality.npz"
+    model = fit_and_save(rows, cfg.model, path, ctx.notes, "quality_model", shape=True, balanced=True)
+    if sizes is not None:
+        ctx.notes["quality_model"] = {**ctx.notes["quality_model"], "seed_sources": sizes}
+    return model
 
 
 def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.quality
     model = fit(ctx, cfg)
     bc = ctx.spark.sparkContext.broadcast(model)
-    judged = map_columns(df, _apply(bc, cfg), FIELDS).cache()
+    scored = map_columns(df, _score(bc, cfg), SCORED).cache()
+    per_sentence = _sentences(scored).cache()
+    cut, how = choose_cut(per_sentence, cfg)
+    cut_notes = {**how, "threshold": _threshold(cut), "threshold_logit": round(cut, 6) if math.isfinite(cut) else None,
+                 **removal_summary(per_sentence, cut)}
+    sample = removed_sample(scored, per_sentence, cut, cfg)
+    judged = map_columns(scored, _apply(cut, cfg), FIELDS, drop=("_qlogit", "_qlen", "_qtok")).cache()
     kept = judged.filter(F.col("_reason").isNull()).drop("_reason")
     removed = removed_rows(judged.filter(F.col("_reason").isNotNull()), F.col("_reason"))
-    return StageResult(kept, removed, {"model": ctx.notes["quality_model"]})
+    return StageResult(kept, removed, {"model": ctx.notes["quality_model"], "cut": cut_notes,
+                                       "removed_sample": sample})

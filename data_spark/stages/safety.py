@@ -46,7 +46,7 @@ def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
     rows = read_seed("safety_seed.tsv", cfg.model.seed_file)
     if cfg.model.seed_file is None:  # clean prose and spam are both "safe" examples
         rows += [(0.0, text) for _, text in read_seed("quality_seed.tsv")]
-    return fit_and_save(ctx.spark, rows, cfg.model, ctx.workdir / "models" / "safety.npz", ctx.notes, "safety_model")
+    return fit_and_save(rows, cfg.model, ctx.workdir / "models" / "safety.npz", ctx.notes, "safety_model")
 
 
 def run(df, ctx: StageContext) -> StageResult:

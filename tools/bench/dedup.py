@@ -41,13 +41,9 @@ share trimmed apart) and by shape; seconds per stage.
 from __future__ import annotations
 
 import argparse
-import ast
-import email
 import json
-import os
 import random
 import re
-import sysconfig
 import tempfile
 import textwrap
 import time
@@ -59,6 +55,7 @@ from pyspark.sql import functions as F
 
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.connected_components import connected_components
+from haina.data_spark.installed_text import real_texts
 from haina.data_spark.minhash import MinHasher, candidate_probability, lsh_params, shingles
 from haina.data_spark.prepare import prepare_main
 from haina.data_spark.rules import clean_lines, document_reason
@@ -70,7 +67,6 @@ from haina.tools.demo.corpus import BOILERPLATE, SPAM_EN
 BUCKETS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.75), (0.75, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01)]
 SHAPES = ("edit", "reflow", "spam", "boilerplate", "truncated")
 DEDUP_STAGES = ("exact_dedup", "line_dedup", "near_dedup")
-_SKIP_DIRS = {"test", "tests", "testing", "idle_test", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
 _DOC_CHARS = (700, 2500)
 _BASE_MAX_JACCARD = 0.3
 
@@ -81,10 +77,6 @@ def jaccard(a: str, b: str, size: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- real text
-
-def _paragraphs(text: str) -> list[str]:
-    return [p.strip("\n") for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
-
 
 def _chunks(paragraphs: list[str], rng: random.Random) -> Iterator[str]:
     """Consecutive paragraphs grouped into documents of a random size in ``_DOC_CHARS``."""
@@ -98,54 +90,6 @@ def _chunks(paragraphs: list[str], rng: random.Random) -> Iterator[str]:
             current, size, target = [], 0, rng.randint(*_DOC_CHARS)
     if current and size >= _DOC_CHARS[0]:
         yield "\n\n".join(current)
-
-
-def _docstrings(path: Path) -> list[str]:
-    """Module, class and function docstrings of a source file (200 characters or more)."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
-        return []
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= 200:
-                found.append(doc)
-    return found
-
-
-def _source_files(root: Path) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
-        for name in sorted(files):
-            if name.endswith(".py"):
-                yield Path(folder) / name
-
-
-def real_texts() -> Iterator[list[str]]:
-    """Paragraphs of each piece of English text installed here, in a fixed order: Python's reference
-    topics, standard-library docstrings, distributions' METADATA descriptions and licences, packages'
-    docstrings."""
-    from pydoc_data.topics import topics
-
-    for name in sorted(topics):
-        yield _paragraphs(topics[name])
-    for path in _source_files(Path(sysconfig.get_paths()["stdlib"])):
-        yield [p for doc in _docstrings(path) for p in _paragraphs(doc)]
-    site = Path(sysconfig.get_paths()["purelib"])
-    for info in sorted(site.glob("*.dist-info")):
-        meta = info / "METADATA"
-        if meta.is_file():
-            body = email.message_from_string(meta.read_text(encoding="utf-8", errors="replace")).get_payload()
-            if isinstance(body, str):
-                yield _paragraphs(body)
-        for path in sorted(info.rglob("*")):
-            if path.is_file() and "LICEN" in path.name.upper():
-                yield _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
-    for package in sorted(p for p in site.iterdir() if (p / "__init__.py").is_file()):
-        for path in _source_files(package):
-            yield [p for doc in _docstrings(path) for p in _paragraphs(doc)]
 
 
 def base_documents(rng: random.Random, size: int) -> Iterator[str]:
