@@ -7,17 +7,26 @@ about log2(n) rounds instead of n. At the fixpoint every node carries the smalle
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from haina.core.errors import ConfigError
 
-def connected_components(edges: DataFrame, max_iterations: int = 40) -> DataFrame:
-    """``(id, component)`` for every node of the undirected ``edges(src, dst)``; component = min id."""
+
+def connected_components(edges: DataFrame, max_iterations: int = 40, stats: dict[str, Any] | None = None) -> DataFrame:
+    """``(id, component)`` for every node of the undirected ``edges(src, dst)``; component = min id.
+
+    ``stats`` (if given) receives ``rounds``. Labels still changing after ``max_iterations`` rounds are
+    refused in one line (a partial labelling would split components and keep copies)."""
     both = edges.select("src", "dst").union(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst")))
     both = both.filter(F.col("src") != F.col("dst")).distinct().localCheckpoint()
     labels = both.groupBy("src").agg(F.least(F.min("dst"), F.first("src")).alias("label"))
     labels = labels.withColumnRenamed("src", "id").localCheckpoint()
+    rounds, converged = 0, False
     for _ in range(max_iterations):
+        rounds += 1
         neighbour = (
             both.join(labels.withColumnRenamed("id", "dst").withColumnRenamed("label", "nlabel"), "dst")
             .groupBy("src")
@@ -34,5 +43,13 @@ def connected_components(edges: DataFrame, max_iterations: int = 40) -> DataFram
         changed = jumped.join(labels.withColumnRenamed("label", "old"), "id").filter(F.col("label") != F.col("old"))
         labels = jumped
         if changed.isEmpty():
+            converged = True
             break
+    if stats is not None:
+        stats["rounds"] = rounds
+    if not converged and not both.isEmpty():
+        raise ConfigError(
+            f"near_dedup.max_iterations={max_iterations}: connected components still changing after "
+            f"{max_iterations} rounds; raise it"
+        )
     return labels.withColumnRenamed("label", "component")

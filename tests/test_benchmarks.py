@@ -171,3 +171,17 @@ def test_bench_logprobs_lean_needs_less_memory(capsys: pytest.CaptureFixture[str
     assert 0 < r["lean_peak_bytes"] * 3 < r["full_peak_bytes"], r
     assert r["max_logp_diff"] < 1e-4 and r["max_entropy_diff"] < 1e-4
     assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.integration  # a Spark session (local[2])
+@pytest.mark.timeout(300)
+def test_bench_cluster_components_chain_and_star() -> None:
+    """The connected-components half of bench.cluster at its smallest: a chain needs about log2(n) rounds
+    (pointer jumping), a star one, both far inside the round limit, and each is one component."""
+    from haina.tools.bench.cluster import main
+
+    result = main(["--skip-cluster", "--nodes", "3000", "--json"])
+    rows = {r["shape"]: r for r in result["components"]}
+    assert all(r["one_component"] and r["nodes"] == 3000 for r in rows.values()), rows
+    assert 8 <= rows["chain"]["rounds"] <= 16 < rows["chain"]["limit"]  # log2(3000) = 11.6
+    assert rows["star"]["rounds"] <= 2

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
+from haina.core.errors import ConfigError
 from haina.data_spark.config import load_prepare_config
 from haina.data_spark.connected_components import connected_components
 from haina.data_spark.ingest import documents, quarantined, read_inputs
@@ -154,11 +155,15 @@ def test_connected_components_chain_and_star(spark) -> None:  # noqa: F811
     star = [(7, leaf) for leaf in (90, 3, 55, 12)]  # centre 7, smallest member 3
     pair = [(500, 400)]
     edges = spark.createDataFrame(chain[::-1] + star + pair, "src long, dst long")
-    labels = {r["id"]: r["component"] for r in connected_components(edges).collect()}
+    stats: dict = {}
+    labels = {r["id"]: r["component"] for r in connected_components(edges, stats=stats).collect()}
+    assert 2 <= stats["rounds"] <= 8  # pointer jumping: about log2(41) rounds for the chain, not 40
     assert all(labels[n] == 100 for n in range(100, 141))
     assert all(labels[n] == 3 for n in (7, 90, 3, 55, 12))
     assert labels[400] == labels[500] == 400
     assert len(labels) == 41 + 5 + 2
+    with pytest.raises(ConfigError, match=r"^near_dedup.max_iterations=2: connected components still changing"):
+        connected_components(edges, max_iterations=2)
 
 
 def test_embedding_clusters_and_density(spark, tmp_path: Path) -> None:  # noqa: F811

@@ -159,7 +159,8 @@ def run(df, ctx: StageContext) -> StageResult:
     edges = candidate_edges(signed)
     if cfg.verify != "none":
         edges = verified(edges, signed, cfg)
-    components = connected_components(edges, cfg.max_iterations).cache()
+    cc: dict[str, int] = {}
+    components = connected_components(edges, cfg.max_iterations, stats=cc).cache()
     sizes = components.groupBy("component").agg(F.count("*").alias("near_dup_size"))
     removal = copies(components, signed, cfg).select(
         F.col("id").alias("row_id"), F.col("component").alias("_copy_of"), F.col("similarity").alias("_similarity")
@@ -178,5 +179,6 @@ def run(df, ctx: StageContext) -> StageResult:
     removed = removed_rows(labelled.filter(is_copy), _reason(cfg), F.col("_copy_of"))
     texts_are = "texts as ingested" if from_ingest else "texts as this stage received them"
     notes = {"bands": bands, "rows": rows, "num_perm": cfg.num_perm, "signed": texts_are,
+             "components_rounds": cc["rounds"],
              "near_duplicates": cluster_report(removal, signed, cfg, texts_are)}
     return StageResult(kept, removed, notes)

