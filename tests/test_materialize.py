@@ -155,3 +155,12 @@ def test_a_module_that_cannot_fill_its_state_is_refused_in_one_line() -> None:
     model.layers["0"].extra = _Stateful()
     materialize(model, "cpu", None)
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_deepspeed_backend_shards_frozen_models_as_fsdp2_does() -> None:
+    """ZeRO partitions what it trains; a frozen reference or reward model goes through the engine's own
+    prepare_frozen (meta, the layout's FSDP2 over the data-parallel ranks, shards filled), as above."""
+    from haina.core.engine import Engine
+    from haina.core.parallel.zero import ZeroEngine
+
+    assert ZeroEngine.prepare_frozen is Engine.prepare_frozen

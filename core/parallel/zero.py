@@ -35,7 +35,6 @@ from haina.core.checkpoint import (
     CheckpointManager,
     TrainerState,
     is_deepspeed_checkpoint,
-    load_frozen_weights,
     resolve_checkpoint,
     rng_state,
     set_rng_state,
@@ -44,7 +43,6 @@ from haina.core.checkpoint import (
 from haina.core.config import HainaConfig, build_config, dump_config
 from haina.core.engine import Engine
 from haina.core.guard import NONFINITE_GRAD, OK, SpikeGuard, agree
-from haina.core.materialize import materialize
 from haina.core.model_loading import run_config
 from haina.core.optim import build_optimizer, param_groups
 from haina.core.parallel.mesh import Layout
@@ -125,14 +123,6 @@ class ZeroEngine(Engine):
         self.optimizers = [optimizer]
         # every backward reduces unless the loop says otherwise (it marks all but the last micro-batch)
         self.ds.set_gradient_accumulation_boundary(True)
-
-    def prepare_frozen(self, module: nn.Module, source: str | None) -> nn.Module:
-        """Frozen models (built on meta) are materialised whole on every rank: ZeRO shards what trains."""
-        materialize(module, self.device, None if source is not None else self.cfg.train.seed)
-        if source is not None:
-            load_frozen_weights(source, module)
-        module.requires_grad_(False)
-        return module.eval()
 
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:

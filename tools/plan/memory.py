@@ -24,8 +24,8 @@ all of them between forward and backward without ``reshard_after_forward``) and 
 step; DeepSpeed ZeRO keeps bf16 parameters and gradients (partitioned from stages 3 and 2) and 12 bytes
 of fp32 master + AdamW per parameter over the data-parallel size (on the host with the optimizer
 offloaded), plus its reduce buckets (``deepspeed.reduce_bucket_size``, two with ``overlap_comm``) and
-all-gather buckets. Frozen models keep fp32 weights (sharded like the trained model under FSDP2, whole on
-every rank under DeepSpeed).
+all-gather buckets. Frozen models keep fp32 weights, FSDP2-sharded over the data-parallel ranks under
+either backend.
 """
 
 from __future__ import annotations
@@ -193,10 +193,12 @@ def plan_memory(cfg: HainaConfig, nproc: int, target: Target, algorithm: str | N
                       fragmentation if on_gpu else 0.0, notes)
 
 
-def _params(cfg: HainaConfig, layout: Layout, role: Role, pp_rank: int) -> RankParams:
+def _params(cfg: HainaConfig, layout: Layout, role: Role, pp_rank: int, frozen: bool = False) -> RankParams:
+    """A role's parameters on this rank: FSDP2 shards under the fsdp2 backend, and frozen models under
+    either backend (DeepSpeed partitions only what it trains)."""
     p = cfg.parallel
     virtual = p.pp_virtual_stages if p.pp_schedule == "interleaved_1f1b" else 1
-    fsdp = p.dp_backend == "fsdp2"
+    fsdp = p.dp_backend == "fsdp2" or frozen
     return rank_params(role.model, layout, pp_rank, virtual, p.pp_stage_layers, fsdp=fsdp)
 
 
@@ -205,7 +207,7 @@ def _rank(cfg: HainaConfig, layout: Layout, w: Workload, d: Dtypes, device: str,
     deepspeed = p.dp_backend == "deepspeed"
     fsdp = not deepspeed and layout.dp > 1
     trained = [(r, _params(cfg, layout, r, pp_rank)) for r in w.trained]
-    frozen = [(r, _params(cfg, layout, r, pp_rank)) for r in w.frozen]
+    frozen = [(r, _params(cfg, layout, r, pp_rank, frozen=True)) for r in w.frozen]
     local_trained = sum(rp.local for _, rp in trained)
     local_frozen = sum(rp.local for _, rp in frozen)
     whole = 4 * sum(total_parameters(r.model) for r, _ in trained)
@@ -240,7 +242,7 @@ def _rank(cfg: HainaConfig, layout: Layout, w: Workload, d: Dtypes, device: str,
             opt_temp.append(Term("ZeRO all-gather bucket", e * min(gather, full), f"allgather_bucket_size {gather:.3g}"))
         if frozen:
             static.append(Term("frozen models", 4 * local_frozen,
-                               f"fp32, whole on every rank: {', '.join(r.name for r, _ in frozen)}"))
+                               f"fp32, FSDP2-sharded over dp={n}: {', '.join(r.name for r, _ in frozen)}"))
     else:
         sharded = f"sharded over dp_shard={layout.dp_shard}" if fsdp else "not sharded (no data parallelism)"
         static.append(Term("parameters", 4 * local_trained, f"fp32 master, {sharded}"))
@@ -317,7 +319,7 @@ def _rank(cfg: HainaConfig, layout: Layout, w: Workload, d: Dtypes, device: str,
             continue  # RL's frozen models run in the rollout phase
         micro = _micro(role, w, layout, cfg, d, device, w.rows)
         fwd = act.block_working(micro) + act.full_logits_loss(micro).transient
-        if fsdp:
+        if layout.dp > 1:  # frozen models are FSDP2-sharded under either backend
             fwd += d.gathered * (rp.root.tp_local + 2 * rp.block.tp_local)
         elif deepspeed or d.cast_weights:
             fwd += d.compute * rp.block.tp_local  # one block's weights cast at a time
