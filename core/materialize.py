@@ -17,6 +17,7 @@ outputs); any other module that owns parameters is reset by its own ``reset_para
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -35,10 +36,9 @@ def init_key(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def _owns_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(
-        True for _ in module.buffers(recurse=False)
-    )
+def owns_state(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not its children) holds parameters or buffers."""
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
 def _within(prefix: str, name: str) -> bool:
@@ -51,20 +51,15 @@ def _rules(model: nn.Module) -> Iterator[tuple[str, nn.Module, InitRule | None]]
     for name, module in model.named_modules():
         while owners and not _within(owners[-1][0], name):
             owners.pop()
-        if _owns_state(module):
+        if owns_state(module):
             rule = None
             if owners:
                 prefix, init_module = owners[-1]
-                relative = name[len(prefix) + 1 :] if prefix else name
-                rule = _bind(init_module, relative)
+                rule = functools.partial(init_module, name[len(prefix) + 1 :] if prefix else name)
             yield name, module, rule
         method = getattr(module, "init_module", None)
         if callable(method):
             owners.append((name, method))
-
-
-def _bind(init_module: Callable[[str, nn.Module], bool], relative: str) -> InitRule:
-    return lambda module: init_module(relative, module)
 
 
 def _full_tensors(module: nn.Module) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
@@ -171,6 +166,14 @@ def refill_buffers(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if getattr(module, "_non_persistent_buffers_set", None):
             _reset(name, module)
+
+
+def build(make: Callable[[], nn.Module], device: torch.device, seed: int) -> nn.Module:
+    """``make()`` run on the meta device; for another ``device`` materialised there whole and
+    initialised from ``seed`` (what an algorithm's ``build_model`` returns for either)."""
+    with torch.device("meta"):
+        model = make()
+    return model if device.type == "meta" else materialize(model, device, seed)
 
 
 def materialize(model: nn.Module, device: torch.device | str, seed: int | None) -> nn.Module:

@@ -22,7 +22,7 @@ from haina.core.attention import AttentionInputs
 from haina.core.config import HainaConfig, ModelConfig
 from haina.core.errors import PluginError
 from haina.core.kv_cache import KVCache, LayerCache
-from haina.core.materialize import init_weights, materialize
+from haina.core.materialize import build, init_weights
 
 # Where models are built: the layout cuts them there and only each rank's shards are materialised.
 META = torch.device("meta")
@@ -227,11 +227,7 @@ def build_model(cfg: HainaConfig, device: torch.device) -> Transformer:
 
     The training loop and every tool build on meta, cut the model by the layout, and materialise only
     this rank's shards (:func:`haina.core.materialize.materialize`), with the same values."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    if device.type != "meta":
-        materialize(model, device, cfg.train.seed)
-    return model
+    return build(lambda: Transformer(cfg.model), device, cfg.train.seed)
 
 
 def blocks_of(model: nn.Module) -> list[Block]:

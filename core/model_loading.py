@@ -109,7 +109,7 @@ def _hf_source(
             tensor = readers[name]()
             if tuple(tensor.shape) != shapes[name]:
                 raise HFFormatError(f"{model_dir}: {name} is {tuple(tensor.shape)}, the config implies {shapes[name]}")
-            fill_from_full(target.data if isinstance(target, nn.Parameter) else target, tensor.to(torch.float32))
+            fill_from_full(target, tensor.to(torch.float32))
             del tensor
 
     return ModelSource(cfg, fill, str(model_dir))

@@ -42,6 +42,7 @@ from torch.distributed.tensor.parallel import (
 
 from haina.core import collectives, registry
 from haina.core.errors import PluginError
+from haina.core.materialize import owns_state
 from haina.core.model import Attention, Transformer
 
 __all__ = [
@@ -87,10 +88,6 @@ def _plan_of(module: nn.Module, sequence_parallel: bool) -> TPPlan | None:
     return None if fn is None else fn(module, sequence_parallel)
 
 
-def _owns_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
-
-
 def collect_tp_plans(model: nn.Module, sequence_parallel: bool) -> list[tuple[str, nn.Module, ParallelStyle]]:
     """(qualified name, module, style) in application order: parents' entries before their children's.
 
@@ -116,7 +113,7 @@ def collect_tp_plans(model: nn.Module, sequence_parallel: bool) -> list[tuple[st
                 entries.append((full, target, style))
             covered.add(id(target))
     for name, module in model.named_modules():
-        if _owns_state(module) and id(module) not in covered:
+        if owns_state(module) and id(module) not in covered:
             raise TensorParallelError(
                 f"tensor parallelism: {name or 'the model'} ({type(module).__name__}) has parameters or "
                 f"buffers but no TP plan; give {type(module).__name__} a tp_plan(sequence_parallel) method "

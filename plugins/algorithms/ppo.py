@@ -24,7 +24,7 @@ from torch import nn
 from haina.core.algorithm import Algorithm
 from haina.core.config import ConfigError, plugin_settings
 from haina.core.loss import LossOutput
-from haina.core.materialize import materialize
+from haina.core.materialize import build
 from haina.core.model import META, Transformer, build_model
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
@@ -120,11 +120,7 @@ class PPO(Algorithm):
         self.vocab_limit = vocab if vocab < cfg.model.vocab_size else None
 
     def build_model(self, cfg: HainaConfig, device: torch.device) -> nn.Module:
-        with torch.device("meta"):
-            model = ActorCritic(cfg)
-        if device.type != "meta":
-            materialize(model, device, cfg.train.seed)
-        return model
+        return build(lambda: ActorCritic(cfg), device, cfg.train.seed)
 
     def setup(self, engine: Engine, resumed: bool) -> None:
         # DCP and FSDP only when a run starts: listing or validating plugins must not load that machinery

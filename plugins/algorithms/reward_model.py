@@ -20,7 +20,7 @@ from haina.core.algorithm import Algorithm
 from haina.core.config import PluginSettings
 from haina.core.distributed import is_main_process
 from haina.core.loss import LossOutput
-from haina.core.materialize import materialize
+from haina.core.materialize import build
 from haina.core.model import Transformer
 from haina.core.registry import register
 from haina.core.tokenizer import load_tokenizer
@@ -41,11 +41,7 @@ def value_config(cfg: HainaConfig) -> Any:
 
 def build_value_model(cfg: HainaConfig, device: torch.device) -> nn.Module:
     """The value-head Transformer of ``cfg`` on the meta device, or materialised and initialised on ``device``."""
-    with torch.device("meta"):
-        model = Transformer(value_config(cfg))
-    if device.type != "meta":
-        materialize(model, device, cfg.train.seed)
-    return model
+    return build(lambda: Transformer(value_config(cfg)), device, cfg.train.seed)
 
 
 def last_token_scores(model: nn.Module, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
