@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --quiet -e '.[dev,demo,deepspeed]'
+	# DeepSpeed's CPU Adam (used when optimizer states are offloaded) built at install, as DeepSpeed advises for
+	# production, rather than JIT-compiled by the first run that offloads (about 40 s on 2 cores, in every new venv)
+	$(PY) -m haina.tools.build_ops
 	touch $(STAMP)
 
 demo: setup

@@ -47,7 +47,7 @@ from haina.core.files import (
     write_durable,
 )
 from haina.core.materialize import fill_from_full
-from haina.core.parallel.zero_state import read_model_state
+from haina.core.parallel.zero_state import full_shape, is_partitioned, read_model_state, whole
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -408,21 +408,26 @@ def load_model_weights(
     else:
         stored = SafeReader(str(step_dir)).read_metadata().state_dict_metadata
         shapes = {k[len("model.") :]: tuple(getattr(m, "size", ())) for k, m in stored.items() if k.startswith("model.")}
-    state = get_model_state_dict(module)
+    partitioned = is_partitioned(module)  # ZeRO-3 built it: its parameters are empty placeholders
+    state = module.state_dict(keep_vars=True) if partitioned else get_model_state_dict(module)
     wanted: dict[str, Any] = {}
     skipped: list[str] = []
     for name, tensor in state.items():
         key = name[len(prefix) :] if name.startswith(prefix) else None
         shape = shapes.get(f"{source_prefix}{key}") if key is not None else None
-        if shape != tuple(tensor.shape):
+        if shape != full_shape(tensor):
             if key is not None:
                 skipped.append(name)
             continue
         wanted[source_prefix + key] = tensor
-    if deepspeed:  # full tensors, each copied into this rank's shard of it, one at a time
+    if deepspeed or partitioned:  # one tensor at a time, each into this rank's shard or partition of it
         with torch.no_grad():
             for key, tensor in wanted.items():
-                fill_from_full(tensor, full.pop(key))
+                with whole(tensor) as target:
+                    if deepspeed:
+                        fill_from_full(target, full.pop(key))
+                    else:
+                        _load({"model": {key: target}}, step_dir)
         return skipped
     _load({"model": wanted}, step_dir)
     loaded = {prefix + k[len(source_prefix) :]: v for k, v in wanted.items()}

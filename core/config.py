@@ -361,13 +361,18 @@ class DeepSpeedConfig(_Section):
     overlap_comm: bool | None = Field(
         None, description="Overlap gradient reduction with backward; default DeepSpeed's (on for ZeRO-3 only).",
     )
+    stage3_max_live_parameters: int | None = Field(
+        None, gt=0, description="ZeRO-3: elements kept gathered at most before DeepSpeed releases any (what "
+        "a rank holds of whole parameters during forward and backward); default DeepSpeed's 1e9.",
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Advanced DeepSpeed keys merged over the derived config, e.g. {zero_optimization: {overlap_comm: true}}.",
     )
 
     # the zero_optimization keys with typed fields above, and DeepSpeed's defaults for them
-    TUNED_KEYS: ClassVar[tuple[str, ...]] = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm")
+    TUNED_KEYS: ClassVar[tuple[str, ...]] = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm",
+                                             "stage3_max_live_parameters")
 
     def zero_setting(self, key: str) -> Any:
         """The value DeepSpeed will use for ``zero_optimization.<key>`` (one of :attr:`TUNED_KEYS`): the
@@ -378,7 +383,7 @@ class DeepSpeedConfig(_Section):
             value = zero.get(key)
         if value is None:
             value = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
-                     "overlap_comm": self.zero_stage == 3}[key]
+                     "overlap_comm": self.zero_stage == 3, "stage3_max_live_parameters": 1_000_000_000}[key]
         return value
 
     @model_validator(mode="after")

@@ -131,19 +131,41 @@ def local_slice(full: torch.Tensor, mesh: Any, placements: Sequence[Any]) -> tor
     return view
 
 
+def _cuda_indices(devices: list[torch.device]) -> list[int]:
+    return sorted({d.index or 0 for d in devices if d.type == "cuda"})
+
+
 @torch.no_grad()
+def _init_one(name: str, module: nn.Module, rule: InitRule | None, seed: int) -> None:
+    swapped = _full_tensors(module)
+    try:
+        torch.manual_seed(init_key(seed, name))
+        if rule is None or not rule(module):
+            _reset(name, module)
+    finally:
+        _keep_slices(module, swapped)
+
+
 def init_weights(model: nn.Module, seed: int) -> None:
     """Initialise every parameter of ``model`` (plain or sharded) in place, independently of the layout."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_cuda_indices([p.device for p in model.parameters()])):
         for name, module, rule in _rules(model):
-            swapped = _full_tensors(module)
-            try:
-                torch.manual_seed(init_key(seed, name))
-                if rule is None or not rule(module):
-                    _reset(name, module)
-            finally:
-                _keep_slices(module, swapped)
+            _init_one(name, module, rule, seed)
+
+
+def materialize_each(
+    model: nn.Module, device: torch.device, seed: int, then: Callable[[nn.Module], None]
+) -> nn.Module:
+    """:func:`materialize` one module at a time (its own parameters and buffers), each handed to ``then``
+    as soon as it is initialised: a backend that partitions parameters as they are built (DeepSpeed's
+    ZeRO-3) then never holds more than one module's full tensors. Same order and values as
+    :func:`init_weights`."""
+    with torch.random.fork_rng(devices=_cuda_indices([device])):
+        for name, module, rule in _rules(model):
+            module.to_empty(device=device, recurse=False)
+            _init_one(name, module, rule, seed)
+            then(module)
+    return model
 
 
 def _reset(name: str, module: nn.Module) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from haina.core.config import OptimConfig
+from haina.core.parallel.zero_state import full_shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -21,7 +22,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
+        (decay if len(full_shape(param)) >= 2 else no_decay).append(param)  # ZeRO-3 holds placeholders
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -37,12 +37,11 @@ from haina.core.config import HainaConfig, dump_config
 from haina.core.distributed import default_device, init_distributed, is_main_process
 from haina.core.engine import Engine
 from haina.core.guard import KINDS, NONFINITE_GRAD, OK, SpikeGuard, agree
-from haina.core.materialize import materialize
 from haina.core.metrics import MetricsWriter, peak_tflops, training_flops_per_token, truncate_metrics
 from haina.core.optim import build_optimizer, lr_at
 from haina.core.parallel.activation_checkpoint import apply_activation_checkpointing
 from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
-from haina.core.parallel.zero import ZeroEngine
+from haina.core.parallel.zero import ZeroEngine, build_partitioned
 from haina.core.placement import lay_out
 from haina.core.preempt import Preempted, Preemption
 from haina.core.tokenizer import check_tokenizers
@@ -149,7 +148,7 @@ def train(cfg: HainaConfig, device: torch.device | None = None) -> TrainResult:
     dp_rank = _dp_rank(mesh, layout)
     pipeline = None
     if cfg.parallel.dp_backend == "deepspeed":
-        materialize(model, device, tcfg.seed)  # whole on every rank: DeepSpeed partitions it at attach()
+        build_partitioned(model, cfg, layout, device)  # ZeRO-3: partitioned module by module as it is built
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.model.attention, device.type)
         engine: Engine = ZeroEngine(cfg, layout, mesh, device, [model], [], autocast, None, dp_rank)
     else:

@@ -196,3 +196,15 @@ def test_zero3_with_offloaded_parameters_in_bf16_trains(tiny_data: Path, tmp_pat
     model = Transformer(load_config("tiny").model)
     load_model_weights(tmp_path / "offload", model)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_cpu_runs_do_not_build_the_shared_memory_op() -> None:
+    """DeepSpeed's own ``deepspeed.comm.torch`` is patched (not the ``torch`` package that ``import
+    deepspeed.comm.torch as m`` binds): its CPU backend then skips compiling the inference all-reduce."""
+    import sys
+
+    from haina.core.parallel.zero_state import import_deepspeed
+
+    import_deepspeed(torch.device("cpu"))
+    assert sys.modules["deepspeed.comm.torch"].build_shm_op() is None
+    assert not hasattr(torch, "build_shm_op")

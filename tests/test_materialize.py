@@ -18,7 +18,7 @@ from torch import nn
 
 from haina.core.config import load_config
 from haina.core.errors import PluginError
-from haina.core.materialize import init_key, materialize
+from haina.core.materialize import init_key, materialize, materialize_each
 from haina.core.model import META, Transformer, build_model
 
 WORKER = r"""
@@ -135,6 +135,30 @@ def test_ppo_actor_and_critic_are_both_initialised() -> None:
     assert torch.equal(model.critic.norm.weight, torch.ones_like(model.critic.norm.weight))
     assert model.critic.head.weight.shape[0] == 1 and model.critic.head.weight.abs().sum() > 0
     assert not torch.equal(model.actor.embed_tokens.weight, model.critic.embed_tokens.weight)
+
+
+def test_module_by_module_holds_one_module_at_a_time_with_the_same_values() -> None:
+    """What ZeRO-3 builds through (``build_partitioned``): each module materialised and initialised in
+    turn, then handed on; here the hand-off keeps a copy and empties the parameter, as a partition does."""
+    cfg = load_config("tiny")
+    reference = dict(build_model(cfg, torch.device("cpu")).named_parameters())
+    model = build_model(cfg, META)
+    prefixes = {id(m): f"{n}." if n else "" for n, m in model.named_modules()}
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    kept: dict[str, torch.Tensor] = {}
+    live: list[int] = []
+
+    def hand_off(module: nn.Module) -> None:
+        live.append(sum(p.numel() for p in model.parameters() if not p.is_meta))
+        for name, p in module.named_parameters(recurse=False):
+            kept[prefixes[id(module)] + name] = p.detach().clone()
+            p.data = torch.empty(0)
+
+    materialize_each(model, torch.device("cpu"), cfg.train.seed, hand_off)
+    assert max(live) == largest and len(live) == sum(1 for m in model.modules() if next(m.parameters(False), None) is not None)
+    assert kept.keys() == reference.keys()
+    for name, value in kept.items():
+        assert torch.equal(value, reference[name]), name
 
 
 class _Stateful(nn.Module):

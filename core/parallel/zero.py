@@ -43,6 +43,7 @@ from haina.core.checkpoint import (
 from haina.core.config import HainaConfig, build_config, dump_config
 from haina.core.engine import Engine
 from haina.core.guard import NONFINITE_GRAD, OK, SpikeGuard, agree
+from haina.core.materialize import materialize, materialize_each
 from haina.core.model_loading import run_config
 from haina.core.optim import build_optimizer, param_groups
 from haina.core.parallel.mesh import Layout
@@ -93,6 +94,35 @@ def build_zero_optimizer(model: nn.Module, cfg: HainaConfig) -> torch.optim.Opti
     return DeepSpeedCPUAdam(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True
     )
+
+
+def build_partitioned(model: nn.Module, cfg: HainaConfig, layout: Layout, device: torch.device) -> nn.Module:
+    """The (meta) trained model on this rank, initialised from ``train.seed``, as DeepSpeed will hold it.
+
+    Under ZeRO-3 each module is materialised, initialised at full size and partitioned over the ranks
+    in turn (``deepspeed.zero.Init`` on its own parameters), so a rank holds its partitions plus one
+    module's full tensors, never the whole model; :func:`deepspeed.initialize` then finds every parameter
+    already partitioned. ZeRO-1 and -2 keep a whole copy of the weights on every rank by design, so the
+    model is materialised whole. The initial values are the other backends' (seeded per module name)."""
+    if cfg.deepspeed.zero_stage != 3:
+        return materialize(model, device, cfg.train.seed)
+    deepspeed = import_deepspeed(device)
+    os.environ.setdefault("LOCAL_RANK", "0")  # a single process started without torchrun
+    deepspeed.init_distributed(verbose=False)  # DeepSpeed's view of the process group haina started
+    config = deepspeed_config(cfg, layout, on_cuda=device.type == "cuda")
+    # ZeRO-3 leaves the dtype of parameters partitioned before initialize() alone: bf16 is set here
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+    def partition(module: nn.Module) -> None:
+        own = list(module.parameters(recurse=False))
+        if own:
+            holder = nn.Module()  # Init(module=...) converts every parameter under a module: only these
+            for i, param in enumerate(own):
+                param.data = param.data.to(dtype)
+                holder.register_parameter(f"p{i}", param)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=config)
+
+    return materialize_each(model, device, cfg.train.seed, partition)
 
 
 class LossModule(nn.Module):

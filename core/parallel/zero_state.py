@@ -8,6 +8,7 @@ error when it is not installed.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 from collections.abc import Iterator
@@ -25,7 +26,6 @@ def import_deepspeed(device: torch.device) -> Any:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
-        import deepspeed.comm.torch as ds_comm
     except ImportError as exc:
         raise RuntimeError(
             f"parallel.dp_backend=deepspeed needs DeepSpeed: pip install 'haina[deepspeed]' ({exc})"
@@ -33,12 +33,37 @@ def import_deepspeed(device: torch.device) -> Any:
     if device.type == "cpu":
         # DeepSpeed's CPU backend compiles a shared-memory all-reduce (C++, ~20 s on two cores) at its
         # first init_distributed; only its inference all-reduce uses it, which ZeRO training never calls.
-        ds_comm.build_shm_op = _no_shm_op
+        # (the module from sys.modules: ``import deepspeed.comm.torch as m`` binds the ``torch`` package,
+        # an attribute of ``deepspeed.comm``)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = _no_shm_op
     return deepspeed
 
 
 def _no_shm_op() -> None:
     return None
+
+
+def full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The tensor's shape; for a ZeRO-3-partitioned parameter (an empty placeholder) the whole one's."""
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions ``module``'s parameters (they were built under ``deepspeed.zero.Init``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def whole(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``tensor`` at its full size inside the block: a ZeRO-3 partition is gathered, and on leaving rank
+    0's values (every rank writes the same) are partitioned again. Other tensors are yielded as they are."""
+    if not hasattr(tensor, "ds_id"):
+        yield tensor
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+        yield tensor.data
 
 
 def read_model_state(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ class LinearHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.init_std = cfg.init_std
+        self.vocab_size, self.hidden_size = cfg.vocab_size, cfg.hidden_size  # as built (ZeRO-3 empties weight)
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.reset_parameters()
 
@@ -48,7 +49,7 @@ class LinearHead(nn.Module):
         return {"": VocabParallelHead()}
 
     def extra_repr(self) -> str:
-        return f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}"
+        return f"vocab={self.vocab_size}, hidden={self.hidden_size}"
 
 
 @register("head", "normhead")

@@ -61,7 +61,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.eps = cfg.norm_eps
+        self.eps, self.hidden_size = cfg.norm_eps, cfg.hidden_size  # the size as built (ZeRO-3 empties weight)
         self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
 
     def reset_parameters(self) -> None:
@@ -86,7 +86,7 @@ class RMSNorm(nn.Module):
         return {"": SequenceParallel(use_local_output=True) if sequence_parallel else ReplicatedParallel()}
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.hidden_size}, eps={self.eps}"
 
 
 @register("norm", "apex")

@@ -9,6 +9,11 @@ SwiGLU 5,504, vocabulary 32,000) two ways, each in a fresh ``torchrun``:
   here), and only this rank's shards are allocated and initialised (:func:`haina.core.materialize.materialize`);
 - ``whole`` (the old path): every rank builds and initialises the whole fp32 model, then FSDP2 shards it.
 
+With ``--backend deepspeed`` the same two ways under ZeRO-3 (``parallel.dp_backend=deepspeed``):
+``meta`` is :func:`haina.core.parallel.zero.build_partitioned` (each module materialised, initialised and
+partitioned in turn), ``whole`` builds the whole model and hands it to ``deepspeed.zero.Init`` as
+``deepspeed.initialize`` would; the workers stop once the model is partitioned (no step).
+
 Each rank then builds its optimizer and runs one training step. Printed per rank: the peak RSS when
 the model is laid out (before the optimizer), the peak RSS after the first step, the bytes of model
 parameters it holds, and the seconds from start to the end of the first step. Both arms start from the
@@ -65,6 +70,9 @@ def worker(arm: str, out: Path, overrides: list[str]) -> None:
     mesh = build_mesh(layout, "cpu")
     algorithm = algorithm_class(cfg)(cfg)
     model = build_model(cfg, torch.device("meta") if arm == "meta" else device)
+    if cfg.parallel.dp_backend == "deepspeed":
+        _zero3_worker(arm, out, cfg, layout, model, device, imported, start)
+        return
     (part,), _ = lay_out(model, cfg, layout, mesh, device, stage_loss=algorithm)
     del model
     laid_out = _peak_rss_gib()
@@ -82,6 +90,30 @@ def worker(arm: str, out: Path, overrides: list[str]) -> None:
         "arm": arm, "rank": rank, "imports_rss_gib": imported, "laid_out_peak_rss_gib": laid_out, "step_peak_rss_gib": _peak_rss_gib(),
         "model_gib": model_bytes / 2**30, "seconds_to_first_step": time.perf_counter() - start,
         "checksum": checksum, "loss": float(out_loss.loss),
+    }
+    Path(f"{out}-{rank}.json").write_text(json.dumps(result))
+
+
+def _zero3_worker(arm: str, out: Path, cfg: Any, layout: Any, model: Any, device: Any, imported: float,
+                  start: float) -> None:
+    """One rank of a ZeRO-3 arm: the model partitioned, built module by module or whole first."""
+    from haina.core.parallel.zero import build_partitioned, deepspeed_config
+    from haina.core.parallel.zero_state import import_deepspeed
+
+    if arm == "meta":
+        build_partitioned(model, cfg, layout, device)
+    else:
+        deepspeed = import_deepspeed(device)
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(verbose=False)
+        deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config(cfg, layout))
+    laid_out = _peak_rss_gib()
+    local = [p.ds_tensor for p in model.parameters()]
+    rank = int(os.environ["RANK"])
+    result = {
+        "arm": arm, "rank": rank, "imports_rss_gib": imported, "laid_out_peak_rss_gib": laid_out,
+        "step_peak_rss_gib": float("nan"), "model_gib": sum(t.numel() * t.element_size() for t in local) / 2**30,
+        "seconds_to_first_step": float("nan"), "checksum": float(sum(t.double().sum() for t in local)),
     }
     Path(f"{out}-{rank}.json").write_text(json.dumps(result))
 
@@ -105,12 +137,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--ffn", type=int, default=5504)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--backend", choices=("fsdp2", "deepspeed"), default="fsdp2",
+                        help="deepspeed: ZeRO-3, the model partitioned as built against built whole first")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args, rest = parser.parse_known_args(argv)
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]), rest)
         return []
     overrides = _overrides(args)
+    if args.backend == "deepspeed":
+        overrides += ["parallel.dp_backend=deepspeed", "deepspeed.zero_stage=3",
+                      f"train.global_batch_size={args.nproc}"]
     import torch
 
     from haina.core.config import load_config
@@ -125,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.json:
         print(json.dumps(rows, indent=2))
         return rows
-    print(f"{n / 1e9:.2f}B parameters, {args.nproc} processes, parallel.dp_shard={args.nproc} (FSDP2, gloo)")
+    sharding = "ZeRO-3" if args.backend == "deepspeed" else f"parallel.dp_shard={args.nproc} (FSDP2)"
+    print(f"{n / 1e9:.2f}B parameters, {args.nproc} processes, {sharding}, gloo")
     print(f"{'arm':6} {'rank':>4} {'shards GiB':>10} {'RSS imports':>11} {'peak RSS laid out':>18} "
           f"{'peak RSS step 1':>16} {'s to step 1':>12}")
     for r in rows:

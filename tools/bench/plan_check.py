@@ -56,6 +56,8 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
     "pp=2 1f1b fp32": (2, ["parallel.pp=2", "train.micro_batch_size=1", "train.global_batch_size=4"]),
     "deepspeed ZeRO-2 fp32": (2, ["parallel.dp_backend=deepspeed", "deepspeed.zero_stage=2",
                                   "deepspeed.reduce_bucket_size=2000000", "deepspeed.allgather_bucket_size=2000000"]),
+    "deepspeed ZeRO-3 fp32": (2, ["parallel.dp_backend=deepspeed", "deepspeed.zero_stage=3",
+                                  "deepspeed.reduce_bucket_size=2000000", "deepspeed.allgather_bucket_size=2000000"]),
     # alignment: {placeholders} are the inputs made by _alignment_inputs (a tokenizer, data, a start checkpoint)
     "sft 1 proc fp32 (packed, masked sdpa)": (1, ["algorithm=sft", "align.data={sft}", "align.tokenizer={tok}"]),
     "dpo 1 proc fp32 (policy + reference)": (1, ["algorithm=dpo", "align.data={pairs}", "align.tokenizer={tok}",

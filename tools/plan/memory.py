@@ -14,7 +14,8 @@ A step has moments with different working sets, and the largest decides whether 
 - **optimizer step**: all gradients plus the optimizer's temporaries;
 - **rollout** (RL): the KV cache of the decoded batch and the decoding buffers;
 - **initialisation**: models are built on the meta device and cut there; each rank materialises its own
-  shards, drawing one module's full tensors at a time (DeepSpeed builds the trained model whole).
+  shards, drawing one module's full tensors at a time (ZeRO-3 partitions them as they are drawn; ZeRO-1
+  and -2 keep the whole trained model on every rank, so they build it whole).
 
 With gradient accumulation or a pipeline, the gradients of earlier micro-batches are there throughout.
 Persistent in every phase: the trained models' parameters and AdamW states, and the frozen models.
@@ -186,9 +187,9 @@ def plan_memory(cfg: HainaConfig, nproc: int, target: Target, algorithm: str | N
     if w.loss == "full_logits":
         notes.append("dpo: the policy and the reference compute full [rows, seq, vocab] logits (no chunking)")
     if any(r.peak.name == "initialisation" for r in ranks):
-        notes.append("the peak is the model build: DeepSpeed gets the whole fp32 model on every rank before ZeRO "
-                     "partitions it" if cfg.parallel.dp_backend == "deepspeed" else
-                     "the peak is the model build: each rank's shards plus one module drawn at full size")
+        whole_build = cfg.parallel.dp_backend == "deepspeed" and cfg.deepspeed.zero_stage < 3
+        notes.append("the peak is the model build: ZeRO-1/2 build the whole fp32 model on every rank" if whole_build
+                     else "the peak is the model build: each rank's shards plus one module drawn at full size")
     return MemoryPlan(layout, target, w, ranks, reserve_gib * GIB if on_gpu else 0.0,
                       fragmentation if on_gpu else 0.0, notes)
 
@@ -287,9 +288,6 @@ def _rank(cfg: HainaConfig, layout: Layout, w: Workload, d: Dtypes, device: str,
         if mode == "full":
             work += act.block_saved(micro, block_tp, "none")
             notes.append("its recomputed activations")
-        if deepspeed and cfg.deepspeed.zero_stage == 3:
-            work += 2 * d.gathered * block_tp
-            notes.append("it and the next block gathered (ZeRO-3)")
         if fsdp:
             gathered += d.gathered * rp.root.tp_local
             live = 1 + max(1, p.fsdp_prefetch)
@@ -326,6 +324,15 @@ def _rank(cfg: HainaConfig, layout: Layout, w: Workload, d: Dtypes, device: str,
         frozen_forward = max(frozen_forward, fwd)
 
     base = [*static, *(grads if accumulating else [])]
+    if deepspeed and cfg.deepspeed.zero_stage == 3:
+        # DeepSpeed releases a gathered parameter only past stage3_max_live_parameters (or when its next use
+        # is farther than stage3_max_reuse_distance, also 1e9 by default): a model under that stays whole
+        live = cfg.deepspeed.zero_setting("stage3_max_live_parameters")
+        whole_model = sum(rp.local for _, rp in trained)  # rank_params(fsdp=False): whole
+        blocks = 2 * max(rp.block.tp_local for _, rp in trained)
+        base.append(Term("ZeRO-3 gathered", d.gathered * max(blocks, min(whole_model, live)),
+                         f"whole parameters kept gathered: up to stage3_max_live_parameters {live:.3g} of "
+                         f"{whole_model:.3g} (at least the running block and the next)"))
     if gathered:
         base.append(Term("FSDP2 gathered", gathered,
                          "root (embedding, norm, head)" + ("" if p.reshard_after_forward else " and every block (no reshard)")))
@@ -377,13 +384,19 @@ def _initialisation(static: list[Term], whole: float, drawn: int, d: Dtypes, dee
                     cfg_stage: int = 2) -> list[Term]:
     """Building the models. Under FSDP2, tp and pp they are built on the meta device and cut there; each
     rank then materialises its shards of the trained model and of each frozen one, drawing one module at
-    full size at a time and keeping its slice (:mod:`haina.core.materialize`). DeepSpeed gets the whole
-    trained model in fp32 on every rank and partitions it itself."""
+    full size at a time and keeping its slice (:mod:`haina.core.materialize`). ZeRO-3 does the same with
+    its partitions (the drawn module cast to bf16 before partitioning in a bf16 run); ZeRO-1 and -2 keep
+    the whole trained model on every rank, so they get it whole in fp32."""
+    if deepspeed and cfg_stage == 3:
+        held = [t for t in static if t.name in ("parameters", "frozen models")]
+        drawn_bytes = (4 + (2 if d.gathered == 2 else 0)) * drawn
+        return [*held, Term("one module at full size", drawn_bytes,
+                            "fp32 drawn whole (and its bf16 cast), then partitioned (ZeRO-3)")]
     if deepspeed:
         built = Term("whole model at build", whole, "fp32, on every rank, before ZeRO partitions it")
         # deepspeed.initialize casts a bf16 run's model in place (the fp32 copy goes as the bf16 one comes),
         # then ZeRO-1/2 copy the parameters into one flat buffer: 2 + 2 bytes per parameter under bf16, no
-        # more than the fp32 build; an fp32 run's flat copy comes on top. ZeRO-3 partitions in place.
+        # more than the fp32 build; an fp32 run's flat copy comes on top.
         if cfg_stage < 3 and d.gathered == 4:
             return [built, Term("ZeRO flattening", whole, "flat fp32 copy of the parameters (ZeRO-1/2)")]
         return [built]
