@@ -73,11 +73,27 @@ def read_jsonl_stream(stream: BinaryIO, name: str | Path) -> Iterator[tuple[str,
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InputFileError(f"{where}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise InputFileError(f"{where}: not valid JSON (nested too deep)") from None
+            except ValueError as exc:  # an integer past Python's digit limit
+                raise InputFileError(f"{where}: not valid JSON ({one_line(exc)})") from None
             if not isinstance(item, dict):
                 raise InputFileError(f"{where}: each line must be a JSON object")
+            if b"\\u" in raw and _lone_surrogate(item):  # only escapes can make one
+                raise InputFileError(f"{where}: a string holds an unpaired surrogate escape such as \\ud800 (not text)")
             yield where, item
     except (OSError, EOFError, zlib.error) as exc:
         raise InputFileError(f"{name}: cannot read ({one_line(exc)})") from None
+
+
+def _lone_surrogate(item: Any) -> bool:
+    """Whether a parsed line holds a string that is not text (a \\ud800 escape without its pair): it
+    would fail later, in a tokenizer or a writer, far from the line that caused it."""
+    try:
+        json.dumps(item, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------ durability

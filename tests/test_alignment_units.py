@@ -89,13 +89,17 @@ def test_conversation_file_errors_name_the_line(tmp_path: Path) -> None:
         json.dumps({"conversations": []}): "non-empty list of turns",
         json.dumps({"conversations": [{"role": "robot", "content": "x"}]}): "each turn needs role",
         json.dumps({"messages": [{"role": "user", "content": "hi"}]}): "last turn must be the assistant",
+        # what json.loads raises besides JSONDecodeError, and a string that is not text
+        '{"a": ' + "[" * 200_000 + "]" * 200_000 + "}": r"not valid JSON \(nested too deep\)",
+        '{"a": ' + "7" * 5_000 + "}": "not valid JSON .*digits",
+        json.dumps(good).replace('"hi"', '"\\ud800"'): "unpaired surrogate",
     }
     for line, message in cases.items():
         path = tmp_path / "c.jsonl"
         path.write_text(json.dumps(good) + "\n" + line + "\n")
         with pytest.raises(HainaError, match=message) as info:
             read_conversations(path)
-        assert f"{path}:2:" in str(info.value)
+        assert f"{path}:2:" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_shifted_targets_and_token_logps() -> None:
