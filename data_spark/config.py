@@ -185,6 +185,11 @@ class NearDedupConfig(_Section):
     num_perm: int = Field(256, ge=2, description="MinHash permutations (datasketch num_perm)")
     seed: int = Field(1, description="MinHash seed (datasketch seed)")
     scheme: Literal["affine32", "legacy"] = Field("affine32", description="datasketch permutation scheme")
+    shingle_hash: Literal["fast", "sha1"] = Field(
+        "fast", description="shingle hash: 'fast' (each distinct token hashed once, shingles combined in numpy "
+        "over a whole batch) or 'sha1' (datasketch's sha1_hash32 per shingle: signatures identical to "
+        "datasketch.MinHash, about twice as slow to sign)"
+    )
     shingle_size: int = Field(5, ge=1, description="shingle = this many consecutive words (CJK: characters)")
     threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity that makes two documents duplicates")
     lsh_threshold: float = Field(

@@ -34,7 +34,14 @@ from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig, PrepareConfig
-from haina.data_spark.minhash import MinHasher, band_keys, lsh_params, shingles
+from haina.data_spark.minhash import (
+    MinHasher,
+    band_keys,
+    batch_signatures,
+    fast_shingle_hashes,
+    lsh_params,
+    sha1_shingle_hashes,
+)
 from haina.data_spark.text import normalize
 
 KEY_FIELD = T.StructField("_key", T.BinaryType())
@@ -51,28 +58,46 @@ def exact_key(normalized: str) -> bytes:
 
 @dataclass(frozen=True)
 class Signer:
-    """MinHash signature, band keys and shingle hashes of one text, for one near-dedup config;
+    """MinHash signatures, band keys and shingle hashes of a batch of texts, for one near-dedup config;
     picklable, so it ships to executors as is."""
 
     hasher: MinHasher
     bands: int
     rows: int
     shingle_size: int
+    shingle_hash: str = "fast"
 
     @classmethod
     def create(cls, cfg: NearDedupConfig) -> Signer:
         bands, rows = lsh_params(cfg.lsh_threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
-        return cls(MinHasher.create(cfg.num_perm, cfg.seed, cfg.scheme), bands, rows, cfg.shingle_size)
+        return cls(MinHasher.create(cfg.num_perm, cfg.seed, cfg.scheme), bands, rows, cfg.shingle_size, cfg.shingle_hash)
+
+    def sign_batch(self, texts: list[str | None]) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """(signatures as int32 lists, band keys, distinct shingle hashes as int32 lists), one per text; all
+        null for a text without tokens. Built from numpy buffers: no Python object per value."""
+        if self.shingle_hash == "sha1":
+            hv, offsets = sha1_shingle_hashes(texts, self.shingle_size, self.hasher)
+        else:
+            hv, offsets = fast_shingle_hashes(texts, self.shingle_size)
+        sig = batch_signatures(self.hasher, hv, offsets)
+        present = np.diff(offsets) > 0
+        mask = pa.array(~present)
+        width = self.hasher.num_perm
+        keys = np.array([band_keys(row, self.bands, self.rows) if ok else [0] * self.bands
+                         for row, ok in zip(sig, present, strict=True)], dtype=np.int64).reshape(-1)
+
+        def lists(values: np.ndarray, starts: np.ndarray) -> pa.Array:
+            return pa.ListArray.from_arrays(pa.array(starts.astype(np.int32)), pa.array(values), mask=mask)
+
+        n = len(texts)
+        return (lists(sig.reshape(-1).view(np.int32), np.arange(n + 1) * width),
+                lists(keys, np.arange(n + 1) * self.bands),
+                lists(hv.view(np.int32), offsets))
 
     def sign(self, text: str) -> tuple[list[int] | None, list[int] | None, list[int] | None]:
-        """(signature as int32, band keys, distinct shingle hashes as int32); all None without tokens."""
-        items = shingles(text, self.shingle_size)
-        hv = self.hasher.hashes(items)
-        signature = self.hasher.signature(items, hv)
-        if signature is None:
-            return None, None, None
-        return (signature.view(np.int32).tolist(), band_keys(signature, self.bands, self.rows),
-                np.unique(hv).view(np.int32).tolist())
+        """:meth:`sign_batch` of one text, as Python lists."""
+        sig, bands, hv = self.sign_batch([text])
+        return sig[0].as_py(), bands[0].as_py(), hv[0].as_py()
 
 
 def near_fields(cfg: NearDedupConfig) -> list[T.StructField]:
@@ -94,19 +119,15 @@ def with_ingest_keys(df: DataFrame, cfg: PrepareConfig) -> DataFrame:
     names = [f.name for f in fields]
     signer = Signer.create(cfg.near_dedup) if cfg.near_dedup.enabled else None
 
-    def keys(batch: pa.RecordBatch) -> dict[str, list]:
-        out: dict[str, list] = {name: [] for name in names}
-        for text in texts(batch):
-            normalized = normalize(text)
-            if "_key" in out:
-                out["_key"].append(exact_key(normalized))
-            if signer is not None:
-                sig, bands, hv = signer.sign(normalized)
-                out["_bands"].append(bands)
-                if "_hv" in out:
-                    out["_hv"].append(hv)
-                else:
-                    out["_sig"].append(sig)
+    def keys(batch: pa.RecordBatch) -> dict[str, list | pa.Array]:
+        normalized = [normalize(text) for text in texts(batch)]
+        out: dict[str, list | pa.Array] = {}
+        if cfg.exact_dedup.enabled:
+            out["_key"] = [exact_key(text) for text in normalized]
+        if signer is not None:
+            sig, bands, hv = signer.sign_batch(normalized)
+            out["_bands"] = bands
+            out["_hv" if "_hv" in names else "_sig"] = hv if "_hv" in names else sig
         return out
 
     return map_columns(df, keys, fields)

@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from haina.core.errors import InputFileError
 from haina.data_spark.config import ModelTrainConfig
-from haina.data_spark.features import featurize
+from haina.data_spark.features import feature_rows, featurize
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ class LinearModel:
         """Log-odds of the positive label for one line (what a threshold is compared with, unrounded)."""
         ids, values = featurize(text, self.size, self.shape)
         return float(np.dot(values, self.weights[ids])) + self.intercept
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        """:meth:`logit` of many lines at once (one sparse product over the batch's feature rows)."""
+        if not texts:
+            return np.zeros(0)
+        return feature_matrix(texts, self.size, self.shape) @ self.weights.astype(np.float64) + self.intercept
 
     def score(self, text: str) -> float:
         """Probability of the positive label for one line."""
@@ -119,16 +125,11 @@ def train_and_evaluate(
 
 
 def feature_matrix(texts: list[str], size: int, shape: bool) -> sparse.csr_matrix:
-    """Rows of hashed features (:func:`featurize`) as a sparse matrix."""
-    ids, values, starts = [], [], [0]
-    for text in texts:
-        i, v = featurize(text, size, shape)
-        ids.append(i)
-        values.append(v)
-        starts.append(starts[-1] + len(i))
+    """Rows of hashed features (:func:`featurize`, built for all texts at once) as a sparse matrix."""
     if not texts:
         return sparse.csr_matrix((0, size))
-    return sparse.csr_matrix((np.concatenate(values), np.concatenate(ids), np.array(starts)), shape=(len(texts), size))
+    values, ids, starts = feature_rows(texts, size, shape)
+    return sparse.csr_matrix((values, ids, starts), shape=(len(texts), size))
 
 
 def _fit(

@@ -1,9 +1,20 @@
-"""MinHash signatures identical to datasketch's ``MinHash`` for the same num_perm, seed and scheme.
+"""MinHash signatures with datasketch's permutations, over whole Arrow batches at a time.
 
-Shingles are hashed with the first four bytes of SHA-1 (datasketch's ``sha1_hash32``), and the
-permutation parameters are taken from datasketch itself, so a signature computed here on an executor
-can be compared with, or inserted into, a datasketch index. The permutation arithmetic is vectorised
-over all shingles of a document with numpy's wrap-around integer semantics, as datasketch relies on.
+The permutation parameters are taken from datasketch itself (``num_perm``, ``seed``, ``scheme``) and the
+permutation arithmetic is numpy's wrap-around integer arithmetic, as datasketch relies on. Two shingle
+hashes (``near_dedup.shingle_hash``):
+
+* ``sha1``: the first four bytes of SHA-1 of the shingle's UTF-8 bytes (datasketch's ``sha1_hash32``), so a
+  signature computed here equals ``datasketch.MinHash``'s and can be inserted into a datasketch index;
+  one Python SHA-1 and one string join per shingle.
+* ``fast`` (the default): each distinct token of a batch is hashed once (BLAKE2b), and a shingle's hash is
+  a position-weighted sum of its tokens' hashes put through a 64-bit finalizer, computed for every
+  shingle of the batch at once in numpy. The shingles are the same sets of tokens as ``sha1``'s (only
+  their hash differs), so Jaccard estimates and the banding behave the same; the signatures are not
+  datasketch's.
+
+Either way :func:`batch_signatures` turns the flat shingle hashes of a batch into signatures in chunks of
+shingles, so no Python runs per shingle and memory stays bounded whatever a document's length.
 """
 
 from __future__ import annotations
@@ -32,6 +43,86 @@ def shingles(text: str, size: int) -> list[bytes]:
     if len(units) < size:
         return [" ".join(units).encode("utf-8")]
     return list(dict.fromkeys(" ".join(units[i : i + size]).encode("utf-8") for i in range(len(units) - size + 1)))
+
+
+_TOKEN_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                       0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
+                      dtype=np.uint64)  # odd multipliers, one per position in a shingle (then cycled)
+_CHUNK = 1 << 14  # shingles per permutation block: a (chunk x num_perm) uint32 block is 16 MiB at 256
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 / MurmurHash3 64-bit finalizer: every input bit reaches every output bit."""
+    values = values ^ (values >> np.uint64(33))
+    values = values * np.uint64(0xFF51AFD7ED558CCD)
+    values = values ^ (values >> np.uint64(33))
+    values = values * np.uint64(0xC4CEB9FE1A85EC53)
+    return values ^ (values >> np.uint64(33))
+
+
+def token_hashes(units: list[str], cache: dict[str, int]) -> np.ndarray:
+    """uint64 hash of each token (8 bytes of BLAKE2b of its UTF-8 bytes); ``cache`` holds the tokens
+    already hashed in this batch, so each distinct token is hashed once."""
+    for unit in set(units).difference(cache):
+        cache[unit] = int.from_bytes(hashlib.blake2b(unit.encode("utf-8"), digest_size=8).digest(), "little")
+    return np.array(list(map(cache.__getitem__, units)), dtype=np.uint64)
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def fast_shingle_hashes(texts: list[str | None], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct uint32 shingle hashes of every text, concatenated and sorted within each text; offsets,
+    ``len(texts) + 1``): the ``fast`` hash, for the whole batch in a few numpy passes. A text with fewer
+    than ``size`` tokens has its whole token sequence as its one shingle (as :func:`shingles`); one without
+    tokens has none."""
+    units: list[str] = []
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        found = tokens(text) if text else []
+        units += found
+        lengths[i] = len(found)
+    if not units:
+        return np.zeros(0, np.uint32), np.zeros(len(texts) + 1, np.int64)
+    h = token_hashes(units, {})
+    starts = _offsets(lengths)
+    doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+    with np.errstate(over="ignore"):
+        # every window of ``size`` tokens of the batch; those that run past their text's end are dropped
+        windows = max(0, len(h) - size + 1)
+        acc = np.full(windows, np.uint64(size), dtype=np.uint64)  # a short text's one shingle differs from any full one
+        for j in range(size):
+            acc += h[j : j + windows] * _TOKEN_MIX[j % len(_TOKEN_MIX)]
+        inside = np.arange(windows) + size <= starts[1:][doc[:windows]]
+        shingle_doc, shingle = doc[:windows][inside], acc[inside]
+        short = np.flatnonzero((lengths > 0) & (lengths < size))
+        if len(short):
+            extra = np.zeros(len(short), dtype=np.uint64) + lengths[short].astype(np.uint64)
+            for j in range(size - 1):
+                has = lengths[short] > j
+                extra[has] += h[starts[short][has] + j] * _TOKEN_MIX[j % len(_TOKEN_MIX)]
+            shingle_doc, shingle = np.concatenate([shingle_doc, short]), np.concatenate([shingle, extra])
+        values = (_mix64(shingle) >> np.uint64(32)).astype(np.uint64)
+    keys = np.sort((shingle_doc.astype(np.uint64) << np.uint64(32)) | values)  # by text, then value
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]]  # distinct (a sort beats np.unique's hash table here)
+    counts = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=len(texts))
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), _offsets(counts)
+
+
+def sha1_shingle_hashes(texts: list[str | None], size: int, hasher: MinHasher) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fast_shingle_hashes`' layout with datasketch's ``sha1_hash32`` of each distinct shingle."""
+    parts: list[np.ndarray] = []
+    counts = np.zeros(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        hv = np.unique(hasher.hashes(shingles(text or "", size)))
+        parts.append(hv)
+        counts[i] = len(hv)
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)), offsets
 
 
 def _fmix32(values: np.ndarray) -> np.ndarray:
@@ -73,13 +164,36 @@ class MinHasher:
         if not items:
             return None
         hv = self.hashes(items) if hv is None else hv
+        return self.permuted(hv).min(axis=0).astype(np.uint32)
+
+    def permuted(self, hv: np.ndarray) -> np.ndarray:
+        """``(len(hv), num_perm)``: every permutation of every uint32 hash value (datasketch's arithmetic)."""
+        return self.permuted_t(hv).T
+
+    def permuted_t(self, hv: np.ndarray) -> np.ndarray:
+        """``(num_perm, len(hv))``, :meth:`permuted` transposed (a text's values contiguous per permutation)."""
         with np.errstate(over="ignore"):
             if self.scheme == "legacy":
-                wide = hv.astype(np.uint64)[:, None]
-                phv = ((wide * self.a[None, :] + self.b[None, :]) % _MERSENNE) & _MAX32
-            else:
-                phv = _fmix32(hv)[:, None] * self.a[None, :] + self.b[None, :]
-        return phv.min(axis=0).astype(np.uint32)
+                wide = hv.astype(np.uint64)[None, :]
+                return (((self.a[:, None] * wide + self.b[:, None]) % _MERSENNE) & _MAX32).astype(np.uint32)
+            a, b = self.a.astype(np.uint32)[:, None], self.b.astype(np.uint32)[:, None]
+            return a * _fmix32(hv.astype(np.uint32))[None, :] + b
+
+
+def batch_signatures(hasher: MinHasher, hv: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``(texts, num_perm)`` uint32 signatures of the shingle hashes ``hv[offsets[i]:offsets[i+1]]`` of
+    each text (rows of texts without shingles are all ``0xFFFFFFFF``: never used, see the callers)."""
+    docs = len(offsets) - 1
+    out = np.full((docs, hasher.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    doc_of = np.repeat(np.arange(docs), np.diff(offsets))
+    for start in range(0, len(hv), _CHUNK):
+        block = hasher.permuted_t(hv[start : start + _CHUNK])  # (num_perm, chunk): reduce along rows
+        owners = doc_of[start : start + _CHUNK]
+        cuts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        mins = np.minimum.reduceat(block, cuts, axis=1).T
+        docs_here = owners[cuts]
+        out[docs_here] = np.minimum(out[docs_here], mins)  # a text cut by the chunk edge: both halves
+    return out
 
 
 def lsh_params(threshold: float, num_perm: int, fp_weight: float, fn_weight: float) -> tuple[int, int]:

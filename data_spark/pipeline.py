@@ -142,10 +142,20 @@ def _counts(df: DataFrame) -> tuple[int, int]:
     return int(row["n"]), int(row["t"] or 0)
 
 
-def _write(df: DataFrame, path: Path, partitions: int) -> None:
+# Stages whose kept rows are their input rows, each edited on its own (no shuffle before the output):
+# their output keeps the layout of their input, which a canonical stage before them fixed.
+ROW_WISE = frozenset({"heuristics", "quality", "safety", "category", "weighting"})
+
+
+def _write(df: DataFrame, path: Path, partitions: int, canonical: bool = True) -> None:
     """Materialise in a canonical layout (hash of row id, sorted), so the next stage's input, and with it
-    order-sensitive steps such as k-means initialisation, do not depend on shuffle timing."""
-    df.repartition(partitions, "row_id").sortWithinPartitions("row_id").write.mode("overwrite").parquet(str(path))
+    order-sensitive steps such as k-means initialisation, do not depend on shuffle timing. A row-wise
+    stage (``canonical=False``) writes its rows as it read them, in the files' order: no shuffle of every
+    document's text (the job's aggregations do not depend on row order: k-means lays its input out
+    canonically itself and the weighting sums are exact)."""
+    if canonical:
+        df = df.repartition(partitions, "row_id").sortWithinPartitions("row_id")
+    df.write.mode("overwrite").parquet(str(path))
 
 
 JOB_FILE = "_job.json"  # the fingerprint of a temporary output
@@ -436,7 +446,7 @@ def _stage(
         _publish(work, removed_path)
         removed_docs, removed_tokens = _counts(spark.read.parquet(str(removed_path)))
     work = _work(path)
-    _write(result.kept, work, cfg.spark.shuffle_partitions)
+    _write(result.kept, work, cfg.spark.shuffle_partitions, canonical=name not in ROW_WISE)
     spark.catalog.clearCache()
     docs_out, tokens_out = _counts(spark.read.parquet(str(work)))
     row = {

@@ -38,28 +38,42 @@ def clean_lines(text: str, kind: str, cfg: HeuristicsConfig) -> tuple[str, int]:
     return "\n".join(kept).strip("\n"), dropped
 
 
-def _covered_fraction(units: list[str], n: int, *, top_only: bool) -> float:
-    """Share of characters in the most frequent n-gram (top) or in all repeated n-grams (dup)."""
-    if len(units) < n:
+def _top_fraction(units: list[str], n: int, total: int) -> float:
+    """Share of characters in the most frequent n-gram (0 when no n-gram repeats)."""
+    if len(units) < n or not total:
         return 0.0
-    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
-    counts = Counter(grams)
-    total = sum(len(u) for u in units)
-    if not total:
-        return 0.0
-    if top_only:
-        gram, count = counts.most_common(1)[0]
-        return 0.0 if count < 2 else count * sum(len(u) for u in gram) / total
-    # Gopher/datatrove convention: only the second and later occurrences count as duplicated text.
-    covered = [False] * len(units)
-    seen: set[tuple[str, ...]] = set()
-    for i, gram in enumerate(grams):
-        if counts[gram] > 1:
-            if gram in seen:
-                for j in range(i, i + n):
-                    covered[j] = True
-            seen.add(gram)
-    return sum(len(u) for u, c in zip(units, covered, strict=True) if c) / total
+    counts = Counter(zip(*(units[i:] for i in range(n)), strict=False))
+    gram, count = counts.most_common(1)[0]
+    return 0.0 if count < 2 else count * sum(len(u) for u in gram) / total
+
+
+def _dup_fractions(units: list[str], sizes: list[int], total: int):
+    """(n, share of characters in repeated n-grams) for each of ``sizes`` (ascending), lazily.
+
+    Gopher/datatrove convention: only the second and later occurrences count as duplicated text. An
+    n-gram that occurs twice starts at a position where every shorter gram occurs twice too, so each
+    size counts only the positions the previous size found repeated: the same shares, without counting
+    every n-gram of the text for every n."""
+    positions: list[int] | None = None
+    for n in sizes:
+        if len(units) < n or not total:
+            yield n, 0.0
+            continue
+        last = len(units) - n
+        candidates = range(last + 1) if positions is None else [i for i in positions if i <= last]
+        grams = [tuple(units[i : i + n]) for i in candidates]
+        counts = Counter(grams)
+        covered = [False] * len(units)
+        seen: set[tuple[str, ...]] = set()
+        repeated = []
+        for i, gram in zip(candidates, grams, strict=True):
+            if counts[gram] > 1:
+                repeated.append(i)
+                if gram in seen:
+                    covered[i : i + n] = [True] * n
+                seen.add(gram)
+        positions = repeated
+        yield n, sum(len(u) for u, c in zip(units, covered, strict=True) if c) / total
 
 
 def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
@@ -81,16 +95,16 @@ def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
         if total_chars and dup_chars / total_chars > rep.max_dup_line_char_fraction:
             return f"duplicate line characters {dup_chars / total_chars:.2f}"
     units = tokens(text)  # words for Latin text, single characters for CJK text
+    total = sum(map(len, units))
     # A Chinese word is about two characters, so character n-grams are scaled to cover as much text.
     scale = rep.cjk_chars_per_word if kind == "zh" else 1.0
     for n, limit in sorted(rep.max_top_ngram_fraction.items()):
         n = max(1, round(n * scale))
-        share = _covered_fraction(units, n, top_only=True)
+        share = _top_fraction(units, n, total)
         if share > limit:
             return f"top {n}-gram covers {share:.2f}"
-    for n, limit in sorted(rep.max_dup_ngram_fraction.items()):
-        n = max(1, round(n * scale))
-        share = _covered_fraction(units, n, top_only=False)
+    limits = sorted((max(1, round(n * scale)), limit) for n, limit in rep.max_dup_ngram_fraction.items())
+    for (n, share), (_, limit) in zip(_dup_fractions(units, [n for n, _ in limits], total), limits, strict=False):
         if share > limit:
             return f"duplicate {n}-grams cover {share:.2f}"
     return None

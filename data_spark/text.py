@@ -20,7 +20,8 @@ _CODE_HINTS = re.compile(
     r"if \(|for \(|while \(|\}|@\w+)",
     re.M,
 )
-_LETTER_CATEGORIES = ("Lu", "Ll", "Lt", "Lm", "Lo")
+_NOT_ALNUM_OR_SPACE = re.compile(r"[^\w\s]|_")
+_SYMBOL = re.compile(r"[^\w\s]")
 
 
 def is_cjk(char: str) -> bool:
@@ -29,7 +30,7 @@ def is_cjk(char: str) -> bool:
 
 def cjk_fraction(text: str) -> float:
     """Share of CJK characters among letters (0 when there are no letters)."""
-    letters = sum(1 for c in text if unicodedata.category(c) in _LETTER_CATEGORIES)
+    letters = sum(map(str.isalpha, text))  # isalpha is exactly the categories Lu, Ll, Lt, Lm, Lo
     return len(_CJK.findall(text)) / letters if letters else 0.0
 
 
@@ -59,7 +60,8 @@ def tokens(text: str) -> list[str]:
 
 def approx_tokens(text: str) -> int:
     """Tokens in the report's sense before a tokenizer exists: words + CJK characters + symbols."""
-    return len(_TOKEN.findall(text)) + sum(1 for c in text if not c.isspace() and not c.isalnum() and c != "_")
+    # [^\w\s]: neither alphanumeric nor "_" nor space
+    return len(_TOKEN.findall(text)) + len(_SYMBOL.findall(text))
 
 
 def sentences(line: str) -> list[str]:
@@ -75,5 +77,5 @@ def judged_sentences(text: str, min_chars: int) -> list[str]:
 
 def normalize(text: str) -> str:
     """NFKC, lower case, punctuation dropped, whitespace collapsed: the key of exact and line dedup."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text).split())
+    # [^\w\s]|_ is exactly "neither str.isalnum nor str.isspace" (re's \w is isalnum plus "_", \s is isspace)
+    return " ".join(_NOT_ALNUM_OR_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())

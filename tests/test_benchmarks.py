@@ -134,7 +134,18 @@ def test_bench_dedup_small_corpus(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert all(row[5] == 0.0 for row in table if row[1] <= 0.7)  # well below: none
     assert _num(r"Spark MinHash stage \(local\[2\]\): {n} docs/s", out) > 0
     assert _num(r"datasketch MinHashLSH \(1 process\): {n} docs/s", out) > 0
+    assert _num(r"Spark MinHash stage .*, {n} core-ms/doc\)", out) > 0
+    assert _num(r"MinHash stage seconds \(fast shingle hash\): sign {n}", out) > 0
     assert "whole prepare job" not in out  # --skip-job
+
+
+def test_bench_dedup_refuses_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    from haina.tools.bench.dedup import main
+
+    for bad in ("ten", "100,0", ","):
+        with pytest.raises(SystemExit) as info:
+            main(["--docs", bad, "--skip-job", "--skip-stage"])
+        assert info.value.code == 2 and "--docs" in capsys.readouterr().err
 
 
 @pytest.mark.integration  # two `haina pretrain` runs, one under torchrun
@@ -185,3 +196,20 @@ def test_bench_cluster_components_chain_and_star() -> None:
     assert all(r["one_component"] and r["nodes"] == 3000 for r in rows.values()), rows
     assert 8 <= rows["chain"]["rounds"] <= 16 < rows["chain"]["limit"]  # log2(3000) = 11.6
     assert rows["star"]["rounds"] <= 2
+
+
+def test_bench_dedup_remixes_real_sentences() -> None:
+    """Past the installed text's documents the corpus goes on with remixes of its sentences: documents of
+    the usual size, made of the pool's sentences, not near-duplicates of one another."""
+    import random
+
+    from haina.data_spark.minhash import shingles
+    from haina.tools.bench.dedup import _DOC_CHARS, _remixes, jaccard
+
+    pool = [f"Sentence number {i} talks about topic {i % 97} and then stops here." for i in range(2000)]
+    docs = [doc for doc, _ in zip(_remixes(random.Random(0), pool), range(50), strict=False)]
+    assert all(_DOC_CHARS[0] <= len(d.replace("\n", " ")) + 2 for d in docs)
+    assert all(len(d) < 2 * _DOC_CHARS[1] for d in docs)
+    assert all(" ".join(d.split()).count("Sentence number") >= 4 for d in docs)
+    assert max(jaccard(a, b, 5) for a, b in zip(docs, docs[1:], strict=False)) < 0.3
+    assert len(set(shingles(docs[0], 5))) > 20

@@ -138,9 +138,10 @@ def test_near_dedup_pair_chain_and_short_documents(spark, tmp_path: Path) -> Non
 
 
 def test_spark_signatures_equal_datasketch(spark, tmp_path: Path) -> None:  # noqa: F811
-    ctx = _ctx(spark, tmp_path)
+    """``near_dedup.shingle_hash=sha1``: the executors' signatures are datasketch's, value for value."""
+    ctx = _ctx(spark, tmp_path, "near_dedup.shingle_hash=sha1")
     records = known_corpus()
-    signed, _, _ = near_dedup.signatures(_docs(spark, tmp_path, records, ctx), ctx.cfg.near_dedup)
+    signed, _, _ = near_dedup.signatures(_docs(spark, tmp_path, records, ctx), ctx.cfg.near_dedup, with_signature=True)
     cfg = ctx.cfg.near_dedup
     texts = {r["id"]: r["text"] for r in records}
     for row in signed.select("doc_id", "_sig").collect():
@@ -148,6 +149,26 @@ def test_spark_signatures_equal_datasketch(spark, tmp_path: Path) -> None:  # no
         reference.update_batch(shingles(texts[row["doc_id"]], cfg.shingle_size))
         ours = np.array(row["_sig"], dtype=np.int32).view(np.uint32)
         assert np.array_equal(ours, reference.hashvalues.astype(np.uint32)), row["doc_id"]
+
+
+def test_fast_signatures_sign_the_same_shingles(spark, tmp_path: Path) -> None:  # noqa: F811
+    """The default ``fast`` shingle hash: one hash per distinct shingle (the sets ``shingles`` gives), and
+    signatures whose agreement estimates the shingle sets' Jaccard as datasketch's does."""
+    ctx = _ctx(spark, tmp_path)
+    assert ctx.cfg.near_dedup.shingle_hash == "fast"
+    records = known_corpus()
+    signed, _, _ = near_dedup.signatures(_docs(spark, tmp_path, records, ctx), ctx.cfg.near_dedup, with_signature=True)
+    size = ctx.cfg.near_dedup.shingle_size
+    texts = {r["id"]: r["text"] for r in records}
+    rows = {r["doc_id"]: r for r in signed.select("doc_id", "_sig", "_hv").collect()}
+    for doc_id, row in rows.items():
+        assert len(row["_hv"]) == len(set(shingles(texts[doc_id], size))), doc_id
+    a, b = rows["en-b"], rows["en-b-near"]
+    exact = len(set(shingles(texts["en-b"], size)) & set(shingles(texts["en-b-near"], size))) / len(
+        set(shingles(texts["en-b"], size)) | set(shingles(texts["en-b-near"], size)))
+    estimate = np.mean(np.array(a["_sig"]) == np.array(b["_sig"]))
+    assert abs(estimate - exact) < 0.1 and exact > 0.5, (estimate, exact)
+    assert np.mean(np.array(rows["en-a"]["_sig"]) == np.array(rows["en-c"]["_sig"])) < 0.05
 
 
 def test_connected_components_chain_and_star(spark) -> None:  # noqa: F811

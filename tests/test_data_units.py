@@ -160,3 +160,66 @@ def test_config_errors_are_one_line(tmp_path) -> None:
     _one_line(load_prepare_config, tmp_path / "missing.yaml", match="missing.yaml: no such config file")
     cfg = load_prepare_config(None, ["safety.blocklist=[x, y]", "category.targets={en: 0.5}"])
     assert cfg.safety.blocklist == ["x", "y"] and cfg.category.targets == {"en": 0.5}
+
+
+def test_batch_signatures_equal_one_text_at_a_time() -> None:
+    """The batch path (sha1 shingle hash): every text's signature is datasketch's, and a text cut by a
+    permutation block's edge gets the minimum over both halves."""
+    from haina.data_spark import minhash
+
+    hasher = MinHasher.create(64, 3)
+    texts = [en_doc(0), "", "".join(ZH_SENTENCES), "two words", CODE_DOC * 40, "!!!", en_doc(6)]
+    hv, offsets = minhash.sha1_shingle_hashes(texts, 5, hasher)
+    for chunk in (7, 1 << 14):
+        saved, minhash._CHUNK = minhash._CHUNK, chunk
+        try:
+            sigs = minhash.batch_signatures(hasher, hv, offsets)
+        finally:
+            minhash._CHUNK = saved
+        for i, text in enumerate(texts):
+            items = shingles(text, 5)
+            if not items:
+                assert offsets[i] == offsets[i + 1]
+                continue
+            reference = MinHash(num_perm=64, seed=3)
+            reference.update_batch(items)
+            assert np.array_equal(sigs[i], reference.hashvalues.astype(np.uint32)), (chunk, i)
+
+
+def test_fast_shingle_hashes_one_per_distinct_shingle() -> None:
+    from haina.data_spark.minhash import fast_shingle_hashes
+
+    texts = [en_doc(0), en_doc(0), "a b c", "a b", "", "!!! ...", "x " * 30, "".join(ZH_SENTENCES)]
+    hv, offsets = fast_shingle_hashes(texts, 5)
+    per = [hv[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
+    assert [len(h) for h in per] == [len(set(shingles(t, 5))) for t in texts]
+    assert np.array_equal(per[0], per[1]) and not np.array_equal(per[2], per[3])  # same text, same hashes
+    assert len(set(per[0].tolist()) & set(fast_shingle_hashes([en_doc(6)], 5)[0].tolist())) == 0
+
+
+def test_normalize_and_counts_match_their_character_definitions() -> None:
+    """The regex forms of normalize and approx_tokens agree with the per-character definitions."""
+    import sys
+    import unicodedata
+
+    from haina.data_spark.text import _TOKEN, approx_tokens, normalize
+
+    everything = "".join(chr(c) for c in range(0, sys.maxunicode + 1, 7) if not 0xD800 <= c <= 0xDFFF)
+    slow = unicodedata.normalize("NFKC", everything).lower()
+    slow = " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in slow).split())
+    assert normalize(everything) == slow
+    for text in (everything[:5000], en_doc(0), CODE_DOC, "".join(ZH_SENTENCES)):
+        symbols = sum(1 for c in text if not c.isspace() and not c.isalnum() and c != "_")
+        assert approx_tokens(text) == len(_TOKEN.findall(text)) + symbols
+
+
+def test_feature_rows_equal_featurize() -> None:
+    from haina.data_spark.features import feature_rows, featurize
+
+    lines = [en_doc(0), "", "!!! $$$ BUY NOW http://x.example", "".join(ZH_SENTENCES), SPAM_DOC, "Ã© mojibake"]
+    for shape in (False, True):
+        values, ids, starts = feature_rows(lines, 1 << 12, shape)
+        for i, line in enumerate(lines):
+            ref_ids, ref_values = featurize(line, 1 << 12, shape)
+            assert np.array_equal(ids[starts[i] : starts[i + 1]], ref_ids)
+            assert np.allclose(values[starts[i] : starts[i + 1]], ref_values, rtol=1e-12, atol=0)

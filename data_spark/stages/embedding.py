@@ -7,6 +7,7 @@ near-duplicates (same template, same topic) that MinHash does not catch.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 from pyspark.ml.clustering import KMeans
 from pyspark.ml.functions import array_to_vector
@@ -14,7 +15,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
-from haina.data_spark.features import embed, projection
+from haina.data_spark.features import embed_many, projection
 from haina.data_spark.stages.base import StageContext, StageResult
 
 PROJECTION_FEATURES = 1 << 16
@@ -25,7 +26,10 @@ def run(df, ctx: StageContext) -> StageResult:
     matrix = ctx.spark.sparkContext.broadcast(projection(PROJECTION_FEATURES, cfg.dim, cfg.seed))
 
     def vectors(batch: pa.RecordBatch) -> dict[str, list]:
-        return {"_emb": [embed(t, matrix.value).tolist() for t in texts(batch)]}
+        vectors = embed_many(texts(batch), matrix.value)
+        dim = vectors.shape[1]
+        starts = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * dim)
+        return {"_emb": pa.ListArray.from_arrays(starts, pa.array(vectors.reshape(-1)))}
 
     embedded = map_columns(df, vectors, [T.StructField("_emb", T.ArrayType(T.FloatType()))])
     # k-means|| samples per partition in order: a canonical layout makes the clustering reproducible.

@@ -22,7 +22,8 @@ def _keys(batch: pa.RecordBatch) -> dict[str, list]:
 
 def run(df, ctx: StageContext) -> StageResult:
     keyed = df if "_key" in df.columns else map_columns(df, _keys, [KEY_FIELD])
-    first = keyed.withColumn("_first", F.min("row_id").over(Window.partitionBy("_key")))
+    # cached: kept and removed are both cut from the one window (one shuffle of the texts, not two)
+    first = keyed.withColumn("_first", F.min("row_id").over(Window.partitionBy("_key"))).cache()
     kept = first.filter(F.col("row_id") == F.col("_first")).drop("_key", "_first")
     dups = first.filter(F.col("row_id") != F.col("_first"))
     removed = removed_rows(dups, F.lit("exact duplicate"), F.col("_first"))

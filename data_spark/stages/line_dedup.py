@@ -11,7 +11,7 @@ import hashlib
 import re
 
 import pyarrow as pa
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -54,9 +54,10 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
 
     keyed = map_columns(df, keys, [T.StructField("_units", UNIT_TYPE)])
     units = keyed.select("row_id", F.explode("_units").alias("u")).select("row_id", "u.pos", "u.key")
-    first = units.groupBy("key").agg(F.min(F.struct("row_id", "pos")).alias("first"))
+    # Each unit's first occurrence over a window on its key: one shuffle of the units, no join back.
+    first = F.min(F.struct("row_id", "pos")).over(Window.partitionBy("key"))
     repeats = (
-        units.join(first, "key")
+        units.withColumn("first", first)
         .filter((F.col("first.row_id") != F.col("row_id")) | (F.col("first.pos") != F.col("pos")))
         .groupBy("row_id")
         .agg(F.array_sort(F.collect_list("pos")).alias("_drop"))

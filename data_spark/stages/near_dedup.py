@@ -35,35 +35,35 @@ SIG_FIELDS = [SIG_FIELD, BANDS_FIELD, HV_FIELD]
 REPORT_COPIES = 10  # removed copies listed per reported cluster (all are counted)
 
 
-def signatures(df: DataFrame, cfg: NearDedupConfig, column: str = "text") -> tuple[DataFrame, int, int]:
+def signatures(df: DataFrame, cfg: NearDedupConfig, column: str = "text", with_signature: bool | None = None
+               ) -> tuple[DataFrame, int, int]:
     """Add ``_sig`` (uint32 viewed as int32), ``_bands`` and, for exact verification, the distinct shingle
-    hashes ``_hv`` of ``column`` per document; all null for documents without tokens."""
+    hashes ``_hv`` of ``column`` per document; all null for documents without tokens. ``_sig`` is filled
+    only when something reads it (``verify`` is not ``exact``, or ``with_signature``): 256 numbers per
+    document that exact verification never looks at need not cross from Python to the JVM."""
     signer = Signer.create(cfg)
     exact = cfg.verify == "exact"
+    keep_sig = not exact if with_signature is None else with_signature
 
-    def sign(batch: pa.RecordBatch) -> dict[str, list]:
-        sigs, keys, hvs = [], [], []
-        for text in texts(batch, column):
-            sig, bands, hv = signer.sign(text)
-            sigs.append(sig)
-            keys.append(bands)
-            hvs.append(hv if exact else None)
-        return {"_sig": sigs, "_bands": keys, "_hv": hvs}
+    def sign(batch: pa.RecordBatch) -> dict[str, pa.Array]:
+        sigs, keys, hvs = signer.sign_batch(texts(batch, column))
+        return {"_sig": sigs if keep_sig else pa.nulls(len(sigs), sigs.type), "_bands": keys,
+                "_hv": hvs if exact else pa.nulls(len(hvs), hvs.type)}
 
     return map_columns(df, sign, SIG_FIELDS), signer.bands, signer.rows
 
 
 def candidate_edges(signed: DataFrame) -> DataFrame:
-    """``(src, dst)``: each member of an LSH bucket linked to the bucket's smallest id (native group-by)."""
+    """``(src, dst)``: each member of an LSH bucket linked to the bucket's smallest id. One native group-by
+    gathers each bucket's ids (sorted), and the links are read off the buckets with more than one member:
+    a single shuffle of the band keys, no join back."""
     exploded = signed.filter(F.col("_bands").isNotNull()).select(
         "row_id", F.posexplode("_bands").alias("band", "key")
     )
-    buckets = exploded.groupBy("band", "key").agg(F.min("row_id").alias("dst"), F.count("*").alias("n"))
-    buckets = buckets.filter(F.col("n") > 1)
+    buckets = exploded.groupBy("band", "key").agg(F.array_sort(F.collect_list("row_id")).alias("ids"))
     return (
-        exploded.join(buckets, ["band", "key"])
-        .filter(F.col("row_id") != F.col("dst"))
-        .select(F.col("row_id").alias("src"), "dst")
+        buckets.filter(F.size("ids") > 1)
+        .select(F.explode(F.expr("slice(ids, 2, size(ids) - 1)")).alias("src"), F.col("ids")[0].alias("dst"))
         .distinct()
     )
 

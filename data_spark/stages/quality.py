@@ -83,24 +83,43 @@ def _score(bc, cfg: QualityConfig):
 
     def score(batch: pa.RecordBatch) -> dict[str, list]:
         model: LinearModel = bc.value
-        logits, lengths, tokens = [], [], []
+        pieces: list[str] = []
+        counts = []
         for text, kind in zip(texts(batch), texts(batch, "kind"), strict=True):
-            pieces = judged_sentences(text, cfg.min_sentence_chars) if kind in kinds else []
-            logits.append([model.logit(p) for p in pieces])
-            lengths.append([len(p) for p in pieces])
-            tokens.append([approx_tokens(p) for p in pieces])
-        return {"_qlogit": logits, "_qlen": lengths, "_qtok": tokens}
+            found = judged_sentences(text, cfg.min_sentence_chars) if kind in kinds else []
+            pieces += found
+            counts.append(len(found))
+        flat = model.logits(pieces).tolist()  # every judged sentence of the batch in one sparse product
+        lengths = [len(p) for p in pieces]
+        tokens = [approx_tokens(p) for p in pieces]
+        logits, lens, toks, start = [], [], [], 0
+        for n in counts:
+            logits.append(flat[start : start + n])
+            lens.append(lengths[start : start + n])
+            toks.append(tokens[start : start + n])
+            start += n
+        return {"_qlogit": logits, "_qlen": lens, "_qtok": toks}
 
     return score
+
+
+def _unchanged_score(logits: list[float], lengths: list[int]) -> float:
+    """:func:`judge`'s document score when no sentence goes, from the first pass's columns alone: the text
+    need not be split again."""
+    chars = sum(lengths)
+    return sum(sigmoid(x) * n for x, n in zip(logits, lengths, strict=True)) / chars if chars else 1.0
 
 
 def _apply(cut: float, cfg: QualityConfig):
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
         out: dict[str, list] = {f.name: [] for f in FIELDS}
-        columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "ntok"), texts(batch, "kind"))
-        for text, logits, ntok, kind in zip(*columns, strict=True):
+        columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "_qlen"), texts(batch, "ntok"),
+                   texts(batch, "kind"))
+        for text, logits, lengths, ntok, kind in zip(*columns, strict=True):
             if kind not in cfg.kinds:
                 new_text, score, removed = text, 1.0, 0
+            elif not logits or min(logits) >= cut:  # nothing below the cut: no second split of the text
+                new_text, score, removed = text, _unchanged_score(logits, lengths), 0
             else:
                 new_text, score, removed = judge(text, logits, cut, cfg)
             reason = None

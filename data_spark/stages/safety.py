@@ -8,6 +8,7 @@ kept as ``safety_score`` either way.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -26,20 +27,39 @@ FIELDS = [
 ]
 
 
-def judge(text: str, model: LinearModel, cfg: SafetyConfig) -> tuple[str, float, str | None]:
-    """(text without unsafe lines, max line probability, reason of the first unsafe line or None)."""
+def judge(text: str, model: LinearModel, cfg: SafetyConfig, probs: list[float] | None = None) -> tuple[str, float, str | None]:
+    """(text without unsafe lines, max line probability, reason of the first unsafe line or None).
+    ``probs``: the model's probability of each line that :func:`scored_lines` lists, in order (computed
+    for a whole batch at once); None scores them here."""
     phrases = [p.lower() for p in cfg.blocklist]
+    if probs is None:
+        probs = [float(v) for v in _probabilities(model, scored_lines(text, cfg))]
+    scores = iter(probs)
     kept, worst, reason = [], 0.0, None
     for line in text.split("\n"):
         lowered = line.lower()
         hit = next((p for p in phrases if p in lowered), None)
-        prob = 1.0 if hit else model.score(line) if len(line.strip()) >= cfg.min_line_chars else 0.0
+        prob = 1.0 if hit else next(scores) if len(line.strip()) >= cfg.min_line_chars else 0.0
         worst = max(worst, prob)
         if prob >= cfg.threshold:
             reason = reason or (f"safety: blocklist {hit!r}" if hit else f"safety: model {prob:.2f}")
             continue
         kept.append(line)
     return "\n".join(kept), worst, reason
+
+
+def scored_lines(text: str, cfg: SafetyConfig) -> list[str]:
+    """The lines of ``text`` the model scores: long enough, and no listed phrase in them."""
+    phrases = [p.lower() for p in cfg.blocklist]
+    return [line for line in text.split("\n") if len(line.strip()) >= cfg.min_line_chars
+            and not any(p in line.lower() for p in phrases)]
+
+
+def _probabilities(model: LinearModel, lines: list[str]) -> np.ndarray:
+    """:meth:`LinearModel.score` of every line, in one sparse product."""
+    logits = model.logits(lines)
+    odds = np.exp(-np.abs(logits))  # sigmoid's two branches, as linear_model.sigmoid takes them
+    return np.where(logits >= 0, 1.0 / (1.0 + odds), odds / (1.0 + odds))
 
 
 def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
@@ -55,8 +75,13 @@ def run(df, ctx: StageContext) -> StageResult:
 
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
         out: dict[str, list] = {f.name: [] for f in FIELDS}
-        for text, ntok in zip(texts(batch), texts(batch, "ntok"), strict=True):
-            new_text, score, reason = judge(text, bc.value, cfg)
+        docs = texts(batch)
+        lines = [scored_lines(text, cfg) for text in docs]
+        flat = _probabilities(bc.value, [line for group in lines for line in group]).tolist()
+        start = 0
+        for text, ntok, group in zip(docs, texts(batch, "ntok"), lines, strict=True):
+            new_text, score, reason = judge(text, bc.value, cfg, flat[start : start + len(group)])
+            start += len(group)
             if reason and cfg.action == "drop_lines" and new_text.strip():
                 text, ntok, reason = new_text, approx_tokens(new_text), None
             out["text"].append(text)

@@ -16,6 +16,8 @@ from pyspark.sql import functions as F
 
 from haina.data_spark.stages.base import StageContext, StageResult
 
+EXACT = "decimal(38,12)"  # weight * tokens below 1e26, kept to 1e-12
+
 
 def _upsample(factors: dict[str, float]) -> Column:
     expr: Column = F.lit(1.0)
@@ -57,8 +59,9 @@ def run(df: DataFrame, ctx: StageContext) -> StageResult:
         * _upsample(ctx.cfg.safety.upsample_sources)
     )
     scored = df.withColumn("weight", F.least(F.greatest(raw, F.lit(cfg.min_weight)), F.lit(cfg.max_weight)))
+    # The weighted sum in exact decimal arithmetic: the same total whatever order the rows come in.
     rows = scored.groupBy("category").agg(
-        F.sum("ntok").alias("tokens"), F.sum(F.col("weight") * F.col("ntok")).alias("weighted")
+        F.sum("ntok").alias("tokens"), F.sum((F.col("weight") * F.col("ntok")).cast(EXACT)).alias("weighted")
     ).collect()
     stats = {r["category"]: (float(r["tokens"] or 0), float(r["weighted"] or 0)) for r in rows}
     factors = category_factors(stats, ctx.cfg.category.targets)

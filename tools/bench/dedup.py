@@ -1,9 +1,17 @@
 """Near-dedup quality and speed: ``python -m haina.tools.bench.dedup [--docs 6000] [--skip-job]``.
 
+``--docs 10000,50000,200000`` runs each size in turn on its own corpus and ends with a throughput table
+(documents/s and the per-document cost in core-milliseconds, wall seconds x cores / documents, of the
+MinHash stage on local[2], datasketch on one core, and the whole job), so one can see that the cost per
+document stays flat as the corpus grows; ``--set KEY=VALUE`` passes config overrides to both (for
+example ``near_dedup.shingle_hash=sha1``, datasketch's own signatures).
+
 The corpus is real English text installed on this machine, nothing generated: Python's reference topics
 (``pydoc_data``), standard-library docstrings, the installed distributions' METADATA descriptions and
 licence files, then the installed packages' docstrings, cut at paragraph boundaries into documents of
-700 - 2,500 characters. A document is used only if the job's heuristic rules keep it and its Jaccard
+700 - 2,500 characters. That gives some 13,000 documents; larger corpora continue with remixes of their
+sentences (paragraphs of two to five real sentences drawn at random, on one line or wrapped), which are
+no more alike than the real documents are, and get planted copies the same way. A document is used only if the job's heuristic rules keep it and its Jaccard
 with every document chosen before it is below 0.3 (the installed licences repeat one another), so the
 only near-duplicates are the planted ones: a fifth of the documents get one to three copies, each with
 word edits (replacements by words of the corpus) at a rate that spreads its Jaccard to the original over
@@ -25,7 +33,8 @@ cluster's representative), on local[2]: document-dedup precision = share of remo
 representative is at J >= threshold, recall = share of the pairs at J >= threshold of which at least one
 document was removed; the verified links alone (every pair sharing a band, verified as the stage
 verifies), whole clusters (which join pairs through a third document), a recall-by-similarity table
-beside the LSH S-curve, and throughput beside datasketch's single-process MinHashLSH.
+beside the LSH S-curve, the stage's seconds per step (sign, band and verify, connected components,
+copies), and throughput beside datasketch's single-process MinHashLSH.
 
 Then (unless ``--skip-job``) the whole ``haina data prepare`` job as the command runs it (local[2],
 default config, intermediate stages kept for the diagnostics): precision of the near-dedup removals
@@ -35,7 +44,7 @@ its documents (pairs of which another stage removed a document are left out and 
 that the stages before near-dedup trimmed apart (their texts as near-dedup received them, and as line
 dedup received them, below the threshold) and the recall on them; recall by similarity (rows
 ``J 0.80-0.85 ...``: pairs, share caught, share with a document removed by near, exact and line dedup,
-share trimmed apart) and by shape; seconds per stage.
+share trimmed apart) and by shape; seconds per stage and each stage's core-milliseconds per document.
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ from haina.data_spark.prepare import prepare_main
 from haina.data_spark.rules import clean_lines, document_reason
 from haina.data_spark.session import get_session
 from haina.data_spark.stages.near_dedup import candidate_edges, copies, signatures, verified
-from haina.data_spark.text import detect_kind
+from haina.data_spark.text import detect_kind, sentences
 from haina.tools.demo.corpus import BOILERPLATE, SPAM_EN
 
 BUCKETS = [(0.5, 0.6), (0.6, 0.7), (0.7, 0.75), (0.75, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01)]
@@ -157,22 +166,54 @@ def _shape(text: str, shape: str, rng: random.Random, serial: int) -> str:
     return text
 
 
+def _remixes(rng: random.Random, pool: list[str]) -> Iterator[str]:
+    """Documents of real sentences once the installed text has given every document it has: paragraphs of
+    two to five sentences drawn at random from ``pool`` (the sentences of the real documents), on one line
+    or wrapped, until the document reaches a random size in ``_DOC_CHARS``. Two of them share a sentence
+    rarely and a run of sentences almost never, so, like the real documents, they are not near-duplicates
+    of one another."""
+    while True:
+        target, paragraphs, chars = rng.randint(*_DOC_CHARS), [], 0
+        while chars < target:
+            flat = " ".join(rng.choice(pool) for _ in range(rng.randint(2, 5)))
+            width = rng.choice([0, 0, 60, 72, 80, 100])
+            paragraphs.append(textwrap.fill(flat, width, break_long_words=False, break_on_hyphens=False)
+                              if width else flat)
+            chars += len(flat) + 2
+        yield "\n\n".join(paragraphs)
+
+
+def _documents(rng: random.Random, size: int, pool: list[str]) -> Iterator[tuple[str, bool]]:
+    """(text, real): the real documents (:func:`base_documents`), their sentences collected into ``pool``,
+    then remixes of those sentences (:func:`_remixes`) for as many more as asked."""
+    for text in base_documents(rng, size):
+        pool.extend(s for paragraph in text.split("\n\n")
+                    for s in sentences(" ".join(paragraph.split())) if len(s.split()) >= 4)
+        yield text, True
+    for text in _remixes(rng, pool):
+        yield text, False
+
+
 def make_corpus(n: int, seed: int, size: int) -> tuple[list[dict], list[tuple[int, int, float]]]:
     """``n`` documents (id, text, shape) in a shuffled order, and the planted pairs (i, j, exact Jaccard
     of the raw texts): a fifth of the originals get 1 - 3 copies, each of one shape, with word edits at
-    rates spread so similarities cover 0.5 .. 1."""
+    rates spread so similarities cover 0.5 .. 1. The installed text gives some 13,000 documents; beyond
+    them the originals are remixes of their sentences (:func:`_remixes`), copied the same way."""
     rng = random.Random(seed)
     vocab: list[str] = []  # the distinct words of the originals so far: replacements are real words
     seen: set[str] = set()
     groups: list[list[dict]] = []
-    total = 0
-    for text in base_documents(rng, size):
+    total = real = 0
+    pool: list[str] = []
+    for text, is_real in _documents(rng, size, pool):
         if total >= n:
             break
-        for word in re.findall(r"[A-Za-z]{3,12}", text):
-            if word not in seen:
-                seen.add(word)
-                vocab.append(word)
+        real += is_real
+        if is_real:
+            for word in re.findall(r"[A-Za-z]{3,12}", text):
+                if word not in seen:
+                    seen.add(word)
+                    vocab.append(word)
         group = [{"text": text, "shape": "original"}]
         if rng.random() < 0.2:
             for _ in range(rng.choice((1, 1, 1, 2, 2, 3))):
@@ -182,8 +223,9 @@ def make_corpus(n: int, seed: int, size: int) -> tuple[list[dict], list[tuple[in
         group = group[: n - total]
         groups.append(group)
         total += len(group)
-    if total < n:
-        print(f"(the installed text gives {total:,} documents, not {n:,})")
+    if real < len(groups):
+        print(f"(the installed text gives {real:,} original documents; {len(groups) - real:,} more are remixes "
+              "of their sentences)")
     order = list(range(total))
     rng.shuffle(order)  # originals and copies in any order: either may come first in the job
     docs: list[dict] = [{}] * total
@@ -203,19 +245,34 @@ def make_corpus(n: int, seed: int, size: int) -> tuple[list[dict], list[tuple[in
 
 # ------------------------------------------------------------------------------ the stage alone
 
-def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set], float]:
-    """(verified links, pairs in one final cluster, (kept, removed) pairs, band keys per document, seconds)."""
+def spark_minhash(docs: list[dict], cfg, wanted: set[int]) -> tuple[set, set, set, dict[int, set], dict[str, float]]:
+    """(verified links, pairs in one final cluster, (kept, removed) pairs, band keys of the ``wanted``
+    documents, seconds per step of the stage and in all)."""
     spark = get_session(cfg.spark, "local[2]")
     df = spark.createDataFrame([(int(d["id"]), d["text"]) for d in docs], "row_id long, text string").repartition(8)
     df = df.cache()
     df.count()
-    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    start = last = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        seconds[name], last = now - last, now
+
     signed, _, _ = signatures(df, cfg.near_dedup)
-    signed = signed.cache()
+    signed = signed.drop("text").cache()  # the texts are signed: what the rest of the stage reads is kept
+    signed.count()
+    lap("sign")
     edges = verified(candidate_edges(signed), signed, cfg.near_dedup).cache()
+    edges.count()
+    lap("band+verify")
     labels = connected_components(edges, cfg.near_dedup.max_iterations).cache()
+    labels.count()
+    lap("components")
     removals = {(r["component"], r["id"]) for r in copies(labels, signed, cfg.near_dedup).collect()}
-    seconds = time.perf_counter() - start
+    lap("copies")
+    seconds["total"] = time.perf_counter() - start
     # The stage links each bucket member to the bucket's smallest id only (enough for the components);
     # a pair's own link is every pair sharing a bucket, verified the stage's way.
     bands = signed.select("row_id", F.posexplode("_bands").alias("band", "key"))
@@ -227,7 +284,8 @@ def spark_minhash(docs: list[dict], cfg) -> tuple[set, set, set, dict[int, set],
     for row in labels.collect():
         members.setdefault(row["component"], []).append(row["id"])
     clustered = {tuple(sorted(p)) for group in members.values() for p in combinations(group, 2)}
-    keys = {r["row_id"]: {(b, k) for b, k in enumerate(r["_bands"] or [])} for r in signed.select("row_id", "_bands").collect()}
+    keys = {r["row_id"]: {(b, k) for b, k in enumerate(r["_bands"] or [])}
+            for r in signed.select("row_id", "_bands").toLocalIterator() if r["row_id"] in wanted}
     signed.unpersist()
     df.unpersist()
     return links, clustered, removals, keys, seconds
@@ -241,6 +299,7 @@ def _precision_recall(found: set, truth: set, similarity: dict, threshold: float
 
 
 def datasketch_lsh(docs: list[dict], cfg) -> float:
+    """Seconds for datasketch's MinHashLSH to sign, query and insert every document in one process."""
     from datasketch import MinHash, MinHashLSH
 
     nd = cfg.near_dedup
@@ -266,7 +325,7 @@ def _stage_texts(out: Path, stage: str) -> dict[int, str]:
     return dict(zip(map(int, table.column("doc_id").to_pylist()), table.column("text").to_pylist(), strict=True))
 
 
-def whole_job(docs: list[dict], folder: Path) -> tuple[dict, float]:
+def whole_job(docs: list[dict], folder: Path, overrides: list[str] = ()) -> tuple[dict, float]:
     """Run ``haina data prepare`` on ``docs``; the job's outcome per document and its seconds."""
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
@@ -275,7 +334,7 @@ def whole_job(docs: list[dict], folder: Path) -> tuple[dict, float]:
     path.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in docs), encoding="utf-8")
     out = folder / "out"
     start = time.perf_counter()
-    prepare_main([path], out, master="local[2]", progress=False, overrides=["keep_intermediate=true"])
+    prepare_main([path], out, master="local[2]", progress=False, overrides=["keep_intermediate=true", *overrides])
     seconds = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
     removed = ds.dataset(out / "removed", format="parquet", partitioning="hive").to_table(
@@ -344,9 +403,16 @@ def report_job(docs: list[dict], pairs: list[tuple[int, int, float]], outcome: d
         f"{name} {sum(v) / len(v):.3f} ({len(v)})" for name, v in sorted(shapes.items())))
 
 
-def stage_alone(docs: list[dict], pairs: list[tuple[int, int, float]], cfg, bands: int, rows: int) -> None:
+def core_ms(seconds: float, cores: int, docs: int) -> float:
+    """The per-document cost: wall seconds times the cores that ran them, per document, in milliseconds."""
+    return 1000.0 * seconds * cores / max(1, docs)
+
+
+def stage_alone(docs: list[dict], pairs: list[tuple[int, int, float]], cfg, bands: int, rows: int) -> dict[str, float]:
     nd = cfg.near_dedup
-    links, clustered, removals, keys, spark_s = spark_minhash(docs, cfg)
+    wanted = {i for i, j, _ in pairs} | {j for _, j, _ in pairs}
+    links, clustered, removals, keys, laps = spark_minhash(docs, cfg, wanted)
+    spark_s = laps["total"]
     truth = {(i, j) for i, j, sim in pairs if sim >= nd.threshold}
     true_sim = {(i, j): sim for i, j, sim in pairs}
     right = sum(true_sim.get((min(p), max(p)), 0.0) >= nd.threshold for p in removals)
@@ -367,34 +433,80 @@ def stage_alone(docs: list[dict], pairs: list[tuple[int, int, float]], cfg, band
         mid = (low + min(high, 1.0)) / 2
         print(f"{low:>5.2f}-{min(high, 1.0):<5.2f} {len(inside):>7} {banded:>11.3f} "
               f"{candidate_probability(mid, bands, rows):>8.3f} {linked:>7.3f}")
-    print(f"Spark MinHash stage (local[2]): {len(docs) / spark_s:,.0f} docs/s ({spark_s:.1f} s)", flush=True)
+    n = len(docs)
+    print(f"MinHash stage seconds ({nd.shingle_hash} shingle hash): " + ", ".join(
+        f"{name} {sec:.2f}" for name, sec in laps.items() if name != "total"))
+    print(f"Spark MinHash stage (local[2]): {n / spark_s:,.0f} docs/s ({spark_s:.1f} s, "
+          f"{core_ms(spark_s, 2, n):.3f} core-ms/doc)", flush=True)
     ds = datasketch_lsh(docs, cfg)
-    print(f"datasketch MinHashLSH (1 process): {len(docs) / ds:,.0f} docs/s ({ds:.1f} s)", flush=True)
+    print(f"datasketch MinHashLSH (1 process): {n / ds:,.0f} docs/s ({ds:.1f} s, {core_ms(ds, 1, n):.3f} core-ms/doc); "
+          f"Spark stage {ds / spark_s:.2f}x its speed", flush=True)
+    return {"stage_s": spark_s, "datasketch_s": ds}
+
+
+def job_seconds(report: dict, docs: int) -> None:
+    """Seconds per stage of the job and each stage's cost per document (core-ms on local[2])."""
+    rows = [("ingest", report["ingest"]["seconds"])] + [
+        (row["stage"], row["seconds"]) for row in report["stages"] if "seconds" in row]
+    print("job stage seconds (core-ms/doc): " + ", ".join(
+        f"{name} {sec:.1f} ({core_ms(sec, 2, docs):.2f})" for name, sec in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=6000, help="documents, originals and copies")
+    parser.add_argument("--docs", default="6000",
+                        help="documents, originals and copies; a comma-separated list runs each size in turn "
+                             "(e.g. 10000,50000,200000) and ends with a throughput table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-job", action="store_true", help="skip the whole prepare job")
     parser.add_argument("--skip-stage", action="store_true", help="skip the MinHash stage alone and datasketch")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both the stage alone and the job (e.g. near_dedup.shingle_hash=sha1)")
     args = parser.parse_args(argv)
-    cfg = load_prepare_config(None, [])
+    try:
+        sizes = [int(x) for x in str(args.docs).split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--docs {args.docs!r}: expected a number or a comma-separated list of numbers")
+    if not sizes or min(sizes) < 1:
+        parser.error("--docs: sizes must be positive")
+    cfg = load_prepare_config(None, args.set)
     nd = cfg.near_dedup
-    started = time.perf_counter()
-    docs, pairs = make_corpus(args.docs, args.seed, nd.shingle_size)
     bands, rows = lsh_params(nd.lsh_threshold, nd.num_perm, nd.false_positive_weight, nd.false_negative_weight)
     MinHasher.create(nd.num_perm, nd.seed, nd.scheme)
-    print(f"{len(docs):,} documents, {len(pairs):,} planted pairs; LSH {bands} bands x {rows} rows, "
-          f"threshold {nd.threshold} (corpus built in {time.perf_counter() - started:.1f} s)", flush=True)
-
-    if not args.skip_stage:
-        stage_alone(docs, pairs, cfg, bands, rows)
-    if not args.skip_job:
-        with tempfile.TemporaryDirectory() as tmp:
-            outcome, job = whole_job(docs, Path(tmp))
-        print(f"whole prepare job (local[2]): {len(docs) / job:,.0f} docs/s ({job:.1f} s)")
-        report_job(docs, pairs, outcome, nd.threshold, nd.shingle_size)
+    table = []
+    for n in sizes:
+        started = time.perf_counter()
+        docs, pairs = make_corpus(n, args.seed, nd.shingle_size)
+        print(f"{len(docs):,} documents, {len(pairs):,} planted pairs; LSH {bands} bands x {rows} rows, "
+              f"threshold {nd.threshold} (corpus built in {time.perf_counter() - started:.1f} s)", flush=True)
+        row: dict[str, float] = {"docs": len(docs)}
+        if not args.skip_stage:
+            row |= stage_alone(docs, pairs, cfg, bands, rows)
+        if not args.skip_job:
+            with tempfile.TemporaryDirectory() as tmp:
+                outcome, job = whole_job(docs, Path(tmp), args.set)
+            row["job_s"] = job
+            print(f"whole prepare job (local[2]): {len(docs) / job:,.0f} docs/s ({job:.1f} s, "
+                  f"{core_ms(job, 2, len(docs)):.2f} core-ms/doc)")
+            job_seconds(outcome["report"], len(docs))
+            report_job(docs, pairs, outcome, nd.threshold, nd.shingle_size)
+        table.append(row)
+    if len(table) > 1:
+        print("throughput (core-ms/doc = wall seconds x cores / documents; Spark on local[2], datasketch on 1 core)")
+        print(f"{'documents':>10} {'stage docs/s':>13} {'core-ms':>8} {'datasketch':>11} {'core-ms':>8} "
+              f"{'ratio':>6} {'job docs/s':>11} {'core-ms':>8}")
+        for row in table:
+            n = int(row["docs"])
+            cells = [f"{n:>10,}"]
+            if "stage_s" in row:
+                cells += [f"{n / row['stage_s']:>13,.0f}", f"{core_ms(row['stage_s'], 2, n):>8.3f}",
+                          f"{n / row['datasketch_s']:>11,.0f}", f"{core_ms(row['datasketch_s'], 1, n):>8.3f}",
+                          f"{row['datasketch_s'] / row['stage_s']:>6.2f}"]
+            else:
+                cells += [f"{'-':>13} {'-':>8} {'-':>11} {'-':>8} {'-':>6}"]
+            if "job_s" in row:
+                cells += [f"{n / row['job_s']:>11,.0f}", f"{core_ms(row['job_s'], 2, n):>8.2f}"]
+            print(" ".join(cells))
 
 
 if __name__ == "__main__":
