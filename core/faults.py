@@ -1,10 +1,11 @@
 """Test-only fault injection: crash, kill or poison a run at a chosen point, to prove recovery works.
 
 Off unless ``HAINA_FAULTS`` is set, e.g. ``step_end:sigkill@5:1,loss:nan@3-4,save_written:crash@4``:
-``point:action@where[:rank]``, where ``where`` is a step, a step range ``a-b`` or a name (a data stage);
-for ``loss`` it counts global batches of data (so a rollback past bad data does not meet it again).
-Faults fire on the first attempt only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` is 0 or unset), so a
-restarted run goes on. Actions: ``sigkill``/``sigterm``/``sigint`` (signal this process), ``exit`` (``os._exit(17)``,
+``point:action@where[:rank][#attempt]``, where ``where`` is a step, a step range ``a-b`` or a name (a data
+stage); for ``loss`` it counts global batches of data (so a rollback past bad data does not meet it again).
+A fault fires on one attempt of a torchrun job (``TORCHELASTIC_RESTART_COUNT``, 0 or unset on the first),
+the first unless ``#attempt`` names another, so a restarted run goes on past it, and one run can meet a
+fault per restart (``step_end:sigkill@3:0,step_end:sigkill@5:1#1``). Actions: ``sigkill``/``sigterm``/``sigint`` (signal this process), ``exit`` (``os._exit(17)``,
 no clean-up, like a crash between two writes), ``crash`` (raise :class:`InjectedFault`), ``nan`` and
 ``spike`` (the loss is multiplied by NaN or by 1000).
 """
@@ -32,13 +33,16 @@ def _matches(where: str, at: int | str) -> bool:
 def action(point: str, at: int | str, rank: int = 0) -> str | None:
     """The action configured for ``point`` at step/name ``at`` on ``rank``, if any."""
     spec = os.environ.get(ENV, "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+    if not spec:
         return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
     for item in spec.split(","):
-        head, _, tail = item.strip().partition("@")
+        item, _, on_attempt = item.strip().partition("#")
+        head, _, tail = item.partition("@")
         name, _, act = head.partition(":")
         where, _, on_rank = tail.partition(":")
-        if name == point and _matches(where, at) and (not on_rank or int(on_rank) == rank):
+        if (name == point and _matches(where, at) and (not on_rank or int(on_rank) == rank)
+                and int(on_attempt or 0) == int(attempt)):
             return act
     return None
 

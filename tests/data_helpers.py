@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import run_cli_batch
+
 EN_SENTENCES = [
     "The harbour town grew quickly after the new railway line reached it in the spring of 1871.",
     "Merchants built warehouses along the quay and shipped wool, grain and timber to distant ports.",
@@ -135,13 +137,24 @@ TEST_OVERRIDES = [
 ]
 
 
+# Spark settings of the test runs that cost time on corpora of a few documents and change nothing in the
+# output. Adaptive query execution re-plans after every shuffle (one Spark job each), which costs more than
+# the work; C1-only JIT spares a short-lived JVM the optimising compiler's threads, which compete with the
+# work for two cores. The job's output must not depend on either: the spark-submit run of ``cli_runs`` keeps
+# Spark's adaptive execution, and test_data_cli compares its output with the CLI run's (with these
+# settings), which test_data_pipeline and test_reliability_data compare with the session's.
+QUICK_JVM = "-XX:TieredStopAtLevel=1"
+QUICK_SPARK = {"spark.sql.adaptive.enabled": "false", "spark.driver.extraJavaOptions": QUICK_JVM}
+
+
 @pytest.fixture(scope="session")
 def spark():
-    """One local[2] session for every data test (small shuffles, no UI); Spark stops it at exit."""
+    """One local[2] session for every data test (small shuffles, no UI, ``QUICK_SPARK``); Spark stops it
+    at exit."""
     from haina.data_spark.config import SparkConfig
     from haina.data_spark.session import get_session
 
-    cfg = SparkConfig(shuffle_partitions=2, conf={"spark.ui.enabled": "false"})
+    cfg = SparkConfig(shuffle_partitions=2, conf={"spark.ui.enabled": "false", **QUICK_SPARK})
     return get_session(cfg, "local[2]")
 
 
@@ -165,26 +178,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [*TEST_OVERRIDES, "spark.shuffle_partitions=2", "safety.blocklist=['[unsafe-demo]']"]
 # one plain JSON-lines event log per application (Spark 4 rolls and compresses it by default)
 EVENT_LOG = ["spark.eventLog.enabled=true", "spark.eventLog.rolling.enabled=false", "spark.eventLog.compress=false"]
-
-# Runs in a fresh interpreter: the CLI's entry point in-process, stdout of each command captured, then the
-# master and parallelism of the session the commands made.
-CLI_SCRIPT = """
-import contextlib, io, json, sys
-from haina.tools.cli import run
-commands = json.loads(sys.argv[1])
-result = {}
-for name, argv in commands.items():
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = run(argv)
-    result[name] = {"rc": rc, "stdout": out.getvalue()}
-from pyspark import SparkContext
-sc = SparkContext._active_spark_context
-result["master"] = sc.master
-result["parallelism"] = sc.defaultParallelism
-print("RESULT " + json.dumps(result))
-"""
-
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_GATEWAY")}
@@ -210,23 +203,21 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
          str(root / "submitted"), *OVERRIDES],
         cwd=root, stdout=submit_log, stderr=subprocess.STDOUT, text=True,
         env=_env(SPARK_MASTER="local[1]", TMPDIR=str(root / "tmp"),  # the launcher's wheel lands in TMPDIR
-                 SPARK_ARGS=" ".join(f"--conf {c}" for c in EVENT_LOG) + f" --conf spark.eventLog.dir={(root / 'events').as_uri()}"),
+                 SPARK_ARGS=" ".join(f"--conf {c}" for c in EVENT_LOG) + f" --conf spark.eventLog.dir={(root / 'events').as_uri()}"
+                 f" --conf spark.driver.extraJavaOptions={QUICK_JVM}"),
     )
     try:
         commands = {
             "prepare": ["data", "prepare", "--input", *inputs, "--output", str(root / "cli"), "--master", "local[1]",
-                        *OVERRIDES],
+                        *OVERRIDES, f"spark.conf={json.dumps(QUICK_SPARK)}"],
             "tokenize": ["data", "tokenize", "--prepared", str(root / "cli"), "--tokenizer", str(model),
                          "--master", "local[1]"],
         }
-        cli = subprocess.run([sys.executable, "-c", CLI_SCRIPT, json.dumps(commands)], cwd=root, env=_env(),
-                             capture_output=True, text=True, timeout=1200)
+        cli = run_cli_batch(commands, env=_env(), cwd=root, timeout=1200)
         submit.wait(timeout=1200)
     finally:
         if submit.poll() is None:
             submit.kill()
         submit_log.close()
-    line = next((ln for ln in cli.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert cli.returncode == 0 and line, cli.stdout[-3000:] + cli.stderr[-3000:]
-    return {"root": root, "model": model, "cli": json.loads(line[len("RESULT "):]), "submit_rc": submit.returncode,
+    return {"root": root, "model": model, "cli": cli, "submit_rc": submit.returncode,
             "submit_log": (root / "submit.log").read_text(errors="replace")}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.data_helpers import spark  # noqa: F401  (session fixture: the benchmarks' get_session reuses it)
+
 NUMBER = r"([-+]?\d[\d,]*\.?\d*(?:e[-+]?\d+)?)"
 
 
@@ -109,7 +111,9 @@ def test_bench_imports_counts_a_planted_checkout(tmp_path: Path, capsys: pytest.
 
 @pytest.mark.integration  # a Spark session (local[2]); ~1 min on two cores
 @pytest.mark.timeout(300)
-def test_bench_dedup_small_corpus(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_dedup_small_corpus(
+    spark, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]  # noqa: F811
+) -> None:
     """400 documents: precision and recall in [0, 1] and high at threshold 0.8; recall by similarity rises
     with the Jaccard bucket, as the LSH S-curve does."""
     from haina.tools.bench.dedup import main
@@ -186,7 +190,7 @@ def test_bench_logprobs_lean_needs_less_memory(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.integration  # a Spark session (local[2])
 @pytest.mark.timeout(300)
-def test_bench_cluster_components_chain_and_star() -> None:
+def test_bench_cluster_components_chain_and_star(spark) -> None:  # noqa: F811
     """The connected-components half of bench.cluster at its smallest: a chain needs about log2(n) rounds
     (pointer jumping), a star one, both far inside the round limit, and each is one component."""
     from haina.tools.bench.cluster import main

@@ -58,8 +58,7 @@ def test_prepare_through_the_cli(cli_runs: dict) -> None:
 def test_master_option_is_used(cli_runs: dict) -> None:
     """`--master local[1]` is accepted by both commands and is the session they ran in."""
     assert cli_runs["cli"]["prepare"]["rc"] == cli_runs["cli"]["tokenize"]["rc"] == 0
-    assert cli_runs["cli"]["master"] == "local[1]"
-    assert cli_runs["cli"]["parallelism"] == 1
+    assert cli_runs["cli"]["spark"] == {"master": "local[1]", "parallelism": 1}
 
 
 def test_tokenize_prepared_through_the_cli(cli_runs: dict) -> None:
@@ -143,6 +142,9 @@ def test_spark_submit_ships_the_wheel(cli_runs: dict) -> None:
 
 
 def test_spark_submit_uses_its_master(cli_runs: dict) -> None:
-    """SPARK_MASTER=local[1] is the master the launcher's application ran with (its event log says so)."""
+    """SPARK_MASTER=local[1] is the master the launcher's application ran with (its event log says so), with
+    Spark's adaptive query execution, which the CLI run it is compared with has off (``QUICK_SPARK``)."""
     assert cli_runs["submit_rc"] == 0, cli_runs["submit_log"][-4000:]
-    assert _submitted_properties(cli_runs["root"]).get("spark.master") == "local[1]"
+    properties = _submitted_properties(cli_runs["root"])
+    assert properties.get("spark.master") == "local[1]"
+    assert properties.get("spark.sql.adaptive.enabled", "true") == "true"

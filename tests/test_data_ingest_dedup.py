@@ -135,7 +135,7 @@ def test_copies_trimmed_apart_by_the_edit_stages_are_found(spark, tmp_path: Path
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_bench_dedup_whole_job_on_real_text(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_dedup_whole_job_on_real_text(spark, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """The benchmark's whole-job half at a small size (tests/test_benchmarks.py runs the stage half with
     --skip-job): its numbers are there and sane, and the corpus has pairs trimmed apart."""
     import re

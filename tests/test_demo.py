@@ -12,6 +12,7 @@ import pytest
 
 from haina.core.metrics import read_metrics
 from haina.tools.cli import run
+from tests.data_helpers import spark  # noqa: F401  (session fixture)
 
 
 def test_the_verdict_says_plainly_which_measure_fell() -> None:
@@ -28,7 +29,9 @@ def test_the_verdict_says_plainly_which_measure_fell() -> None:
 
 @pytest.mark.integration  # Spark and five training runs
 @pytest.mark.timeout(900)
-def test_quick_demo_runs_every_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_demo_runs_every_stage(
+    spark, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # noqa: F811  (the demo's Spark job reuses it)
+) -> None:
     workdir = tmp_path / "demo"
     assert run(["demo", "--quick", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out

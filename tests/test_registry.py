@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from haina.core import registry
+from tests.cli_helpers import run_cli_batch
 from tests.conftest import install_plugin_package
 
 BUILTINS = {
@@ -102,18 +103,18 @@ def test_third_party_position_plugin_trains(tmp_path: Path, tiny_data: Path) -> 
     site = tmp_path / "site"
     install_plugin_package(site, "acme_positions", THIRD_PARTY_MODULE)
 
-    listing = _haina(["plugins"], site, tmp_path)
-    assert listing.returncode == 0, listing.stderr
-    assert "sinusoidal_qk" in listing.stdout and "(acme-positions)" in listing.stdout
-    assert "rope" in listing.stdout and "(haina)" in listing.stdout
-
     run_dir = tmp_path / "run"
-    trained = _haina(
-        ["pretrain", "--config", "tiny", "model.position=sinusoidal_qk", "train.steps=3",
-         f"train.run_dir={run_dir}", f"data.prefixes=[{tiny_data}]"],
-        site, tmp_path, ACME_TRACE=str(tmp_path / "trace.txt"),
-    )
-    assert trained.returncode == 0, trained.stderr
+    env = dict(os.environ, PYTHONPATH=str(site), ACME_TRACE=str(tmp_path / "trace.txt"))
+    done = run_cli_batch({
+        "plugins": ["plugins"],
+        "pretrain": ["pretrain", "--config", "tiny", "model.position=sinusoidal_qk", "train.steps=3",
+                     f"train.run_dir={run_dir}", f"data.prefixes=[{tiny_data}]"],
+    }, env=env, cwd=tmp_path, timeout=240)
+    listing, trained = done["plugins"], done["pretrain"]
+    assert listing["rc"] == 0, listing["stderr"]
+    assert "sinusoidal_qk" in listing["stdout"] and "(acme-positions)" in listing["stdout"]
+    assert "rope" in listing["stdout"] and "(haina)" in listing["stdout"]
+    assert trained["rc"] == 0, trained["stderr"]
     # the plugin's own forward ran in every block of every micro-batch: 3 steps x 1 micro-batch x 2 layers,
     # on [batch 2, heads 4, seq 64, head_dim 16] with positions up to 63
     calls = (tmp_path / "trace.txt").read_text().splitlines()

@@ -307,3 +307,19 @@ def test_sigint_checkpoints_the_step_and_exits_130(
     monkeypatch.delenv(faults.ENV)
     train(tiny_config(run, tiny_data, *COMMON))
     assert _trajectory(run) == _trajectory(reference)
+
+
+def test_a_fault_fires_on_its_rank_and_attempt_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``#attempt`` picks the torchrun attempt (TORCHELASTIC_RESTART_COUNT) a fault fires on; without it,
+    the first only, so a restarted run goes on past the fault."""
+    monkeypatch.setenv(faults.ENV, "step_end:sigkill@3:0,step_end:sigterm@5:1#1,loss:nan@2-4")
+    for attempt, expected in ((None, {(3, 0): "sigkill", (3, 1): None, (5, 1): None}),
+                              ("0", {(3, 0): "sigkill", (5, 1): None}),
+                              ("1", {(3, 0): None, (5, 1): "sigterm", (5, 0): None}),
+                              ("2", {(3, 0): None, (5, 1): None})):
+        if attempt is None:
+            monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+        else:
+            monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        assert {key: faults.action("step_end", *key) for key in expected} == expected, attempt
+        assert faults.action("loss", 4) == ("nan" if attempt in (None, "0") else None), attempt

@@ -19,14 +19,13 @@ from haina.data_spark.config import load_prepare_config
 from haina.data_spark.pipeline import FAULT_POINT, JOB_FILE, MARKER, run_pipeline
 from tests.data_helpers import (
     BAD_LINES,
-    TEST_OVERRIDES,
+    OVERRIDES,  # the CLI run's settings
     known_corpus,
     spark,  # noqa: F401  (session fixture)
     write_jsonl,
 )
 
 pytestmark = pytest.mark.timeout(900)
-OVERRIDES = [*TEST_OVERRIDES, "spark.shuffle_partitions=2", "safety.blocklist=['[unsafe-demo]']"]
 KILL_AT = "near_dedup"  # the fifth of nine stages
 
 
@@ -40,13 +39,14 @@ def _snapshot(out: Path) -> dict:
 
 @pytest.mark.integration
 def test_killed_job_resumes_to_the_same_output(
-    spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    spark, cli_runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     """The kill is a BaseException raised after the stage's data is written and before its marker: no
     ``except Exception`` clean-up runs, so the disk is left exactly as a SIGKILL there leaves it (a
-    subprocess and a second Spark JVM would cost a minute more on two cores)."""
-    inputs = [write_jsonl(tmp_path / "a.jsonl", known_corpus()[:6]),
-              write_jsonl(tmp_path / "b.jsonl", known_corpus()[6:], BAD_LINES)]
+    subprocess and a second Spark JVM would cost a minute more on two cores). The uninterrupted run it must
+    equal is the CLI's (``cli_runs``: the same input files and settings, run straight through in another
+    process)."""
+    inputs = [cli_runs["root"] / "a.jsonl", cli_runs["root"] / "b.jsonl"]
     out = tmp_path / "out"
     cfg = load_prepare_config(None, OVERRIDES)
     monkeypatch.setenv(ENV, f"data_stage:crash@{KILL_AT}")
@@ -61,9 +61,9 @@ def test_killed_job_resumes_to_the_same_output(
     resumed = run_pipeline(spark, inputs, out, cfg, progress=False)
     assert resumed["resumed_stages"] == ["ingest", "exact_dedup", "heuristics", "quality", "line_dedup"]
     assert not partial.exists()
-    straight = run_pipeline(spark, inputs, tmp_path / "straight", cfg, progress=False)
-    assert "resumed_stages" not in straight
-    assert _snapshot(out) == _snapshot(tmp_path / "straight")
+    straight = json.loads((cli_runs["root"] / "cli" / "report.json").read_text())
+    assert "resumed_stages" not in straight and cli_runs["cli"]["prepare"]["rc"] == 0
+    assert _snapshot(out) == _snapshot(cli_runs["root"] / "cli")
     strip = ("seconds", "model")
     assert [{k: v for k, v in r.items() if k not in strip} for r in resumed["stages"]] == [
         {k: v for k, v in r.items() if k not in strip} for r in straight["stages"]

@@ -56,16 +56,16 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> list
     return trajectory(run)
 
 
-@pytest.mark.parametrize(("step", "rank"), [(5, 1), (3, 0)])
-def test_kill_9_then_torchrun_restart_is_exact(step: int, rank: int, reference: list, tmp_path: Path, tiny_data: Path) -> None:
-    """SIGKILL rank ``rank`` at the end of step ``step`` (between checkpoints, so work is lost); torchrun
-    restarts both (train.max_restarts=1); the run resumes from the last checkpoint and matches exactly."""
+def test_kill_9_of_each_rank_then_torchrun_restarts_are_exact(reference: list, tmp_path: Path, tiny_data: Path) -> None:
+    """SIGKILL rank 0 at the end of step 3, and on the restarted attempt rank 1 at the end of step 5 (both
+    between checkpoints, so work is lost); torchrun restarts both workers each time
+    (train.max_restarts=2); the run resumes from the last checkpoint each time and matches exactly."""
     run = tmp_path / "run"
-    proc = torchrun(run, tiny_data, restarts=1, faults=f"step_end:sigkill@{step}:{rank}")
+    proc = torchrun(run, tiny_data, restarts=2, faults="step_end:sigkill@3:0,step_end:sigkill@5:1#1")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # torchrun names the worker that died: this rank, by SIGKILL
+    # torchrun names each worker that died: rank 0, then rank 1, each by SIGKILL
     died = re.findall(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)", proc.stderr)  # one node: local = global
-    assert died == [("-9", str(rank))], proc.stderr[-3000:]
+    assert died == [("-9", "0"), ("-9", "1")], proc.stderr[-3000:]
     assert trajectory(run) == reference
     assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_8"
 

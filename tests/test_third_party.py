@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cli_helpers import run_cli_batch
 from tests.conftest import install_plugin_package
 
 pytestmark = pytest.mark.integration
@@ -102,39 +101,24 @@ class ScaledSinusoidal(nn.Module):
 '''
 
 
+WRONG_SETTINGS = [
+    ("reinforce.baseline=median", "reinforce.baseline: Input should be 'mean' or 'none'"),
+    ("reinforce.sample=3", "reinforce.sample: unknown setting; allowed: baseline, entropy_coef, reward, samples"),
+    ("model.scaled_sinusoidal.scale=-1", "model.scaled_sinusoidal.scale: Input should be greater than 0"),
+]
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("site")
-    install_plugin_package(root, "acme_rl", ALGORITHM)
-    install_plugin_package(root, "acme_pos", POSITION)
-    return root
-
-
-def _haina(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "haina.tools.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
-
-
-def test_plugins_lists_both_with_package_and_settings(site: Path, tmp_path: Path) -> None:
-    out = _haina(site, tmp_path, "plugins")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    reinforce = next(line for line in lines if line.strip().startswith("reinforce "))
-    assert "(acme-rl)" in reinforce and "settings: reinforce" in reinforce
-    position = next(line for line in lines if line.strip().startswith("scaled_sinusoidal "))
-    assert "(acme-pos)" in position and "settings: model.scaled_sinusoidal" in position
-    assert any("baseline (" in line and "default 'mean'" in line and "baseline subtracted" in line for line in lines)
-    assert any("scale (float, default 1.0)" in line for line in lines)
-
-
-def test_settings_from_yaml_and_overrides_reach_the_plugins(site: Path, tmp_path: Path, tiny_data: Path) -> None:
-    config = tmp_path / "run.yaml"
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
+    """Both packages installed in a fresh site folder, then every `haina` command of the tests below in one
+    new interpreter that finds them through their entry points (``run_cli_batch``): `plugins`, two training
+    runs with the settings from YAML and one with a dotted override, a resume from the run's own
+    config.yaml, and the wrong settings."""
+    root = tmp_path_factory.mktemp("third_party")
+    site = root / "site"
+    install_plugin_package(site, "acme_rl", ALGORITHM)
+    install_plugin_package(site, "acme_pos", POSITION)
+    config = root / "run.yaml"
     config.write_text(yaml.safe_dump({
         "algorithm": "reinforce",
         "reinforce": {"samples": 3, "baseline": "none"},
@@ -144,39 +128,55 @@ def test_settings_from_yaml_and_overrides_reach_the_plugins(site: Path, tmp_path
               "train.precision=fp32", "optim.warmup_steps=0", f"data.prefixes=[{tiny_data}]",
               "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.vocab_size=512",
               "model.max_seq_len=64", "train.seq_len=32"]
-    first, second = tmp_path / "a", tmp_path / "b"
-    done = _haina(site, tmp_path, "pretrain", *common, f"train.run_dir={first}")
-    assert done.returncode == 0, done.stderr
-    saved = yaml.safe_load((first / "config.yaml").read_text())
+    first, second = root / "a", root / "b"
+    commands = {
+        "plugins": ["plugins"],
+        "first": ["pretrain", *common, f"train.run_dir={first}"],
+        "second": ["pretrain", *common, f"train.run_dir={second}", "model.scaled_sinusoidal.scale=4"],
+        "resumed": ["pretrain", "--config", str(first / "config.yaml"), "train.steps=3"],
+        **{f"wrong {override}": ["pretrain", "--config", "tiny", "algorithm=reinforce",
+                                 "model.position=scaled_sinusoidal", override] for override, _ in WRONG_SETTINGS},
+    }
+    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    return {"dirs": {"first": first, "second": second}, **run_cli_batch(commands, env=env, cwd=root, timeout=600)}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+
+
+def test_plugins_lists_both_with_package_and_settings(runs: dict) -> None:
+    out = runs["plugins"]
+    assert out["rc"] == 0, out["stderr"]
+    lines = out["stdout"].splitlines()
+    reinforce = next(line for line in lines if line.strip().startswith("reinforce "))
+    assert "(acme-rl)" in reinforce and "settings: reinforce" in reinforce
+    position = next(line for line in lines if line.strip().startswith("scaled_sinusoidal "))
+    assert "(acme-pos)" in position and "settings: model.scaled_sinusoidal" in position
+    assert any("baseline (" in line and "default 'mean'" in line and "baseline subtracted" in line for line in lines)
+    assert any("scale (float, default 1.0)" in line for line in lines)
+
+
+def test_settings_from_yaml_and_overrides_reach_the_plugins(runs: dict) -> None:
+    first, second = runs["dirs"]["first"], runs["dirs"]["second"]
+    for name in ("first", "second", "resumed"):
+        assert runs[name]["rc"] == 0, (name, runs[name]["stderr"][-3000:])
+    saved = yaml.safe_load((first / "config.yaml").read_text())  # as the resume wrote it back: train.steps=3
     assert saved["reinforce"] == {"samples": 3, "baseline": "none", "reward": 1.0, "entropy_coef": 0.01}
     assert saved["model"]["scaled_sinusoidal"] == {"scale": 0.5, "base": 10000.0}
     records = _records(first)
-    assert [r["step"] for r in records] == [1, 2] and all(0.0 <= r["reward"] <= 1.0 for r in records)
+    # two steps, then the resume from the run's own config.yaml continued at step 3 with the settings back
+    assert [r["step"] for r in records] == [1, 2, 3] and all(0.0 <= r["reward"] <= 1.0 for r in records)
+    assert saved["train"]["steps"] == 3
 
     # a dotted override changes the position plugin's parameter: the same seed, data and init give another loss
-    changed = _haina(site, tmp_path, "pretrain", *common, f"train.run_dir={second}", "model.scaled_sinusoidal.scale=4")
-    assert changed.returncode == 0, changed.stderr
     assert yaml.safe_load((second / "config.yaml").read_text())["model"]["scaled_sinusoidal"]["scale"] == 4.0
     assert _records(second)[0]["loss"] != records[0]["loss"]
 
-    # resume from the run's own config.yaml: the settings come back and training continues at step 3
-    resumed = _haina(site, tmp_path, "pretrain", "--config", str(first / "config.yaml"), "train.steps=3")
-    assert resumed.returncode == 0, resumed.stderr
-    assert [r["step"] for r in _records(first)] == [1, 2, 3]
-    assert yaml.safe_load((first / "config.yaml").read_text())["reinforce"]["samples"] == 3
 
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("reinforce.baseline=median", "reinforce.baseline: Input should be 'mean' or 'none'"),
-        ("reinforce.sample=3", "reinforce.sample: unknown setting; allowed: baseline, entropy_coef, reward, samples"),
-        ("model.scaled_sinusoidal.scale=-1", "model.scaled_sinusoidal.scale: Input should be greater than 0"),
-    ],
-)
-def test_a_wrong_setting_fails_in_one_line(site: Path, tmp_path: Path, override: str, expected: str) -> None:
-    out = _haina(site, tmp_path, "pretrain", "--config", "tiny", "algorithm=reinforce",
-                 "model.position=scaled_sinusoidal", override)
-    assert out.returncode == 2, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert expected in out.stderr
+@pytest.mark.parametrize(("override", "expected"), WRONG_SETTINGS)
+def test_a_wrong_setting_fails_in_one_line(runs: dict, override: str, expected: str) -> None:
+    out = runs[f"wrong {override}"]
+    assert out["rc"] == 2, out["stderr"]
+    assert len(out["stderr"].strip().splitlines()) == 1, out["stderr"]
+    assert expected in out["stderr"]

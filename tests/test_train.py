@@ -164,16 +164,28 @@ def test_blend_file_feeds_the_blended_dataset(
 def test_compiled_training_run_gives_the_eager_losses(
     tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """parallel.compile=true in a training run (the loop's own layout path): its blocks are compiled
-    and the losses are the eager run's."""
+    """parallel.compile=true in a training run (the loop's own layout path): its blocks are compiled, the
+    parameters keep their names (checkpoints stay loadable), and the losses and gradient norms are the
+    eager run's."""
     from haina.core.parallel import parallelize
 
     compiled_blocks: list[int] = []
+    names: list[tuple[list[str], list[str]]] = []
     real = parallelize.apply_compile
-    monkeypatch.setattr(parallelize, "apply_compile", lambda part: compiled_blocks.append(real(part)) or compiled_blocks[-1])
-    losses = {}
+
+    def compile_and_record(part):
+        before = [n for n, _ in part.named_parameters()]
+        compiled_blocks.append(real(part))
+        names.append((before, [n for n, _ in part.named_parameters()]))
+        return compiled_blocks[-1]
+
+    monkeypatch.setattr(parallelize, "apply_compile", compile_and_record)
+    runs = {}
     for compiled in ("false", "true"):
         cfg = tiny_config(tmp_path / compiled, tiny_data, f"parallel.compile={compiled}", "train.steps=3")
-        losses[compiled] = [r["loss"] for r in train(cfg).records]
+        runs[compiled] = train(cfg).records
     assert compiled_blocks == [2]  # both blocks of the compiled run, none of the eager one
-    assert max(abs(a - b) for a, b in zip(losses["false"], losses["true"], strict=True)) < 1e-4
+    assert names[0][0] == names[0][1] and any(".layers." in n or n.startswith("layers.") for n in names[0][0])
+    for key in ("loss", "grad_norm"):
+        eager, compiled = [r[key] for r in runs["false"]], [r[key] for r in runs["true"]]
+        assert len(eager) == 3 and max(abs(a - b) / abs(a) for a, b in zip(eager, compiled, strict=True)) < 1e-4, key
