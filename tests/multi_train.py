@@ -5,8 +5,8 @@ per world size instead of once per layout.
     python -m torch.distributed.run --standalone --nproc-per-node N -m tests.multi_train SPEC.json
 
 SPEC.json: a list of ``{"name", "overrides"}`` with ``"config"`` (a preset or file, default tiny) or, for
-an alignment run, ``"algorithm"`` and ``"from"`` (``haina <algorithm> --from RUN``); the runs go in order
-(a resume after the run it resumes). Rank 0 prints ``== run NAME`` before each, so a failure names its run.
+an alignment run, ``"algorithm"`` and ``"from"`` (``haina <algorithm> --from RUN``), and ``"faults"`` (the
+run's ``HAINA_FAULTS``, none by default); the runs go in order (a resume after the run it resumes). Rank 0 prints ``== run NAME`` before each, so a failure names its run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from haina.core.config import alignment_config, load_config
 from haina.core.distributed import close_distributed
+from haina.core.faults import ENV
 from haina.core.train import train
 
 
@@ -25,6 +26,9 @@ def main(spec: Path) -> None:
     for run in json.loads(spec.read_text()):
         if os.environ.get("RANK", "0") == "0":
             print(f"== run {run['name']}", flush=True)
+        os.environ.pop(ENV, None)
+        if run.get("faults"):
+            os.environ[ENV] = run["faults"]
         if "from" in run:
             cfg = alignment_config(run["algorithm"], run["from"], None, run["overrides"])
         else:

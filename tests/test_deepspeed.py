@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from haina.core import faults
 from haina.core.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights
 from haina.core.config import load_config
 from haina.core.metrics import read_metrics
@@ -18,7 +17,7 @@ from haina.core.parallel.mesh import resolve_layout
 from haina.core.parallel.zero import convert_checkpoint, deepspeed_config
 from tests.alignment_helpers import haina
 from tests.conftest import one_line_error
-from tests.parallel_helpers import max_rel_diff, run_pretrains
+from tests.parallel_helpers import max_rel_diff, run_many, run_pretrains
 
 # 2 processes x micro-batch 1 x 2 accumulation steps: gradient accumulation is part of the parity
 COMMON = ("train.steps=5", "train.micro_batch_size=1", "train.global_batch_size=4", "optim.decay_steps=5",
@@ -44,6 +43,29 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str,
     run_pretrains([("fsdp2", out["fsdp2"], list(COMMON)),
                    *((name, out[name], [*COMMON, *overrides]) for name, overrides in STAGES.items())], tiny_data, 2)
     return out
+
+
+# One-process runs (the guard, spike and bf16-offload tests below), all in one launch of tests.multi_train:
+# name -> (overrides, HAINA_FAULTS)
+GUARD = ("train.steps=8", "train.save_every=4", "train.guard.max_bad_steps=3", *STAGES["zero2"])
+SPIKE = ("train.steps=6", "optim.decay_steps=8", "train.save_every=1", "train.keep_checkpoints=3", "train.guard.warmup=3")
+BF16 = ("train.steps=3", "train.save_every=3", "train.precision=bf16")
+ONE_PROCESS = {
+    "guard": (GUARD, "loss:nan@3,loss:nan@5-7"),
+    "spike-fsdp2": (SPIKE, "loss:spike@6"),
+    "spike-deepspeed": ((*SPIKE, DS, "deepspeed.zero_stage=1"), "loss:spike@6"),
+    "bf16-fsdp2": (BF16, ""),
+    "bf16-offload": ((*BF16, *STAGES["zero3"], "deepspeed.offload_params=true"), ""),
+}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("deepspeed-one")
+    run_many([{"name": name, "faults": fault,
+               "overrides": [f"train.run_dir={root / name}", f"data.prefixes=[{tiny_data}]", *overrides]}
+              for name, (overrides, fault) in ONE_PROCESS.items()], 1)
+    return {name: root / name for name in ONE_PROCESS}
 
 
 @pytest.mark.integration
@@ -109,13 +131,10 @@ def test_checkpoint_of_the_other_backend_is_refused(runs: dict[str, Path], tmp_p
 
 
 @pytest.mark.integration
-def test_guard_skips_and_rolls_back_on_deepspeed(tiny_data: Path, tmp_path: Path) -> None:
+def test_guard_skips_and_rolls_back_on_deepspeed(one_process: dict[str, Path]) -> None:
     """A NaN loss on batch 3: DeepSpeed skips the update and step 4 trains on unharmed weights. Batches 5-7:
     three skips, then the run reloads step 4 and goes on past the bad data."""
-    run = tmp_path / "run"
-    haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]", "train.steps=8",
-          "train.save_every=4", "train.guard.max_bad_steps=3", *STAGES["zero2"],
-          env_extra={faults.ENV: "loss:nan@3,loss:nan@5-7"})
+    run = one_process["guard"]
     events = [r for r in read_metrics(run) if "event" in r]
     assert [(e["step"], e["event"]) for e in events] == [
         (3, "nonfinite_loss"), (5, "nonfinite_loss"), (6, "nonfinite_loss"), (7, "nonfinite_loss"), (7, "rollback"),
@@ -127,16 +146,13 @@ def test_guard_skips_and_rolls_back_on_deepspeed(tiny_data: Path, tmp_path: Path
 
 
 @pytest.mark.integration
-def test_loss_spike_is_skipped_as_on_fsdp2(tiny_data: Path, tmp_path: Path) -> None:
+def test_loss_spike_is_skipped_as_on_fsdp2(one_process: dict[str, Path]) -> None:
     """A finite spike (batch 6's loss x1000) leaves the weights alone on either backend: the checkpoint
     after step 6 holds exactly the weights after step 5 (which step 5 itself changed), and the trajectory
     matches FSDP2's. DeepSpeed gets a NaN backward for the spike and skips; FSDP2 does not step."""
     trajectories = {}
-    for backend, overrides in (("fsdp2", ()), ("deepspeed", (DS, "deepspeed.zero_stage=1"))):
-        run = tmp_path / backend
-        haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]",
-              "train.steps=6", "optim.decay_steps=8", "train.save_every=1", "train.keep_checkpoints=3",
-              "train.guard.warmup=3", *overrides, env_extra={faults.ENV: "loss:spike@6"})
+    for backend in ("fsdp2", "deepspeed"):
+        run = one_process[f"spike-{backend}"]
         events = [r for r in read_metrics(run) if "event" in r]
         assert [(e["step"], e["event"]) for e in events] == [(6, "loss_spike")]
         trajectories[backend] = _trajectory(run)
@@ -182,19 +198,14 @@ def test_bad_deepspeed_config_is_one_line(overrides: tuple[str, ...], expected: 
 
 
 @pytest.mark.integration
-def test_zero3_with_offloaded_parameters_in_bf16_trains(tiny_data: Path, tmp_path: Path) -> None:
+def test_zero3_with_offloaded_parameters_in_bf16_trains(one_process: dict[str, Path]) -> None:
     """``deepspeed.offload_params`` (ZeRO-3 parameters in CPU memory) with ``train.precision=bf16``: the
     losses follow FSDP2's bf16 run within bf16 rounding, and the saved weights are fp32 masters."""
-    losses = {}
-    for name, overrides in (("fsdp2", ()), ("offload", (*STAGES["zero3"], "deepspeed.offload_params=true"))):
-        run = tmp_path / name
-        haina("pretrain", "--config", "tiny", f"train.run_dir={run}", f"data.prefixes=[{tiny_data}]",
-              "train.steps=3", "train.save_every=3", "train.precision=bf16", *overrides)
-        losses[name] = [r["loss"] for r in _trajectory(run)]
+    losses = {name: [r["loss"] for r in _trajectory(one_process[f"bf16-{name}"])] for name in ("fsdp2", "offload")}
     assert len(losses["offload"]) == 3
     assert max(abs(a - b) for a, b in zip(losses["fsdp2"], losses["offload"], strict=True)) < 0.05
     model = Transformer(load_config("tiny").model)
-    load_model_weights(tmp_path / "offload", model)
+    load_model_weights(one_process["bf16-offload"], model)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
