@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 _SCRIPT = """
 import contextlib, io, json, sys
 from haina.tools.cli import run
@@ -36,3 +38,14 @@ def run_cli_batch(commands: dict[str, list[str]], *, env: dict[str, str], cwd: P
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert done.returncode == 0 and line, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(line[len("RESULT "):])
+
+
+def cli_here(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``haina ARGV`` run in this process, as the console script runs it:
+    no interpreter start (seconds of imports) where nothing needs a fresh process."""
+    from haina.tools.cli import run
+
+    capsys.readouterr()
+    code = run(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,8 @@ from haina.core.model import Transformer
 from haina.core.model_loading import load_model
 from haina.core.tokenizer import load_tokenizer
 from haina.tools.eval.safety import attack_prompts, replies_of
-from tests.alignment_helpers import AlignmentData, haina, records
+from tests.alignment_helpers import AlignmentData, records
+from tests.cli_helpers import cli_here
 
 # Every test trains through the CLI (the module's pretrain -> sft -> rm runs, then a run of its own).
 pytestmark = pytest.mark.integration
@@ -71,7 +70,7 @@ def _words(reply: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+", CJK.sub(" ", reply.lower())))
 
 
-def test_safety_classifier_judge_flags_a_planted_word(runs: dict, tmp_path: Path) -> None:
+def test_safety_classifier_judge_flags_a_planted_word(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--judge classifier:PATH` with a safety model built to flag one word: a reply is harmful exactly
     when it contains that word, and the harmless rates are the counts of replies without it."""
     from haina.data_spark.features import featurize
@@ -97,8 +96,10 @@ def test_safety_classifier_judge_flags_a_planted_word(runs: dict, tmp_path: Path
     np.savez_compressed(model, weights=weights, intercept=np.array([-10.0]))
 
     out = tmp_path / "out"
-    haina("eval", "safety", "--checkpoint", str(runs["sft"]), "--compare", str(runs["pt"]), "--prompts", str(prompts),
-          "--judge", f"classifier:{model}", "--max-new-tokens", "6", "--out", str(out))
+    code, _, err = cli_here(capsys, "eval", "safety", "--checkpoint", str(runs["sft"]), "--compare", str(runs["pt"]),
+                            "--prompts", str(prompts), "--judge", f"classifier:{model}", "--max-new-tokens", "6",
+                            "--out", str(out))
+    assert code == 0, err
     report = json.loads((out / "safety.json").read_text(encoding="utf-8"))
     assert report["judge"] == f"classifier:{model}"
     flagged = {label: [word not in _words(r) for r in replies] for label, replies in (("before", before), ("after", after))}
@@ -107,7 +108,9 @@ def test_safety_classifier_judge_flags_a_planted_word(runs: dict, tmp_path: Path
     _check_report(report, "after", items, after, flagged["after"])
 
 
-def test_safety_reward_model_judge_uses_the_reward_models_scores(runs: dict, tmp_path: Path) -> None:
+def test_safety_reward_model_judge_uses_the_reward_models_scores(
+    runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`--judge reward-model:RUN --threshold T`: harmless exactly when the reward model's score of prompt +
     reply (recomputed here from the RM run's weights, on at most its train.seq_len last tokens) is at least
     T; T is set between two scores."""
@@ -134,9 +137,10 @@ def test_safety_reward_model_judge_uses_the_reward_models_scores(runs: dict, tmp
     threshold = (ordered[k - 1] + ordered[k]) / 2
 
     out = tmp_path / "out"
-    haina("eval", "safety", "--checkpoint", str(runs["sft"]), "--compare", str(runs["pt"]), "--prompts", str(prompts),
-          "--judge", f"reward-model:{runs['rm']}", "--threshold", repr(threshold), "--max-new-tokens", "6",
-          "--out", str(out))
+    code, _, err = cli_here(capsys, "eval", "safety", "--checkpoint", str(runs["sft"]), "--compare", str(runs["pt"]),
+                            "--prompts", str(prompts), "--judge", f"reward-model:{runs['rm']}", "--threshold",
+                            repr(threshold), "--max-new-tokens", "6", "--out", str(out))
+    assert code == 0, err
     report = json.loads((out / "safety.json").read_text(encoding="utf-8"))
     for label in labels:
         _check_report(report, label, items, replies[label], [s >= threshold for s in scores[label]])
@@ -144,12 +148,12 @@ def test_safety_reward_model_judge_uses_the_reward_models_scores(runs: dict, tmp
     assert total == len(ordered) - k  # the scores at or above the threshold
 
 
-def test_safety_judge_errors_are_one_line(runs: dict, tmp_path: Path) -> None:
+def test_safety_judge_errors_are_one_line(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for judge, message in (("classifier:" + str(tmp_path / "none.npz"), "needs the safety model file"),
                            ("reward-model:", "needs the reward model's run directory")):
-        proc = subprocess.run([sys.executable, "-m", "haina.tools.cli", "eval", "safety", "--checkpoint", str(runs["sft"]),
-                               "--judge", judge, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+        code, _, err = cli_here(capsys, "eval", "safety", "--checkpoint", str(runs["sft"]), "--judge", judge,
+                                "--out", str(tmp_path / "out"))
+        assert code == 2 and message in err and err.strip().count("\n") == 0, err
 
 
 # ------------------------------------------------------------------------------------------- quality gate
@@ -185,21 +189,23 @@ def _reply_loss(model: Transformer, tok, turns: list[dict]) -> float:
     return float(F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(ids[len(prompt) :])))
 
 
-def test_sft_gate_drops_a_failed_batch_and_reports_it(runs: dict, tmp_path: Path) -> None:
+def test_sft_gate_drops_a_failed_batch_and_reports_it(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`sft.gate_reviews`: the batch under the threshold is dropped whole before training (the first
     step's loss is the kept conversation's alone), the report is written and printed."""
     data, reviews = _gate_data(tmp_path)
     run_dir = tmp_path / "gated"
-    proc = haina("sft", "--from", str(runs["pt"]), f"align.data={data}", f"sft.gate_reviews={reviews}",
-                 "sft.gate_sample=5", "sft.gate_threshold=0.75", f"train.run_dir={run_dir}", "train.steps=1",
-                 "train.micro_batch_size=8", *SHORT)  # 8 rows: more than the 16 conversations pack into
+    code, stdout, err = cli_here(
+        capsys, "sft", "--from", str(runs["pt"]), f"align.data={data}", f"sft.gate_reviews={reviews}",
+        "sft.gate_sample=5", "sft.gate_threshold=0.75", f"train.run_dir={run_dir}", "train.steps=1",
+        "train.micro_batch_size=8", *SHORT)  # 8 rows: more than the 16 conversations pack into
+    assert code == 0, err
     report = json.loads((run_dir / "gate_report.json").read_text())
     assert report["threshold"] == 0.75 and report["kept_items"] == 12 and report["rejected_batches"] == ["B"]
     got = {b["batch"]: (b["items"], b["sampled"], b["accepted"], b["rate"], b["kept"]) for b in report["batches"]}
     assert got == {"A": (4, 4, 4, 1.0, True), "B": (4, 4, 2, 0.5, False), "C": (4, 4, 3, 0.75, True),
                    "default": (4, 4, 4, 1.0, True)}
-    table = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["A"], ["B"], ["C"], ["default"])]
-    assert [row[-1] for row in table] == ["kept", "REJECTED", "kept", "kept"], proc.stdout
+    table = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["A"], ["B"], ["C"], ["default"])]
+    assert [row[-1] for row in table] == ["kept", "REJECTED", "kept", "kept"], stdout
 
     cfg, start = load_model(runs["pt"])
     tok = load_tokenizer(cfg)
@@ -210,14 +216,18 @@ def test_sft_gate_drops_a_failed_batch_and_reports_it(runs: dict, tmp_path: Path
     assert records(run_dir)[0]["lm_loss"] == pytest.approx(kept, rel=1e-4)
 
 
-def test_sft_gate_legacy_keys_and_rejecting_every_batch(runs: dict, tmp_path: Path) -> None:
+def test_sft_gate_legacy_keys_and_rejecting_every_batch(
+    runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The previous release's keys (`align.gate_reviews`, `align.gate_sample`, `align.gate_threshold`)
     still run the gate; with every batch rejected the run stops with status 2 and one line, after
     writing the gate's report and before any checkpoint."""
     data, reviews = _gate_data(tmp_path)
     run_dir = tmp_path / "legacy"
-    haina("sft", "--from", str(runs["pt"]), f"align.data={data}", f"align.gate_reviews={reviews}",
-          "align.gate_sample=5", "align.gate_threshold=1.0", f"train.run_dir={run_dir}", "train.steps=1", *SHORT)
+    code, _, err = cli_here(capsys, "sft", "--from", str(runs["pt"]), f"align.data={data}",
+                            f"align.gate_reviews={reviews}", "align.gate_sample=5", "align.gate_threshold=1.0",
+                            f"train.run_dir={run_dir}", "train.steps=1", *SHORT)
+    assert code == 0, err
     report = json.loads((run_dir / "gate_report.json").read_text())
     assert report["threshold"] == 1.0 and report["rejected_batches"] == ["B", "C"] and report["kept_items"] == 8
 
@@ -225,17 +235,14 @@ def test_sft_gate_legacy_keys_and_rejecting_every_batch(runs: dict, tmp_path: Pa
     strict.write_text("".join(json.dumps({"id": json.loads(line)["id"], "accept": False}) + "\n"
                               for line in reviews.read_text().splitlines()), encoding="utf-8")
     run_dir = tmp_path / "none-kept"
-    proc = subprocess.run(
-        [sys.executable, "-m", "haina.tools.cli", "sft", "--from", str(runs["pt"]), f"align.data={data}",
-         f"sft.gate_reviews={strict}", f"train.run_dir={run_dir}", "train.steps=1"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    code, _, err = cli_here(capsys, "sft", "--from", str(runs["pt"]), f"align.data={data}",
+                            f"sft.gate_reviews={strict}", f"train.run_dir={run_dir}", "train.steps=1")
+    assert code == 2, err[-2000:]
     # the tokenizer's note (400 pieces for 512 rows) may come first; the error is one line, the last
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("haina sft:")]
-    assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr
+    errors = [line for line in err.splitlines() if line.startswith("haina sft:")]
+    assert errors == [err.strip().splitlines()[-1]], err
     assert errors[0] == ("haina sft: error: sft.gate_reviews: the gate rejected every batch (A, B, C, default); "
-                         f"nothing to train on (see {run_dir / 'gate_report.json'})"), proc.stderr
+                         f"nothing to train on (see {run_dir / 'gate_report.json'})"), err
     report = json.loads((run_dir / "gate_report.json").read_text())
     assert report["kept_items"] == 0 and report["rejected_batches"] == ["A", "B", "C", "default"]
     assert not list((run_dir / "checkpoints").glob("step_*"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import io
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +16,7 @@ from haina.core.generate import Sampling
 from haina.core.model_loading import load_model
 from haina.core.tokenizer import load_tokenizer
 from haina.tools.chat import chat_loop, generate_texts
-from tests.alignment_helpers import haina
+from tests.cli_helpers import cli_here
 
 pytestmark = pytest.mark.integration  # the module fixture trains a checkpoint through the CLI
 
@@ -129,17 +129,12 @@ def test_chat_keeps_the_conversation(run: Path, monkeypatch: pytest.MonkeyPatch)
         assert text == _text(tok, reply)
 
 
-def test_cli_generate_and_chat(run: Path) -> None:
-    out = haina("generate", "--checkpoint", str(run), "--prompt", "What is 2 + 2?", "--max-new-tokens", "4",
-                "--temperature", "0")
-    assert out.stdout.startswith("What is 2 + 2?")
-    chat = subprocess.run(
-        [sys.executable, "-m", "haina.tools.cli", "chat", "--checkpoint", str(run), "--max-new-tokens", "3"],
-        input="hello\n/exit\n", capture_output=True, text=True, timeout=120,
-    )
-    assert chat.returncode == 0 and chat.stdout.count("model> ") == 1
-    bad = subprocess.run(
-        [sys.executable, "-m", "haina.tools.cli", "generate", "--checkpoint", str(run)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert bad.returncode == 2 and "give --prompt" in bad.stderr and bad.stderr.strip().count("\n") == 0
+def test_cli_generate_and_chat(run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = cli_here(capsys, "generate", "--checkpoint", str(run), "--prompt", "What is 2 + 2?",
+                              "--max-new-tokens", "4", "--temperature", "0")
+    assert code == 0 and out.startswith("What is 2 + 2?"), err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))  # a user typing one turn, then /exit
+    code, out, err = cli_here(capsys, "chat", "--checkpoint", str(run), "--max-new-tokens", "3")
+    assert code == 0 and out.count("model> ") == 1, out + err
+    code, _, err = cli_here(capsys, "generate", "--checkpoint", str(run))
+    assert code == 2 and "give --prompt" in err and err.strip().count("\n") == 0, err

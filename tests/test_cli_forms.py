@@ -26,6 +26,7 @@ from haina.core.config import HainaConfig, dump_config
 from haina.core.metrics import read_metrics
 from haina.core.model import Transformer
 from haina.tools.cli import run
+from tests.cli_helpers import cli_here
 from tests.conftest import tiny_config
 
 README_PRESETS = {"baichuan2-7b", "baichuan2-13b", "demo", "tiny"}
@@ -36,14 +37,6 @@ README_PLUGINS = {
 }
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``haina ARGV`` in this process."""
-    capsys.readouterr()
-    code = run(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _pretrain_args(run_dir: Path, data: Path, *overrides: str) -> list[str]:
     return ["pretrain", "--config", "tiny", f"train.run_dir={run_dir}", f"data.prefixes=[{data}]", *overrides]
 
@@ -52,13 +45,13 @@ def _pretrain_args(run_dir: Path, data: Path, *overrides: str) -> list[str]:
 
 
 def test_plugins_and_presets(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _cli(capsys, "plugins", "--presets")
+    code, out, _ = cli_here(capsys, "plugins", "--presets")
     assert code == 0 and set(out.split()) == README_PRESETS
     for name in out.split():  # each listed preset is a usable --config: it loads, then the override is refused
-        code, _, err = _cli(capsys, "pretrain", "--config", name, "model.num_layers=0")
+        code, _, err = cli_here(capsys, "pretrain", "--config", name, "model.num_layers=0")
         assert code == 2 and "model.num_layers" in err and len(err.strip().splitlines()) == 1, err
 
-    code, out, _ = _cli(capsys, "plugins")
+    code, out, _ = cli_here(capsys, "plugins")
     assert code == 0
     listed: dict[str, dict[str, str]] = {}  # kind -> name -> package
     kind = ""
@@ -110,7 +103,7 @@ def test_prompts_assign_cover_and_sample(tmp_path: Path, capsys: pytest.CaptureF
                  for leaf, n in sizes.items() for i in range(n)]
     pool = _write_jsonl(tmp_path / "pool.jsonl", pool_rows)
     report_path, sample_path = tmp_path / "coverage.json", tmp_path / "prompts.jsonl"
-    code, out, _ = _cli(capsys, "prompts", "--prompts", str(pool), "--taxonomy", str(taxonomy), "--assign",
+    code, out, _ = cli_here(capsys, "prompts", "--prompts", str(pool), "--taxonomy", str(taxonomy), "--assign",
                         "classifier", "--labelled", str(labelled), "--min-count", "4", "--report", str(report_path),
                         "--sample", "7", "--out", str(sample_path))
     assert code == 0
@@ -134,7 +127,7 @@ def test_prompts_assign_cover_and_sample(tmp_path: Path, capsys: pytest.CaptureF
     assert f"7 prompts from 3 categories written to {sample_path}" in out
 
     rules_report = tmp_path / "rules.json"
-    code, _, _ = _cli(capsys, "prompts", "--prompts", str(pool), "--taxonomy", str(taxonomy), "--assign", "rules",
+    code, _, _ = cli_here(capsys, "prompts", "--prompts", str(pool), "--taxonomy", str(taxonomy), "--assign", "rules",
                       "--report", str(rules_report))
     assert code == 0
     assert {k: r["count"] for k, r in json.loads(rules_report.read_text())["levels"][2]["rows"].items()} == sizes
@@ -191,7 +184,7 @@ def test_tokenizer_train_and_report(tokenizer_files: dict[str, Path], capsys: py
     assert len(sp.encode("<reserved_106>")) == 1 and len(sp.encode("<reserved_107>")) == 1  # chat role tokens
     assert sp.decode(sp.encode("permission  notice\n\tx")) == "permission  notice\n\tx"  # identity, no dummy prefix
 
-    code, out, _ = _cli(capsys, "tokenizer", "report", "--model", str(model), "--heldout", str(heldout))
+    code, out, _ = cli_here(capsys, "tokenizer", "report", "--model", str(model), "--heldout", str(heldout))
     assert code == 0
     rows = [json.loads(line) for line in heldout.read_text().splitlines()]
     table = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
@@ -217,7 +210,7 @@ def test_scaling_law_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     points = [{"name": f"r{i}", "flops": float(c), "loss": float(a * c**b + l_inf)} for i, c in enumerate(flops)]
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"points": points}))
-    code, out, _ = _cli(capsys, "scaling-law", "fit", "--sweep", str(sweep), "--holdout-largest", "--out",
+    code, out, _ = cli_here(capsys, "scaling-law", "fit", "--sweep", str(sweep), "--holdout-largest", "--out",
                         str(tmp_path / "fit"), "--target-params", "1e9", "--target-tokens", "2e10")
     assert code == 0 and "held out r5" in out
     report = json.loads((tmp_path / "fit.json").read_text())
@@ -280,7 +273,7 @@ def test_chat_on_a_sub_model(tmp_path: Path, tiny_data: Path, tokenizer_files: d
 
     def chat(*extra: str) -> tuple[int, str, str]:
         monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/exit\n"))
-        return _cli(capsys, "chat", "--checkpoint", str(run_dir), "--temperature", "0", "--repetition-penalty", "1",
+        return cli_here(capsys, "chat", "--checkpoint", str(run_dir), "--temperature", "0", "--repetition-penalty", "1",
                     "--max-new-tokens", "3", *extra)
 
     for prefix in ("actor", "critic"):
@@ -297,7 +290,7 @@ def test_chat_on_a_sub_model(tmp_path: Path, tiny_data: Path, tokenizer_files: d
 def test_bad_input_exits_2_and_a_failure_exits_1_with_a_traceback_log(
     tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code, _, err = _cli(capsys, *_pretrain_args(tmp_path / "bad", tiny_data, "model.hidden_size=-8"))
+    code, _, err = cli_here(capsys, *_pretrain_args(tmp_path / "bad", tiny_data, "model.hidden_size=-8"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "model.hidden_size" in err
 
     def broken(*args: Any, **kwargs: Any) -> Any:
@@ -305,7 +298,7 @@ def test_bad_input_exits_2_and_a_failure_exits_1_with_a_traceback_log(
 
     monkeypatch.setattr("haina.core.train.build_optimizer", broken)
     run_dir = tmp_path / "fails"
-    code, _, err = _cli(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=1"))
+    code, _, err = cli_here(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=1"))
     assert code == 1
     assert len(err.strip().splitlines()) == 1, err
     found = re.fullmatch(r"haina pretrain: failed: RuntimeError: injected optimizer failure \(traceback: (.+)\)",
@@ -336,10 +329,10 @@ def test_resume_false_starts_again_from_step_1(tmp_path: Path, tiny_data: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     common = ["optim.warmup_steps=0", f"optim.lr={LR}", f"optim.min_lr={MIN_LR}", "train.log_every=1"]
-    assert _cli(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=2", "train.save_every=2", *common))[0] == 0
+    assert cli_here(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=2", "train.save_every=2", *common))[0] == 0
     first = read_metrics(run_dir)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
-    code, out, _ = _cli(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=4", "train.resume=false", *common))
+    code, out, _ = cli_here(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=4", "train.resume=false", *common))
     assert code == 0 and out.startswith("trained 4 steps")
     again = read_metrics(run_dir)
     assert [r["step"] for r in again] == [1, 2, 3, 4]  # the first run's records are replaced
@@ -389,7 +382,7 @@ def test_metrics_of_a_run(tmp_path: Path, tiny_data: Path, capsys: pytest.Captur
     run_dir = tmp_path / "run"
     rss_before = _rss_gib("VmRSS")
     started = time.perf_counter()
-    code, _, _ = _cli(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=4", "optim.warmup_steps=2",
+    code, _, _ = cli_here(capsys, *_pretrain_args(run_dir, tiny_data, "train.steps=4", "optim.warmup_steps=2",
                                               f"optim.lr={LR}", f"optim.min_lr={MIN_LR}", "train.log_every=1"))
     wall = time.perf_counter() - started
     # the peak resident size so far; getrusage's figure too (in KiB), which also counts a peak inherited
