@@ -13,6 +13,7 @@ from haina.core.config import load_config
 from haina.core.errors import InputFileError
 from haina.core.model import Transformer
 from tests.alignment_helpers import AlignmentData, haina, records
+from tests.cli_helpers import cli_here
 from tests.conftest import install_plugin_package
 from tests.parallel_helpers import run_many
 
@@ -88,9 +89,10 @@ def _actor_critic(cfg_run: Path):
     return cfg, ActorCritic(cfg)
 
 
-def test_critic_warmup_leaves_the_actor_untouched(runs: dict) -> None:
+def test_critic_warmup_leaves_the_actor_untouched(runs: dict, capsys: pytest.CaptureFixture[str]) -> None:
     warm = runs["root"] / "ppo-warm"
-    haina("ppo", *_ppo_args(runs, warm, steps=2, warmup=2))
+    code, _, err = cli_here(capsys, "ppo", *_ppo_args(runs, warm, steps=2, warmup=2))
+    assert code == 0, err
     cfg, trained = _actor_critic(warm)
     load_model_weights(warm, trained)
     start = Transformer(cfg.model)
@@ -106,7 +108,8 @@ def test_critic_warmup_leaves_the_actor_untouched(runs: dict) -> None:
     assert [r["actor_trains"] for r in logged] == [0.0, 0.0]
 
     after = runs["root"] / "ppo-after"
-    haina("ppo", *_ppo_args(runs, after, steps=2, warmup=1))
+    code, _, err = cli_here(capsys, "ppo", *_ppo_args(runs, after, steps=2, warmup=1))
+    assert code == 0, err
     _, trained_after = _actor_critic(after)
     load_model_weights(after, trained_after)
     assert not torch.equal(trained_after.actor.layers["0"].mlp.up_proj.weight, start.layers["0"].mlp.up_proj.weight)

@@ -33,6 +33,7 @@ from haina.tools.eval.safety import (
     plot_safety,
 )
 from tests.alignment_helpers import haina, make_alignment_data
+from tests.cli_helpers import cli_here
 from tests.parallel_helpers import run_many
 
 TOY = {
@@ -183,7 +184,9 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.mark.integration
 @pytest.mark.timeout(400)
-def test_collection_is_resumable_records_provenance_and_runs_under_torchrun(two_checkpoints, tmp_path: Path) -> None:
+def test_collection_is_resumable_records_provenance_and_runs_under_torchrun(
+    two_checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     small, longer, prompts = two_checkpoints
     config = _collect_config(tmp_path, small, longer, prompts)
     cfg = load_collect_config(config)
@@ -219,15 +222,16 @@ def test_collection_is_resumable_records_provenance_and_runs_under_torchrun(two_
     assert {r["id"]: r["response"] for r in dp if r["setting"] == "greedy"} == greedy
 
     # The pairs command on the collection, scored by the task's verifier.
-    haina("rm", "pairs", "--responses", str(out), "--out", str(tmp_path / "pairs.jsonl"),
-          "--verifier", "haina.tools.align_data.task:reward")
+    code, _, err = cli_here(capsys, "rm", "pairs", "--responses", str(out), "--out", str(tmp_path / "pairs.jsonl"),
+                            "--verifier", "haina.tools.align_data.task:reward")
+    assert code == 0, err
     for pair in _lines(tmp_path / "pairs.jsonl"):
         assert pair["gap"] > 0 and pair["chosen_from"]["model"] in ("small", "longer")
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_safety_evaluation_before_and_after(two_checkpoints, tmp_path: Path) -> None:
+def test_safety_evaluation_before_and_after(two_checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     small, longer, _ = two_checkpoints
     items = attack_prompts("eval")[:24]
     report = evaluate_safety({"before": (str(small), ""), "after": (str(longer), "")}, items, "words", max_new_tokens=3)
@@ -239,8 +243,9 @@ def test_safety_evaluation_before_and_after(two_checkpoints, tmp_path: Path) -> 
     table = format_safety_table(report)
     assert "before" in table and "after" in table and "overall" in table
     assert plot_safety(report, tmp_path / "safety.png").stat().st_size > 1000
-    haina("eval", "safety", "--checkpoint", str(longer), "--compare", str(small), "--out", str(tmp_path / "cli"),
-          "--max-new-tokens", "2")
+    code, _, err = cli_here(capsys, "eval", "safety", "--checkpoint", str(longer), "--compare", str(small),
+                            "--out", str(tmp_path / "cli"), "--max-new-tokens", "2")
+    assert code == 0, err
     written = json.loads((tmp_path / "cli" / "safety.json").read_text())
     assert set(written["models"]) == {"before", "after"} and (tmp_path / "cli" / "safety.png").is_file()
 
