@@ -216,7 +216,7 @@ class NearDedupConfig(_Section):
 
 
 class EmbeddingConfig(_Section):
-    enabled: bool = Field(True, description="hashed n-gram embeddings clustered with Spark ML k-means")
+    enabled: bool = Field(True, description="hashed n-gram embeddings clustered with k-means (fitted on the driver)")
     dim: int = Field(64, ge=2, description="dimension of the random projection")
     k: int = Field(16, ge=1, description="k-means clusters (capped by the number of documents)")
     max_iter: int = Field(20, ge=1, description="k-means iterations")

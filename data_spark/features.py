@@ -7,6 +7,10 @@ The sentence-quality model also asks for :func:`shape_features` (``shape=True``)
 letters, digits, symbols and capitals, token repetition, vowels, stop words, the longest token and the
 last character, which let a linear model tell random characters, base64 runs and keyword stuffing from
 prose by their form rather than by the (random) words they happen to hash to.
+
+:func:`featurize` defines the features of one text; :func:`feature_rows` gives the same ids and values for
+a whole batch with no Python per gram: tokens dictionary-encoded once, uni- and bigram CRCs in numpy, the
+shape features from per-character class counts and per-token measures summed per row.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 import zlib
 
 import numpy as np
+import pyarrow as pa
 
 from haina.data_spark.text import tokens
 
@@ -97,48 +102,80 @@ def featurize(text: str, size: int, shape: bool = False) -> tuple[np.ndarray, np
     return unique, values
 
 
-class _Buckets:
-    """:func:`featurize`'s feature ids for many texts: the CRC-32 of ``u:TOKEN`` once per distinct token, and
-    that of ``b:A B`` continued from a cached ``b:A`` state over a cached `` B`` (CRC-32 runs over the bytes
-    in order, so this is the CRC of the whole string), so no feature string is built for a word's gram."""
+_SHIFTS: dict[int, np.ndarray] = {}
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.uni: dict[str, int] = {}
-        self.head: dict[str, int] = {}
-        self.tail: dict[str, bytes] = {}
-        self.other: dict[str, int] = {}
 
-    def _learn(self, units: list[str]) -> None:
-        for u in set(units).difference(self.uni):
-            raw = u.encode("utf-8")
-            self.uni[u] = zlib.crc32(b"u:" + raw) % self.size
-            self.head[u] = zlib.crc32(b"b:" + raw)
-            self.tail[u] = b" " + raw
+def _shift_table(n: int) -> np.ndarray:
+    """``(4, 256)`` uint32: the CRC-32 register advanced over ``n`` zero bytes, as a linear map, one table
+    per byte of the register. zlib's ``crc32(data, c)`` is ``shift_n(c) ^ crc32(data, 0)`` for any ``n``
+    bytes of data (the conditioning cancels out), and ``shift_n`` is linear over GF(2), so it is the XOR
+    of one lookup per byte of ``c``."""
+    table = _SHIFTS.get(n)
+    if table is None:
+        zeros = bytes(n)
+        base = zlib.crc32(zeros, 0)
+        table = np.array([[zlib.crc32(zeros, v << (8 * k)) ^ base for v in range(256)] for k in range(4)],
+                         dtype=np.uint32)
+        _SHIFTS[n] = table
+    return table
 
-    def grams(self, text: str, units: list[str], shape: bool | list[str]) -> list[int]:
-        """The ids of ``featurize(text)``'s grams, in its order (duplicates kept); ``shape`` may be the
-        text's :func:`shape_features`, computed already."""
-        if units:
-            self._learn(units)
-        size, crc = self.size, zlib.crc32
-        ids = list(map(self.uni.__getitem__, units))
-        ids += [crc(t, h) % size for h, t in zip(map(self.head.__getitem__, units),
-                                                map(self.tail.__getitem__, units[1:]), strict=False)]
-        rest = [f"p:{run[:3]}" for run in _PUNCT_RUN.findall(text)]
-        rest += ["url"] * len(_URL.findall(text)) + ["caps"] * len(_CAPS.findall(text))
-        if shape is True:
-            rest += shape_features(text, units)
-        elif shape:
-            rest += shape
-        if not ids and not rest:
-            rest = ["empty"]
-        for gram in rest:
-            found = self.other.get(gram)
-            if found is None:
-                found = self.other[gram] = _bucket(gram, size)
-            ids.append(found)
-        return ids
+
+class _Tokens:
+    """The tokens of many rows, dictionary-encoded by Arrow: ``row`` and ``token`` (an index into
+    ``distinct``) of every token in order, and the rows' token counts."""
+
+    def __init__(self, units: list[list[str]]) -> None:
+        self.rows = len(units)
+        self.lengths = np.fromiter(map(len, units), dtype=np.int64, count=len(units))
+        flat = [u for found in units for u in found]
+        self.row = np.repeat(np.arange(len(units), dtype=np.int64), self.lengths)
+        if flat:
+            encoded = pa.array(flat, type=pa.large_string()).dictionary_encode()
+            self.token = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            self.distinct: list[str] = encoded.dictionary.to_pylist()
+        else:
+            self.token, self.distinct = np.zeros(0, np.int64), []
+
+    def per_row(self, per_token: np.ndarray) -> np.ndarray:
+        """The sum over each row's tokens of a value per distinct token."""
+        if not len(self.token):
+            return np.zeros(self.rows, dtype=np.int64)
+        return np.bincount(self.row, weights=per_token[self.token], minlength=self.rows).astype(np.int64)
+
+
+def _word_grams(found: _Tokens, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, feature id) of every ``u:TOKEN`` and ``b:A B`` gram of each row's tokens, for all rows at once.
+
+    The CRC-32 of ``u:TOKEN``, of ``b:A`` and of `` B`` is taken once per distinct token; a bigram's CRC is
+    that of ``b:A`` continued over `` B`` (:func:`_shift_table`), for every bigram of the batch in numpy,
+    so no feature string is built and no Python runs per gram."""
+    if not len(found.token):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    raw = [u.encode("utf-8") for u in found.distinct]
+    uni = np.array([zlib.crc32(b"u:" + r) % size for r in raw], dtype=np.int64)
+    head = np.array([zlib.crc32(b"b:" + r) for r in raw], dtype=np.uint32)
+    tail = np.array([zlib.crc32(b" " + r) for r in raw], dtype=np.uint32)
+    tail_len = np.array([len(r) + 1 for r in raw], dtype=np.int64)
+    row, token = found.row, found.token
+    pair = np.flatnonzero(row[:-1] == row[1:])  # a bigram: two tokens of one row
+    a, b = token[pair], token[pair + 1]
+    shifts, which = np.unique(tail_len[b], return_inverse=True)
+    tables = np.stack([_shift_table(int(n)) for n in shifts]) if len(shifts) else np.zeros((0, 4, 256), np.uint32)
+    c = head[a]
+    crc = tail[b].copy()
+    for k in range(4):
+        crc ^= tables[which, k, (c >> np.uint32(8 * k)) & np.uint32(0xFF)]
+    bigram = (crc % np.uint32(size)).astype(np.int64)
+    return np.concatenate([row, row[pair]]), np.concatenate([uni[token], bigram])
+
+
+def _other_grams(text: str) -> list[str]:
+    """The grams of ``featurize(text)`` that are neither words, word pairs nor shape features: punctuation
+    runs, URLs and shouting."""
+    rest = [f"p:{run[:3]}" for run in _PUNCT_RUN.findall(text)]
+    if "://" in text or "www." in text:  # _URL needs one of them
+        rest += ["url"] * len(_URL.findall(text))
+    return rest + ["caps"] * len(_CAPS.findall(text))
 
 
 _FLAGS: np.ndarray | None = None
@@ -161,15 +198,40 @@ def _flags() -> np.ndarray:
     return _FLAGS
 
 
-def shape_batch(texts: list[str], units: list[list[str]]) -> list[list[str]]:
-    """:func:`shape_features` of every text, the character counts taken for all texts at once in numpy
-    (one code-point array, class flags looked up, summed per text); the same features, text for text."""
-    if not texts:
-        return []
+_SHAPE_IDS: dict[int, dict[str, np.ndarray]] = {}
+_END_CLASSES = ("none", "stop", "pause", "word", "symbol")
+
+
+def _shape_id_tables(size: int) -> dict[str, np.ndarray]:
+    """Feature id of ``s:NAME:VALUE`` for VALUE -1 .. 40 (at index VALUE + 1), and of the end classes."""
+    tables = _SHAPE_IDS.get(size)
+    if tables is None:
+        tables = {name: np.array([_bucket(f"s:{name}:{v}", size) for v in range(-1, 41)], dtype=np.int64)
+                  for name in ("len", "alpha", "digit", "symbol", "upper", "longest", "unique", "vowel", "stop",
+                               "zhfunc")}
+        tables["end"] = np.array([_bucket(f"s:end:{c}", size) for c in _END_CLASSES], dtype=np.int64)
+        tables["mojibake"] = np.array([_bucket("s:mojibake", size)], dtype=np.int64)
+        _SHAPE_IDS[size] = tables
+    return tables
+
+
+def _deciles(part: np.ndarray, whole: np.ndarray) -> np.ndarray:
+    """:func:`_decile` elementwise."""
+    out = np.full(len(part), -1, dtype=np.int64)
+    ok = whole > 0
+    out[ok] = np.minimum(9, (10 * part[ok]) // whole[ok])
+    return out
+
+
+def _shape_grams(texts: list[str], found: _Tokens, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, feature id) of :func:`shape_features` of every text, the same features text for text, all in
+    numpy: the character classes of one code-point array for all texts, summed per text, and the token
+    measures from the tokens' dictionary (a value per distinct token, summed per row)."""
+    n = len(texts)
     big = "".join(texts)
     codes = np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     flags = _flags()[codes]
-    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    bounds = np.zeros(n + 1, dtype=np.int64)
     np.cumsum([len(t) for t in texts], out=bounds[1:])
     ascii_ = codes < 128
 
@@ -185,63 +247,102 @@ def shape_batch(texts: list[str], units: list[list[str]]) -> list[list[str]]:
     n_digits, n_alnum = per_text((flags & _DIGIT) != 0), per_text((flags & _ALNUM) != 0)
     n_latin, n_upper = per_text(latin_mask), per_text(latin_mask & ((flags & _UPPER) != 0))
     n_vowel, n_moji = per_text(latin_mask & ((flags & _VOWEL) != 0)), per_text((flags & _MOJI) != 0)
-    last_visible = np.maximum.accumulate(np.where(visible, np.arange(len(codes)), -1)) if len(codes) else codes
-    out = []
-    for i, found in enumerate(units):
-        nv, nl = int(n_visible[i]), int(n_latin[i])
-        end = big[last_visible[bounds[i + 1] - 1]] if nv else ""
-        words = [u for u in found if u.isascii() and u.isalpha()]
-        cjk = [u for u in found if len(u) == 1 and not u.isascii()]
-        row = [
-            f"s:len:{min(len(found), 40) // 5}",
-            f"s:alpha:{_decile(int(n_letters[i]), nv)}",
-            f"s:digit:{_decile(int(n_digits[i]), nv)}",
-            f"s:symbol:{_decile(nv - int(n_alnum[i]), nv)}",
-            f"s:upper:{_decile(int(n_upper[i]), nl)}",
-            f"s:longest:{min(max(map(len, found), default=0), 40) // 6}",
-            f"s:end:{_end_class(end)}",
-        ]
-        if len(found) >= 4:
-            row.append(f"s:unique:{_decile(len(set(found)), len(found))}")
-        if nl >= 8:
-            row.append(f"s:vowel:{_decile(int(n_vowel[i]), nl)}")
-        if len(words) >= 3:
-            row.append(f"s:stop:{_decile(sum(w in _STOP for w in words), len(words))}")
-        if len(cjk) >= 4:
-            row.append(f"s:zhfunc:{_decile(sum(c in _CJK_FUNCTION for c in cjk), len(cjk))}")
-        if n_moji[i]:
-            row.append("s:mojibake")
-        out.append(row)
-    return out
+    # the class of each text's last visible character ("stop" without one: _end_class("") finds "" in
+    # its list of full stops)
+    end = np.ones(n, dtype=np.int64)
+    if len(codes):
+        last_visible = np.maximum.accumulate(np.where(visible, np.arange(len(codes)), -1))
+        has = n_visible > 0
+        last = codes[last_visible[bounds[1:][has] - 1]]
+        cls = np.where((_flags()[last] & _ALNUM) != 0, 3, 4)
+        cls = np.where(np.isin(last, [ord(c) for c in ",;:，；：、"]), 2, cls)
+        end[has] = np.where(np.isin(last, [ord(c) for c in ".!?。！？"]), 1, cls)
+    # token measures
+    distinct = found.distinct
+    n_tokens = found.lengths
+    longest = np.zeros(n, dtype=np.int64)
+    n_unique = np.zeros(n, dtype=np.int64)
+    if len(found.token):
+        lengths = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct))
+        np.maximum.at(longest, found.row, lengths[found.token])
+        pairs = np.unique(found.row * len(distinct) + found.token)
+        n_unique = np.bincount(pairs // len(distinct), minlength=n).astype(np.int64)
+    word = np.array([u.isascii() and u.isalpha() for u in distinct], dtype=np.int64)
+    cjk = np.array([len(u) == 1 and not u.isascii() for u in distinct], dtype=np.int64)
+    n_words, n_cjk = found.per_row(word), found.per_row(cjk)
+    n_stop = found.per_row(word * np.array([u in _STOP for u in distinct], dtype=np.int64))
+    n_zh = found.per_row(cjk * np.array([u in _CJK_FUNCTION for u in distinct], dtype=np.int64))
+    ids = _shape_id_tables(size)
+    every = np.arange(n, dtype=np.int64)
+    rows, out = [], []
+
+    def add(name: str, values: np.ndarray, where: np.ndarray | None = None) -> None:
+        chosen = every if where is None else np.flatnonzero(where)
+        rows.append(chosen)
+        out.append(ids[name][(values if where is None else values[where]) + 1])
+
+    add("len", np.minimum(n_tokens, 40) // 5)
+    add("alpha", _deciles(n_letters, n_visible))
+    add("digit", _deciles(n_digits, n_visible))
+    add("symbol", _deciles(n_visible - n_alnum, n_visible))
+    add("upper", _deciles(n_upper, n_latin))
+    add("longest", np.minimum(longest, 40) // 6)
+    rows.append(every)
+    out.append(ids["end"][end])
+    add("unique", _deciles(n_unique, n_tokens), n_tokens >= 4)
+    add("vowel", _deciles(n_vowel, n_latin), n_latin >= 8)
+    add("stop", _deciles(n_stop, n_words), n_words >= 3)
+    add("zhfunc", _deciles(n_zh, n_cjk), n_cjk >= 4)
+    moji = np.flatnonzero(n_moji > 0)
+    rows.append(moji)
+    out.append(np.repeat(ids["mojibake"], len(moji)))
+    return np.concatenate(rows), np.concatenate(out)
 
 
 def feature_rows(texts: list[str], size: int, shape: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR parts ``(values, ids, starts)`` of :func:`featurize` applied to every text: the same sorted ids and
     the same values (log counts over their norm, in float64, equal up to rounding) for each row, built for
-    the whole list at once."""
-    buckets = _Buckets(size)
-    flat: list[int] = []
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    index: dict[str, int] = {}  # a line repeated within the list (boilerplate, copies) is featurised once
+    the whole list at once. A text repeated within the list (boilerplate, copies) is featurised once."""
+    index: dict[str, int] = {}
     distinct = [t for t in texts if t not in index and index.setdefault(t, len(index)) is not None]
     units = [tokens(t) for t in distinct]
-    shapes = shape_batch(distinct, units) if shape else [False] * len(distinct)
-    grams = [buckets.grams(t, u, sh) for t, u, sh in zip(distinct, units, shapes, strict=True)]
-    for i, text in enumerate(texts):
-        ids = grams[index[text]]
-        flat += ids
-        lengths[i] = len(ids)
-    if not flat:
+    found = _Tokens(units)
+    word_row, word_id = _word_grams(found, size)
+    if shape and distinct:
+        shape_row, shape_id = _shape_grams(distinct, found, size)
+        word_row, word_id = np.concatenate([word_row, shape_row]), np.concatenate([word_id, shape_id])
+    other: dict[str, int] = {}
+    rest_rows: list[int] = []
+    rest_ids: list[int] = []
+    for d, (text, words) in enumerate(zip(distinct, units, strict=True)):
+        rest = _other_grams(text)
+        if not words and not rest and not shape:  # (a text always has shape features)
+            rest = ["empty"]
+        for gram in rest:
+            value = other.get(gram)
+            if value is None:
+                value = other[gram] = _bucket(gram, size)
+            rest_ids.append(value)
+        rest_rows += [d] * len(rest)
+    if not len(word_id) and not rest_ids:
         return np.zeros(0), np.zeros(0, np.int64), np.zeros(len(texts) + 1, np.int64)
-    row = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
-    key = row * size + np.asarray(flat, dtype=np.int64)
+    key = (np.concatenate([word_row, np.asarray(rest_rows, dtype=np.int64)]) * size
+           + np.concatenate([word_id, np.asarray(rest_ids, dtype=np.int64)]))
     unique, counts = np.unique(key, return_counts=True)
     rows, ids = np.divmod(unique, size)
     values = np.log1p(counts.astype(np.float64))
-    starts = np.searchsorted(rows, np.arange(len(texts) + 1))
+    starts = np.searchsorted(rows, np.arange(len(distinct) + 1))
     norms = np.sqrt(np.add.reduceat(values * values, starts[:-1])) if len(values) else values
     values /= np.repeat(norms, np.diff(starts))
-    return values, ids, starts
+    if len(distinct) == len(texts):
+        return values, ids, starts
+    # every text's row is its distinct text's row
+    which = np.fromiter((index[t] for t in texts), dtype=np.int64, count=len(texts))
+    sizes = np.diff(starts)[which]
+    out_starts = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=out_starts[1:])
+    source = np.repeat(starts[:-1][which] - out_starts[:-1], sizes) + np.arange(out_starts[-1])
+    return values[source], ids[source], out_starts
 
 
 def projection(size: int, dim: int, seed: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from haina.core.errors import HainaError, InputFileError, one_line
 from haina.data_spark.arrow_batches import map_columns
 from haina.data_spark.config import PrepareConfig
 from haina.data_spark.gzip_lines import gzip_lines
+from haina.data_spark.ingest_keys import key_fields, key_maker
 from haina.data_spark.text import approx_tokens, detect_kind
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
@@ -158,9 +159,10 @@ def parse_line(raw: bytes, cfg: PrepareConfig) -> Fields:
     return _validate(record, cfg, escaped=b"\\u" in raw)
 
 
-def _parse_jsonl(cfg: PrepareConfig) -> Callable[[pa.RecordBatch], dict[str, list]]:
+def _parse_jsonl(cfg: PrepareConfig, keys: bool = False) -> Callable[[pa.RecordBatch], dict[str, list]]:
     preview = cfg.input.raw_preview_chars
     source_kinds = dict(cfg.heuristics.source_kinds)
+    make_keys = key_maker(cfg) if keys else None
 
     def parse(batch: pa.RecordBatch) -> dict[str, list]:
         out: dict[str, list] = {f.name: [] for f in DOC_FIELDS}
@@ -182,6 +184,8 @@ def _parse_jsonl(cfg: PrepareConfig) -> Callable[[pa.RecordBatch], dict[str, lis
                                 ("kind", kind), ("ntok", ntok), ("bad", bad)):
                 out[name].append(value)
             out["raw"].append(raw[:preview].decode("utf-8", errors="replace") if bad else None)
+        if make_keys is not None:
+            out.update(make_keys(out["text"]))
         return out
 
     return parse
@@ -257,8 +261,10 @@ def _read_parquet(spark: SparkSession, path: Path, cfg: PrepareConfig) -> DataFr
     return frame.select(record.cast("binary").alias("value"), F.lit(None).cast("string").alias("damage"))
 
 
-def read_inputs(spark: SparkSession, inputs: list[Path], cfg: PrepareConfig) -> DataFrame:
-    """Every input record, parsed: document columns plus ``bad`` (reason, or null) and ``raw`` (preview)."""
+def read_inputs(spark: SparkSession, inputs: list[Path], cfg: PrepareConfig, keys: bool = False) -> DataFrame:
+    """Every input record, parsed: document columns plus ``bad`` (reason, or null) and ``raw`` (preview);
+    with ``keys``, also the dedup columns of each document as it came in
+    (:func:`haina.data_spark.ingest_keys.key_fields`), taken in the same pass over the records."""
     frames = []
     for path in inputs:
         frame = _read_parquet(spark, path, cfg) if input_kind(path) == "parquet" else _read_jsonl(spark, path)
@@ -268,13 +274,17 @@ def read_inputs(spark: SparkSession, inputs: list[Path], cfg: PrepareConfig) -> 
         raw = raw.unionByName(frame)
     # Union keeps partitions in input order, so ids grow with the order of the inputs.
     raw = raw.withColumn("row_id", F.monotonically_increasing_id())
-    return map_columns(raw, _parse_jsonl(cfg), DOC_FIELDS, drop=("value",))
+    fields = DOC_FIELDS + (key_fields(cfg) if keys else [])
+    return map_columns(raw, _parse_jsonl(cfg, keys), fields, drop=("value",))
 
 
 def documents(parsed: DataFrame) -> DataFrame:
-    """Good records with ``DOC_COLUMNS``; the row id stands in for a missing document id."""
+    """Good records with ``DOC_COLUMNS`` (and the dedup columns, if ingest took them); the row id stands
+    in for a missing document id."""
     docs = parsed.filter(F.col("bad").isNull())
-    return docs.withColumn("doc_id", F.coalesce(F.col("doc_id"), F.col("row_id").cast("string"))).select(*DOC_COLUMNS)
+    carried = [c for c in parsed.columns if c.startswith("_")]
+    return docs.withColumn("doc_id", F.coalesce(F.col("doc_id"), F.col("row_id").cast("string"))).select(
+        *DOC_COLUMNS, *carried)
 
 
 def quarantined(parsed: DataFrame) -> DataFrame:

@@ -25,6 +25,7 @@ output. They do travel through the intermediate stage folders, which grow by abo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,7 @@ from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig, PrepareConfig
 from haina.data_spark.minhash import (
     MinHasher,
-    band_keys,
+    band_key_matrix,
     batch_signatures,
     fast_shingle_hashes,
     lsh_params,
@@ -83,8 +84,9 @@ class Signer:
         present = np.diff(offsets) > 0
         mask = pa.array(~present)
         width = self.hasher.num_perm
-        keys = np.array([band_keys(row, self.bands, self.rows) if ok else [0] * self.bands
-                         for row, ok in zip(sig, present, strict=True)], dtype=np.int64).reshape(-1)
+        keys = band_key_matrix(sig, self.bands, self.rows)
+        keys[~present] = 0  # (null rows: the mask hides them)
+        keys = keys.reshape(-1)
 
         def lists(values: np.ndarray, starts: np.ndarray) -> pa.Array:
             return pa.ListArray.from_arrays(pa.array(starts.astype(np.int32)), pa.array(values), mask=mask)
@@ -110,24 +112,37 @@ def carried(df: DataFrame, cfg: NearDedupConfig) -> bool:
     return {f.name for f in near_fields(cfg)} <= set(df.columns)
 
 
-def with_ingest_keys(df: DataFrame, cfg: PrepareConfig) -> DataFrame:
-    """``df`` plus ``_key`` (exact dedup enabled) and the near-dedup columns (near-dedup enabled),
-    from one normalisation of each text."""
-    fields = ([KEY_FIELD] if cfg.exact_dedup.enabled else []) + (near_fields(cfg.near_dedup) if cfg.near_dedup.enabled else [])
-    if not fields:
-        return df
-    names = [f.name for f in fields]
+def key_fields(cfg: PrepareConfig) -> list[T.StructField]:
+    """The columns ingest adds: ``_key`` (exact dedup enabled) and the near-dedup ones (near-dedup enabled)."""
+    return ([KEY_FIELD] if cfg.exact_dedup.enabled else []) + (near_fields(cfg.near_dedup) if cfg.near_dedup.enabled else [])
+
+
+def key_maker(cfg: PrepareConfig) -> Callable[[list[str | None]], dict[str, list | pa.Array]]:
+    """``fn(texts) -> {column: values}`` of :func:`key_fields`, from one normalisation of each text; a
+    missing text (a quarantined record) gets nulls."""
+    names = [f.name for f in key_fields(cfg)]
     signer = Signer.create(cfg.near_dedup) if cfg.near_dedup.enabled else None
 
-    def keys(batch: pa.RecordBatch) -> dict[str, list | pa.Array]:
-        normalized = [normalize(text) for text in texts(batch)]
+    def keys(batch_texts: list[str | None]) -> dict[str, list | pa.Array]:
+        normalized = [None if text is None else normalize(text) for text in batch_texts]
         out: dict[str, list | pa.Array] = {}
         if cfg.exact_dedup.enabled:
-            out["_key"] = [exact_key(text) for text in normalized]
+            out["_key"] = [None if text is None else exact_key(text) for text in normalized]
         if signer is not None:
             sig, bands, hv = signer.sign_batch(normalized)
             out["_bands"] = bands
             out["_hv" if "_hv" in names else "_sig"] = hv if "_hv" in names else sig
         return out
 
-    return map_columns(df, keys, fields)
+    return keys
+
+
+def with_ingest_keys(df: DataFrame, cfg: PrepareConfig) -> DataFrame:
+    """``df`` plus :func:`key_fields`, from one normalisation of each text (ingest computes them while it
+    parses, :func:`haina.data_spark.ingest.read_inputs` with ``keys=True``; this is the same for a table
+    of documents)."""
+    fields = key_fields(cfg)
+    if not fields:
+        return df
+    keys = key_maker(cfg)
+    return map_columns(df, lambda batch: keys(texts(batch)), fields)

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from haina.data_spark.text import tokens
 
@@ -60,12 +61,17 @@ def _mix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(33))
 
 
-def token_hashes(units: list[str], cache: dict[str, int]) -> np.ndarray:
-    """uint64 hash of each token (8 bytes of BLAKE2b of its UTF-8 bytes); ``cache`` holds the tokens
-    already hashed in this batch, so each distinct token is hashed once."""
-    for unit in set(units).difference(cache):
-        cache[unit] = int.from_bytes(hashlib.blake2b(unit.encode("utf-8"), digest_size=8).digest(), "little")
-    return np.array(list(map(cache.__getitem__, units)), dtype=np.uint64)
+def token_hashes(units: list[str]) -> np.ndarray:
+    """uint64 hash of each token (8 bytes of BLAKE2b of its UTF-8 bytes, little-endian). Each distinct token
+    is hashed once: Arrow's dictionary encoding finds them and gives every token its index, so no Python
+    integer is made per token (numpy converts a list of big ints slowly)."""
+    if not units:
+        return np.zeros(0, dtype=np.uint64)
+    encoded = pa.array(units, type=pa.large_string()).dictionary_encode()
+    digests = b"".join(hashlib.blake2b(unit.encode("utf-8"), digest_size=8).digest()
+                       for unit in encoded.dictionary.to_pylist())
+    distinct = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+    return distinct[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
@@ -87,7 +93,7 @@ def fast_shingle_hashes(texts: list[str | None], size: int) -> tuple[np.ndarray,
         lengths[i] = len(found)
     if not units:
         return np.zeros(0, np.uint32), np.zeros(len(texts) + 1, np.int64)
-    h = token_hashes(units, {})
+    h = token_hashes(units)
     starts = _offsets(lengths)
     doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
     with np.errstate(over="ignore"):
@@ -203,13 +209,29 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float, fn_weight: flo
     return _optimal_param(threshold, num_perm, fp_weight, fn_weight)
 
 
+_BAND_SEED = np.uint64(0x243F6A8885A308D3)  # the first digits of pi: any fixed odd constant
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_key_matrix(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(texts, bands)`` signed 64-bit band keys of uint32 ``signatures`` (one row per text), for the
+    whole batch at once in numpy: band ``i`` starts from ``mix64(seed + i * golden)`` (the band is part
+    of the key, as datasketch keeps a table per band), and each of its rows ``v`` (columns
+    ``i * rows .. (i + 1) * rows``) is folded in as ``state = mix64(state ^ v)``. ``mix64`` is a bijection
+    of 64-bit words, so two bands get one key only when their rows are equal, or by a 64-bit chance."""
+    n = len(signatures)
+    values = np.asarray(signatures, dtype=np.uint32)[:, : bands * rows].astype(np.uint64).reshape(n, bands, rows)
+    with np.errstate(over="ignore"):
+        start = _mix64(_BAND_SEED + np.arange(bands, dtype=np.uint64) * _GOLDEN)
+        state = np.broadcast_to(start, (n, bands)).copy()
+        for j in range(rows):
+            state = _mix64(state ^ values[:, :, j])
+    return state.view(np.int64)
+
+
 def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[int]:
-    """One signed 64-bit key per band: the band's rows hashed together (BLAKE2b, 8 bytes)."""
-    keys = []
-    for band in range(bands):
-        chunk = signature[band * rows : (band + 1) * rows].tobytes()
-        keys.append(int.from_bytes(hashlib.blake2b(chunk, digest_size=8, person=bytes([band])).digest(), "little", signed=True))
-    return keys
+    """The band keys of one signature (:func:`band_key_matrix`), as Python ints."""
+    return band_key_matrix(np.asarray(signature, dtype=np.uint32)[None, :], bands, rows)[0].tolist()
 
 
 def candidate_probability(similarity: float, bands: int, rows: int) -> float:

@@ -37,8 +37,9 @@ from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from haina.core import faults
 from haina.core.errors import HainaError
@@ -48,13 +49,11 @@ from haina.data_spark.ingest import (
     TooManyBadRecords,
     check_inputs,
     check_quarantine_share,
-    damaged_files,
     documents,
     quarantine_summary,
     quarantined,
     read_inputs,
 )
-from haina.data_spark.ingest_keys import with_ingest_keys
 from haina.data_spark.stages import (
     category,
     embedding,
@@ -137,22 +136,38 @@ def cut_lines(row: dict[str, Any], examples: int = 3) -> list[str]:
     return lines
 
 
-def _counts(df: DataFrame) -> tuple[int, int]:
-    row = df.agg(F.count("*").alias("n"), F.sum("ntok").alias("t")).collect()[0]
-    return int(row["n"]), int(row["t"] or 0)
+def _counts(folder: Path) -> tuple[int, int]:
+    """(documents, sum of ``ntok``) of a folder of Parquet that this job just wrote, read on the driver
+    (the row counts from the footers, the one ``ntok`` column batch by batch, so the driver holds one batch
+    at a time): no Spark job, which on a small corpus costs more than the reading. pyarrow skips the names
+    Spark does (``_SUCCESS``, ``.crc`` files, the marker)."""
+    dataset = pads.dataset(str(folder), format="parquet")
+    if "ntok" not in dataset.schema.names:  # no part file at all: nothing written
+        return dataset.count_rows(), 0
+    rows = total = 0
+    for batch in dataset.to_batches(columns=["ntok"]):
+        rows += batch.num_rows
+        total += int(pc.sum(batch.column(0)).as_py() or 0)
+    return rows, total
+
+
+def _rows(folder: Path) -> int:
+    """The number of rows of a folder of Parquet, from the footers alone."""
+    return pads.dataset(str(folder), format="parquet").count_rows()
 
 
 # Stages whose kept rows are their input rows, each edited on its own (no shuffle before the output):
 # their output keeps the layout of their input, which a canonical stage before them fixed.
-ROW_WISE = frozenset({"heuristics", "quality", "safety", "category", "weighting"})
+# Embedding joins each document's cluster onto its row (k-means fits on its sample in row-id order).
+ROW_WISE = frozenset({"heuristics", "quality", "embedding", "safety", "category", "weighting"})
 
 
 def _write(df: DataFrame, path: Path, partitions: int, canonical: bool = True) -> None:
     """Materialise in a canonical layout (hash of row id, sorted), so the next stage's input, and with it
     order-sensitive steps such as k-means initialisation, do not depend on shuffle timing. A row-wise
     stage (``canonical=False``) writes its rows as it read them, in the files' order: no shuffle of every
-    document's text (the job's aggregations do not depend on row order: k-means lays its input out
-    canonically itself and the weighting sums are exact)."""
+    document's text (the job's aggregations do not depend on row order: k-means fits on its sample in
+    row-id order and the weighting sums are exact)."""
     if canonical:
         df = df.repartition(partitions, "row_id").sortWithinPartitions("row_id")
     df.write.mode("overwrite").parquet(str(path))
@@ -403,25 +418,35 @@ def _commit(tmp: Path, output: Path, report: dict[str, Any], keep_intermediate: 
     _remove_tree(trash)
 
 
+def _damaged(parsed: Path) -> list[dict]:
+    """:func:`~haina.data_spark.ingest.damaged_files` of the parsed table, read on the driver (two columns,
+    the rows with a damage only): no Spark job."""
+    table = pads.dataset(str(parsed), format="parquet").to_table(
+        columns=["file", "damage"], filter=pc.field("damage").is_valid())
+    rows = zip(table.column("file").to_pylist(), table.column("damage").to_pylist(), strict=True)
+    return sorted(({"file": file, **json.loads(damage)} for file, damage in rows), key=lambda d: d["file"])
+
+
 def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig) -> dict[str, Any]:
     """Parse once: documents (``stages/00_ingest``) and quarantine are both cut from one table."""
     t0 = time.perf_counter()
     path = tmp / "stages" / "00_ingest"
     parsed_path = tmp / "_parsed"
     _remove_tree(parsed_path)
-    read_inputs(spark, inputs, cfg).write.mode("overwrite").parquet(str(parsed_path))
+    read_inputs(spark, inputs, cfg, keys=True).write.mode("overwrite").parquet(str(parsed_path))
     parsed = spark.read.parquet(str(parsed_path))
-    damaged = damaged_files(parsed)
+    damaged = _damaged(parsed_path)
     work = _work(tmp / "quarantine")
     quarantined(parsed).write.mode("overwrite").parquet(str(work))
     _publish(work, tmp / "quarantine")
     work = _work(path)
-    _write(with_ingest_keys(documents(parsed), cfg), work, cfg.spark.shuffle_partitions)
+    _write(documents(parsed), work, cfg.spark.shuffle_partitions)
     _remove_tree(parsed_path)
-    docs_raw, tokens_raw = _counts(spark.read.parquet(str(work)))
-    bad = spark.read.parquet(str(tmp / "quarantine"))
+    docs_raw, tokens_raw = _counts(work)
+    bad_rows = _rows(tmp / "quarantine")
+    reasons = quarantine_summary(spark.read.parquet(str(tmp / "quarantine"))) if bad_rows else {}
     ingest = {"inputs": [str(p) for p in inputs], "documents": docs_raw, "tokens": tokens_raw,
-              "quarantined": bad.count(), "quarantine_reasons": quarantine_summary(bad),
+              "quarantined": bad_rows, "quarantine_reasons": reasons,
               "damaged_files": damaged, "seconds": round(time.perf_counter() - t0, 2)}
     faults.fire("data_stage", "ingest")
     _publish(work, path, {"stage": "ingest", "row": ingest}, tmp, ("quarantine",))
@@ -444,11 +469,11 @@ def _stage(
         work = _work(removed_path)
         result.removed.write.mode("overwrite").parquet(str(work))
         _publish(work, removed_path)
-        removed_docs, removed_tokens = _counts(spark.read.parquet(str(removed_path)))
+        removed_docs, removed_tokens = _counts(removed_path)
     work = _work(path)
     _write(result.kept, work, cfg.spark.shuffle_partitions, canonical=name not in ROW_WISE)
     spark.catalog.clearCache()
-    docs_out, tokens_out = _counts(spark.read.parquet(str(work)))
+    docs_out, tokens_out = _counts(work)
     row = {
         "stage": name, "docs_in": docs_in, "docs_out": docs_out, "docs_removed": removed_docs,
         "tokens_in": tokens_in, "tokens_out": tokens_out, "tokens_removed_with_docs": removed_tokens,
@@ -482,7 +507,10 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
     stages: list[dict[str, Any]] = []
     docs_in, tokens_in = docs_raw, tokens_raw
     resuming = done is not None  # a stage is reused only if every stage before it was
-    for index, (name, run, section) in enumerate(ordered_stages(cfg.stage_order), start=1):
+    order = ordered_stages(cfg.stage_order)
+    enabled = [name for name, _, section in order if section is None or getattr(cfg, section).enabled]
+    for index, (name, run, section) in enumerate(order, start=1):
+        ctx.following = enabled[enabled.index(name) + 1] if name in enabled[:-1] else None
         if section is not None and not getattr(cfg, section).enabled:
             row = {"stage": name, "skipped": True}
             stages.append(row)

@@ -8,6 +8,7 @@ and code by line-shape rules only: English word rules would delete every Chinese
 from __future__ import annotations
 
 from collections import Counter
+from itertools import compress, filterfalse
 
 from haina.data_spark.config import HeuristicsConfig, RepetitionRules
 from haina.data_spark.text import cjk_fraction, tokens, words
@@ -20,6 +21,10 @@ _TERMINAL = (".", "!", "?", '"', "”", "'", "’", "。", "！", "？", ":", ")
 def clean_lines(text: str, kind: str, cfg: HeuristicsConfig) -> tuple[str, int]:
     """C4 line rules: drop boilerplate lines (all kinds) and, optionally, unterminated prose lines."""
     blocklist = [phrase.lower() for phrase in cfg.line_blocklist]
+    if not cfg.require_terminal_punctuation:
+        lowered = text.lower()  # no phrase anywhere in the text, so in no line: most texts end here
+        if not any(phrase in lowered for phrase in blocklist):
+            return text.strip("\n"), 0
     kept, dropped = [], 0
     for line in text.split("\n"):
         lowered = line.lower()
@@ -73,7 +78,10 @@ def _dup_fractions(units: list[str], sizes: list[int], total: int):
                     covered[i : i + n] = [True] * n
                 seen.add(gram)
         positions = repeated
-        yield n, sum(len(u) for u, c in zip(units, covered, strict=True) if c) / total
+        if not repeated:  # nothing repeats at this size: nothing covered (nor at any larger size)
+            yield n, 0.0
+            continue
+        yield n, sum(map(len, compress(units, covered))) / total
 
 
 def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
@@ -117,7 +125,7 @@ def _english_reason(text: str, cfg: HeuristicsConfig) -> str | None:
         return f"too few words ({len(found)} < {rules.min_words})"
     if len(found) > rules.max_words:
         return f"too many words ({len(found)})"
-    mean = sum(len(w) for w in found) / len(found)
+    mean = sum(map(len, found)) / len(found)
     if not rules.min_mean_word_len <= mean <= rules.max_mean_word_len:
         return f"mean word length {mean:.1f}"
     symbols = text.count("#") + text.count("...") + text.count("…")
@@ -132,10 +140,13 @@ def _english_reason(text: str, cfg: HeuristicsConfig) -> str | None:
         if ellipsis / len(lines) > rules.max_ellipsis_line_fraction:
             return f"ellipsis lines {ellipsis / len(lines):.2f}"
     raw_words = text.split()
-    alpha = sum(1 for w in raw_words if any(c.isalpha() for c in w)) / max(1, len(raw_words))
+    # a word has a letter: every all-letter word, and those of the others with one (few, looked at one by one)
+    with_letter = sum(map(str.isalpha, raw_words)) + sum(1 for w in filterfalse(str.isalpha, raw_words)
+                                                          if any(map(str.isalpha, w)))
+    alpha = with_letter / max(1, len(raw_words))
     if alpha < rules.min_alpha_word_fraction:
         return f"alphabetic words {alpha:.2f}"
-    stops = sum(1 for w in found if w.lower() in STOP_WORDS)
+    stops = sum(map(STOP_WORDS.__contains__, map(str.lower, found)))
     if stops < rules.min_stop_words:
         return f"stop words {stops} < {rules.min_stop_words}"
     return None

@@ -187,6 +187,21 @@ def test_connected_components_chain_and_star(spark) -> None:  # noqa: F811
         connected_components(edges, max_iterations=2)
 
 
+def test_components_on_the_driver_equal_the_spark_rounds(spark) -> None:  # noqa: F811
+    """near-dedup's components(): the driver's labelling (few edges) is the Spark rounds' labelling."""
+    from haina.data_spark.connected_components import components
+
+    chain = [(i, i + 1) for i in range(100, 140)]
+    edges = spark.createDataFrame(chain[::-1] + [(7, leaf) for leaf in (90, 3, 55, 12)] + [(500, 400)], "src long, dst long")
+    driver: dict = {}
+    rounds: dict = {}
+    on_driver = sorted(tuple(r) for r in components(edges, stats=driver).collect())
+    in_spark = sorted(tuple(r) for r in components(edges, stats=rounds, driver_edges=0).collect())
+    assert on_driver == in_spark and len(on_driver) == 41 + 5 + 2
+    assert driver == {"edges": 45, "rounds": 0} and rounds["edges"] == 45 and rounds["rounds"] >= 2
+    assert components(edges.limit(0)).collect() == []
+
+
 def test_embedding_clusters_and_density(spark, tmp_path: Path) -> None:  # noqa: F811
     ctx = _ctx(spark, tmp_path)
     result = embedding.run(_docs(spark, tmp_path, known_corpus(), ctx), ctx)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -46,11 +44,25 @@ def test_lsh_params_from_datasketch() -> None:
     assert candidate_probability(0.85, bands, rows) > 0.99 > 0.05 > candidate_probability(0.4, bands, rows)
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix64_by_hand(x: int) -> int:
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & _M64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & _M64
+    return x ^ (x >> 33)
+
+
 def _key_by_hand(values: list[int], band: int) -> int:
-    """A band's key as minhash.band_keys documents it: the band's uint32 rows as little-endian bytes,
-    BLAKE2b with an 8-byte digest personalised by the band number, read as a signed little-endian int64."""
-    digest = hashlib.blake2b(struct.pack(f"<{len(values)}I", *values), digest_size=8, person=bytes([band])).digest()
-    return struct.unpack("<q", digest)[0]
+    """A band's key as minhash.band_key_matrix documents it, in Python ints: the state starts from
+    mix64(seed + band * golden), each of the band's uint32 rows is folded in as mix64(state ^ row), and the
+    64 bits are read as a signed int64."""
+    state = _mix64_by_hand((0x243F6A8885A308D3 + band * 0x9E3779B97F4A7C15) & _M64)
+    for value in values:
+        state = _mix64_by_hand(state ^ value)
+    return state - (1 << 64) if state >= 1 << 63 else state
 
 
 def test_band_keys_match_their_definition() -> None:
@@ -223,3 +235,103 @@ def test_feature_rows_equal_featurize() -> None:
             ref_ids, ref_values = featurize(line, 1 << 12, shape)
             assert np.array_equal(ids[starts[i] : starts[i + 1]], ref_ids)
             assert np.allclose(values[starts[i] : starts[i + 1]], ref_values, rtol=1e-12, atol=0)
+
+
+def test_band_key_matrix_rows_are_band_keys() -> None:
+    """The batch form gives each signature the keys band_keys gives it alone."""
+    from haina.data_spark.minhash import band_key_matrix
+
+    rng = np.random.default_rng(1)
+    sigs = rng.integers(0, 2**32, size=(6, 256), dtype=np.uint64).astype(np.uint32)
+    bands, rows = lsh_params(0.7, 256, 0.5, 0.5)
+    keys = band_key_matrix(sigs, bands, rows)
+    assert keys.shape == (6, bands) and keys.dtype == np.int64
+    assert [row.tolist() for row in keys] == [band_keys(sig, bands, rows) for sig in sigs]
+
+
+def test_label_components_smallest_id_per_component() -> None:
+    from haina.data_spark.connected_components import label_components
+
+    src = np.array([140, 7, 7, 7, 7, 500, 9, *range(100, 139)], dtype=np.int64)
+    dst = np.array([139, 90, 3, 55, 12, 400, 9, *range(101, 140)], dtype=np.int64)  # (9, 9): a self-loop only
+    ids, component = label_components(src, dst)
+    labels = dict(zip(ids.tolist(), component.tolist(), strict=True))
+    assert ids.tolist() == sorted(labels) and 9 not in labels
+    assert all(labels[n] == 100 for n in range(100, 141))
+    assert all(labels[n] == 3 for n in (7, 90, 3, 55, 12)) and labels[400] == labels[500] == 400
+    empty = label_components(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert [len(a) for a in empty] == [0, 0]
+
+
+def test_kmeans_centres_are_deterministic_and_find_separated_clusters() -> None:
+    from haina.data_spark.stages.embedding import fit_centers, nearest
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(4), 50)
+    x = (rng.standard_normal((200, 8)) * 0.05 + np.eye(8)[truth] * 3).astype(np.float32)
+    centers = fit_centers(x, 4, seed=7, max_iter=20)
+    assert np.array_equal(centers, fit_centers(x, 4, seed=7, max_iter=20))
+    labels = nearest(x, centers)
+    assert labels.dtype == np.int32 and len(set(labels.tolist())) == 4
+    assert all(len(set(labels[truth == c].tolist())) == 1 for c in range(4))  # one cluster per blob
+    assert len(fit_centers(np.ones((5, 3)), 3, seed=1, max_iter=5)) == 1  # one distinct point, one centre
+
+
+def _two_passes(texts: list[str], min_chars: int) -> list[tuple[str, int, int]]:
+    """Line dedup as two passes (paragraphs, then lines on what the first left), in plain Python."""
+    from haina.data_spark.stages.line_dedup import unit_keys
+
+    counts: list[list[int]] = [[] for _ in texts]
+    for unit in ("paragraph", "line"):
+        first: dict[bytes, tuple[int, int]] = {}
+        keyed = [unit_keys(text, unit, min_chars) for text in texts]
+        for row, found in enumerate(keyed):
+            for k in found:
+                first.setdefault(k["key"], (row, k["pos"]))
+        for row, found in enumerate(keyed):
+            drop = {k["pos"] for k in found if first[k["key"]] != (row, k["pos"])}
+            counts[row].append(len(drop))
+            texts[row] = rebuild(texts[row], unit, drop) if drop else texts[row]
+    return [(text, p, line) for text, (p, line) in zip(texts, counts, strict=True)]
+
+
+def _one_pass(texts: list[str], min_chars: int) -> list[tuple[str, int, int]]:
+    """Line dedup as line_dedup._both does it, in plain Python: every unit keyed on the texts as they came,
+    the repeated paragraphs found, then the repeats among the lines of the paragraphs that stay."""
+    from haina.data_spark.stages.line_dedup import both_unit_keys, drop_both
+
+    keyed = [both_unit_keys(text, min_chars) for text in texts]
+
+    def repeats(units: list[tuple[int, dict]]) -> set[tuple[int, int]]:
+        first: dict[bytes, tuple[int, int]] = {}
+        for row, k in units:
+            first.setdefault(k["key"], (row, k["pos"]))
+        return {(row, k["pos"]) for row, k in units if first[k["key"]] != (row, k["pos"])}
+
+    gone = repeats([(row, k) for row, found in enumerate(keyed) for k in found if k["unit"] == 0])
+    lines = repeats([(row, k) for row, found in enumerate(keyed) for k in found
+                     if k["unit"] == 1 and (row, k["para"]) not in gone])
+    return [drop_both(text, {p for r, p in gone if r == row}, {j for r, j in lines if r == row}, min_chars)
+            for row, text in enumerate(texts)]
+
+
+def test_one_pass_line_dedup_equals_two_passes() -> None:
+    """line_dedup's one pass equals the paragraph pass then the line pass, on random texts built from a few
+    repeated lines, paragraphs wrapped differently (equal once normalised, their lines not) and every kind
+    of separator."""
+    rng = np.random.default_rng(0)
+    lines = [f"line {i} with enough words to count for dedup" for i in range(8)] + ["short", "", "  ", "\t"]
+    seps = ["\n\n", "\n \n", "\n\t\n\n", "\n\n\n"]
+    for trial in range(400):
+        texts = []
+        for _ in range(int(rng.integers(1, 6))):
+            paragraphs = []
+            for _ in range(int(rng.integers(1, 5))):
+                chosen = rng.choice(lines, size=int(rng.integers(1, 4))).tolist()
+                joints = rng.choice(["\n", " "], size=len(chosen) - 1).tolist()  # the same words, wrapped or not
+                paragraphs.append(chosen[0] + "".join(j + line for j, line in zip(joints, chosen[1:], strict=True)))
+            text = paragraphs[0]
+            for paragraph in paragraphs[1:]:
+                text += str(rng.choice(seps)) + paragraph
+            texts.append(str(rng.choice(["", "\n", "\n\n"])) + text + str(rng.choice(["", "\n", "\n \n"])))
+        assert _one_pass(texts, 20) == _two_passes(list(texts), 20), (trial, texts)

@@ -21,6 +21,7 @@ class StageContext:
     cfg: PrepareConfig
     workdir: Path
     notes: dict[str, object] = field(default_factory=dict)
+    following: str | None = None  # the stage the job runs next (None: the last, or a stage run on its own)
 
 
 @dataclass

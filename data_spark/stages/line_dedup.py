@@ -1,8 +1,13 @@
 """Stage 4: paragraph- and line-level exact dedup across the corpus; the first occurrence is kept.
 
 Units are hashed per batch; finding each unit's first occurrence (smallest row id, then position)
-is a native group-by and join, so Python never runs in the shuffle. Units shorter than
+is a native window and group-by, so Python never runs in the shuffle. Units shorter than
 ``min_chars`` are never removed: closing braces and short headings repeat legitimately.
+
+The default units, paragraphs then lines, take one pass, not two: the paragraphs and the lines are both
+keyed on the text as it comes (:func:`drop_both` says why that finds what a line pass after the
+paragraph pass finds), so the texts go through Python twice (keys, then the edit) instead of four times.
+Only the row ids and texts go to the keying, and only the keys come back.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
     def keys(batch: pa.RecordBatch) -> dict[str, list]:
         return {"_units": [unit_keys(t, unit, min_chars) for t in texts(batch)]}
 
-    keyed = map_columns(df, keys, [T.StructField("_units", UNIT_TYPE)])
+    keyed = map_columns(df.select("row_id", "text"), keys, [T.StructField("_units", UNIT_TYPE)], drop=("text",))
     units = keyed.select("row_id", F.explode("_units").alias("u")).select("row_id", "u.pos", "u.key")
     # Each unit's first occurrence over a window on its key: one shuffle of the units, no join back.
     first = F.min(F.struct("row_id", "pos")).over(Window.partitionBy("key"))
@@ -81,11 +86,116 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
     return map_columns(joined, apply, fields, drop=("_drop",)).cache()
 
 
+def _line_owners(text: str) -> list[int]:
+    """The paragraph of each line of ``text`` (``text.split("\\n")``), -1 for the blank lines inside a
+    separator: a separator of ``k`` newlines holds ``k - 1`` of them between its paragraphs' lines."""
+    units, seps = split_units(text, "paragraph")
+    owner: list[int] = []
+    for i, (unit, sep) in enumerate(zip(units, seps, strict=True)):
+        owner += [i] * (unit.count("\n") + 1)
+        owner += [-1] * max(0, sep.count("\n") - 1)
+    return owner
+
+
+def both_unit_keys(text: str, min_chars: int) -> list[dict]:
+    """:func:`unit_keys` of the paragraphs (``unit`` 0) and the lines (``unit`` 1) of ``text`` at once; a
+    line's ``pos`` is its index in ``text.split("\\n")`` and ``para`` the paragraph it is in (a
+    paragraph's ``para`` is its ``pos``)."""
+    owner = _line_owners(text)
+    return ([{"unit": 0, "para": k["pos"], **k} for k in unit_keys(text, "paragraph", min_chars)]
+            + [{"unit": 1, "para": owner[k["pos"]], **k} for k in unit_keys(text, "line", min_chars)])
+
+
+def drop_both(text: str, paragraphs: set[int], lines: set[int], min_chars: int) -> tuple[str, int, int]:
+    """(text, paragraphs removed, lines removed) of the paragraph pass and then the line pass, from the
+    repeated paragraphs and the repeated lines (indices in ``text.split("\\n")``) both found on ``text``.
+
+    The line pass sees the lines of the kept paragraphs only; :func:`_both` finds their first occurrences
+    among those (a removed paragraph's lines are not its kept copy's lines when the two are wrapped
+    differently: paragraphs are compared normalised). Its lines are found again in the paragraph pass's
+    text by order: the lines of that text that can repeat (at least ``min_chars`` normalised) are those
+    of the kept paragraphs, in order."""
+    if paragraphs:
+        owner = _line_owners(text)
+        lines = {j for j in lines if owner[j] not in paragraphs}
+        if lines:
+            before = [j for j, line in enumerate(text.split("\n"))
+                      if owner[j] not in paragraphs and len(normalize(line)) >= min_chars]
+        text = rebuild(text, "paragraph", paragraphs)
+        if lines:
+            after = [j for j, line in enumerate(text.split("\n")) if len(normalize(line)) >= min_chars]
+            where = dict(zip(before, after, strict=True))
+            lines = {where[j] for j in lines}
+    if lines:
+        text = rebuild(text, "line", lines)
+    return text, len(paragraphs), len(lines)
+
+
+BOTH_TYPE = T.ArrayType(T.StructType([
+    T.StructField("unit", T.ByteType()), T.StructField("pos", T.IntegerType()), T.StructField("para", T.IntegerType()),
+    T.StructField("key", T.BinaryType()),
+]))
+
+
+def _repeats(units: DataFrame) -> DataFrame:
+    """The units that are not the first occurrence (smallest row id, then position) of their key: one
+    window on the key, one shuffle of the units."""
+    first = F.min(F.struct("row_id", "pos")).over(Window.partitionBy("key"))
+    return units.withColumn("first", first).filter(
+        (F.col("first.row_id") != F.col("row_id")) | (F.col("first.pos") != F.col("pos"))).drop("first")
+
+
+def _both(df: DataFrame, min_chars: int) -> DataFrame:
+    """:func:`_pass` of the paragraphs and then of the lines, with one keying of the texts and one edit
+    (:func:`drop_both`): the repeated paragraphs first, then the repeats among the lines of the paragraphs
+    that stay, which are the lines the line pass would see."""
+    def keys(batch: pa.RecordBatch) -> dict[str, list]:
+        return {"_units": [both_unit_keys(t, min_chars) for t in texts(batch)]}
+
+    keyed = map_columns(df.select("row_id", "text"), keys, [T.StructField("_units", BOTH_TYPE)], drop=("text",))
+    units = (keyed.select("row_id", F.explode("_units").alias("u"))
+             .select("row_id", "u.unit", "u.pos", "u.para", "u.key").cache())
+    paragraphs = _repeats(units.filter(F.col("unit") == 0)).select("row_id", "pos")
+    kept_lines = units.filter(F.col("unit") == 1).join(
+        paragraphs.select("row_id", F.col("pos").alias("para")), ["row_id", "para"], "left_anti")
+    lines = _repeats(kept_lines).select("row_id", "pos")
+    repeats = (
+        paragraphs.withColumn("unit", F.lit(0)).unionByName(lines.withColumn("unit", F.lit(1)))
+        .groupBy("row_id")
+        .agg(*(F.collect_list(F.when(F.col("unit") == unit, F.col("pos"))).alias(name)
+               for unit, name in ((0, "_drop_paragraphs"), (1, "_drop_lines"))))
+    )
+    joined = df.join(repeats, "row_id", "left")
+
+    def apply(batch: pa.RecordBatch) -> dict[str, list]:
+        out: dict[str, list] = {"paragraphs_removed": [], "text": [], "ntok": [], "lines_removed": []}
+        columns = (texts(batch), texts(batch, "ntok"), texts(batch, "_drop_paragraphs"), texts(batch, "_drop_lines"))
+        for text, ntok, paragraphs, lines in zip(*columns, strict=True):
+            removed_paragraphs = removed_lines = 0
+            if paragraphs or lines:
+                text, removed_paragraphs, removed_lines = drop_both(text, set(paragraphs or ()), set(lines or ()),
+                                                                    min_chars)
+                if removed_paragraphs or removed_lines:
+                    ntok = approx_tokens(text)
+            out["paragraphs_removed"].append(removed_paragraphs)
+            out["text"].append(text)
+            out["ntok"].append(ntok)
+            out["lines_removed"].append(removed_lines)
+        return out
+
+    fields = [T.StructField("paragraphs_removed", T.IntegerType()), T.StructField("text", T.StringType()),
+              T.StructField("ntok", T.LongType()), T.StructField("lines_removed", T.IntegerType())]
+    return map_columns(joined, apply, fields, drop=("_drop_paragraphs", "_drop_lines"))
+
+
 def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.line_dedup
-    out = df
-    for unit in cfg.units:
-        out = _pass(out, unit, cfg.min_chars)
+    if list(cfg.units) == ["paragraph", "line"]:
+        out = _both(df, cfg.min_chars)
+    else:
+        out = df
+        for unit in cfg.units:
+            out = _pass(out, unit, cfg.min_chars)
     out = out.cache()
     empty = F.length(F.trim("text")) == 0
     kept = out.filter(~empty)

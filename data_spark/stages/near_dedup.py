@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig
-from haina.data_spark.connected_components import connected_components
+from haina.data_spark.connected_components import components as connected
 from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, NEAR_COLUMNS, SIG_FIELD, Signer, carried
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 
@@ -160,7 +160,7 @@ def run(df, ctx: StageContext) -> StageResult:
     if cfg.verify != "none":
         edges = verified(edges, signed, cfg)
     cc: dict[str, int] = {}
-    components = connected_components(edges, cfg.max_iterations, stats=cc).cache()
+    components = connected(edges, cfg.max_iterations, stats=cc).cache()
     sizes = components.groupBy("component").agg(F.count("*").alias("near_dup_size"))
     removal = copies(components, signed, cfg).select(
         F.col("id").alias("row_id"), F.col("component").alias("_copy_of"), F.col("similarity").alias("_similarity")
@@ -179,6 +179,6 @@ def run(df, ctx: StageContext) -> StageResult:
     removed = removed_rows(labelled.filter(is_copy), _reason(cfg), F.col("_copy_of"))
     texts_are = "texts as ingested" if from_ingest else "texts as this stage received them"
     notes = {"bands": bands, "rows": rows, "num_perm": cfg.num_perm, "signed": texts_are,
-             "components_rounds": cc["rounds"],
+             "components_rounds": cc["rounds"], "links": cc["edges"],
              "near_duplicates": cluster_report(removal, signed, cfg, texts_are)}
     return StageResult(kept, removed, notes)

@@ -1,7 +1,9 @@
 """Stage 3: sentence-level quality classifier; low-quality sentences go, the document keeps its score.
 
 Two passes over the documents. The first scores every judged sentence (:func:`judged_sentences`: the
-sentences of each line, short ones left out) and keeps the log-odds beside the text. The cut is then
+sentences of each line, short ones left out) and keeps the log-odds beside the text; when the heuristics
+stage runs right before this one, that stage's pass over the texts does this (:func:`score_texts`), and
+the scores arrive as columns. The cut is then
 either ``quality.sentence_threshold`` or, by default, the point below which ``target_removal_share`` of
 the judged sentences' characters lies, read off a histogram of log-odds that Spark aggregates (a few
 thousand bins come to the driver, never a document). The second pass removes the sentences below the cut.
@@ -29,7 +31,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import QualityConfig
-from haina.data_spark.linear_model import LinearModel, fit_and_save, logit_of, read_seed, sigmoid
+from haina.data_spark.linear_model import LinearModel, fit_and_save, logit_of, read_seed, sigmoid, train
 from haina.data_spark.quality_seed import build_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import approx_tokens, is_cjk, judged_sentences, sentences
@@ -78,27 +80,33 @@ def judge(text: str, logits: list[float], cut: float, cfg: QualityConfig) -> tup
     return "\n".join(lines_out).strip("\n"), score, removed
 
 
-def _score(bc, cfg: QualityConfig):
-    kinds = set(cfg.kinds)
+def score_texts(model: LinearModel, batch_texts: list[str], kinds: list[str | None], cfg: QualityConfig
+                ) -> dict[str, list]:
+    """The first pass's columns (``SCORED``) of some texts: the log-odds, characters and approximate tokens of
+    each judged sentence, every judged sentence of the batch in one sparse product; a text of a kind not
+    judged (or None) gets empty lists."""
+    judged = set(cfg.kinds)
+    pieces: list[str] = []
+    counts = []
+    for text, kind in zip(batch_texts, kinds, strict=True):
+        found = judged_sentences(text, cfg.min_sentence_chars) if kind in judged else []
+        pieces += found
+        counts.append(len(found))
+    flat = model.logits(pieces).tolist()
+    lengths = [len(p) for p in pieces]
+    tokens = [approx_tokens(p) for p in pieces]
+    logits, lens, toks, start = [], [], [], 0
+    for n in counts:
+        logits.append(flat[start : start + n])
+        lens.append(lengths[start : start + n])
+        toks.append(tokens[start : start + n])
+        start += n
+    return {"_qlogit": logits, "_qlen": lens, "_qtok": toks}
 
+
+def _score(bc, cfg: QualityConfig):
     def score(batch: pa.RecordBatch) -> dict[str, list]:
-        model: LinearModel = bc.value
-        pieces: list[str] = []
-        counts = []
-        for text, kind in zip(texts(batch), texts(batch, "kind"), strict=True):
-            found = judged_sentences(text, cfg.min_sentence_chars) if kind in kinds else []
-            pieces += found
-            counts.append(len(found))
-        flat = model.logits(pieces).tolist()  # every judged sentence of the batch in one sparse product
-        lengths = [len(p) for p in pieces]
-        tokens = [approx_tokens(p) for p in pieces]
-        logits, lens, toks, start = [], [], [], 0
-        for n in counts:
-            logits.append(flat[start : start + n])
-            lens.append(lengths[start : start + n])
-            toks.append(tokens[start : start + n])
-            start += n
-        return {"_qlogit": logits, "_qlen": lens, "_qtok": toks}
+        return score_texts(bc.value, texts(batch), texts(batch, "kind"), cfg)
 
     return score
 
@@ -221,14 +229,22 @@ def removed_sample(scored: DataFrame, sentences_df: DataFrame, cut: float, cfg: 
     return {"lowest": [entry(r) for r in lowest], "just_below_cut": [entry(r) for r in near]}
 
 
+def _seed(cfg: QualityConfig) -> tuple[list[tuple[float, str]], dict | None]:
+    if cfg.model.seed_file is None:
+        seed = build_seed()
+        return seed.rows, seed.sizes
+    return read_seed("quality_seed.tsv", cfg.model.seed_file), None
+
+
+def model_of(cfg: QualityConfig) -> LinearModel:
+    """:func:`fit`'s classifier, without saving it or noting its metrics (fitted once per process)."""
+    return train(_seed(cfg)[0], cfg.model, shape=True, balanced=True)
+
+
 def fit(ctx: StageContext, cfg: QualityConfig) -> LinearModel:
     """The classifier: on the built seed (installed text, generated bad lines, the packaged seed file) or
     on ``quality.model.seed_file`` alone."""
-    if cfg.model.seed_file is None:
-        seed = build_seed()
-        rows, sizes = seed.rows, seed.sizes
-    else:
-        rows, sizes = read_seed("quality_seed.tsv", cfg.model.seed_file), None
+    rows, sizes = _seed(cfg)
     path = ctx.workdir / "models" / "quality.npz"
     model = fit_and_save(rows, cfg.model, path, ctx.notes, "quality_model", shape=True, balanced=True)
     if sizes is not None:
@@ -239,8 +255,11 @@ def fit(ctx: StageContext, cfg: QualityConfig) -> LinearModel:
 def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.quality
     model = fit(ctx, cfg)
-    bc = ctx.spark.sparkContext.broadcast(model)
-    scored = map_columns(df, _score(bc, cfg), SCORED).cache()
+    if {f.name for f in SCORED} <= set(df.columns):  # scored by the heuristics stage's pass (heuristics.run)
+        scored = df
+    else:
+        bc = ctx.spark.sparkContext.broadcast(model)
+        scored = map_columns(df, _score(bc, cfg), SCORED).cache()
     per_sentence = _sentences(scored).cache()
     cut, how = choose_cut(per_sentence, cfg)
     cut_notes = {**how, "threshold": _threshold(cut), "threshold_logit": round(cut, 6) if math.isfinite(cut) else None,

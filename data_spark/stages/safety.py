@@ -37,8 +37,10 @@ def judge(text: str, model: LinearModel, cfg: SafetyConfig, probs: list[float] |
     scores = iter(probs)
     kept, worst, reason = [], 0.0, None
     for line in text.split("\n"):
-        lowered = line.lower()
-        hit = next((p for p in phrases if p in lowered), None)
+        hit = None
+        if phrases:
+            lowered = line.lower()
+            hit = next((p for p in phrases if p in lowered), None)
         prob = 1.0 if hit else next(scores) if len(line.strip()) >= cfg.min_line_chars else 0.0
         worst = max(worst, prob)
         if prob >= cfg.threshold:
@@ -51,8 +53,8 @@ def judge(text: str, model: LinearModel, cfg: SafetyConfig, probs: list[float] |
 def scored_lines(text: str, cfg: SafetyConfig) -> list[str]:
     """The lines of ``text`` the model scores: long enough, and no listed phrase in them."""
     phrases = [p.lower() for p in cfg.blocklist]
-    return [line for line in text.split("\n") if len(line.strip()) >= cfg.min_line_chars
-            and not any(p in line.lower() for p in phrases)]
+    lines = [line for line in text.split("\n") if len(line.strip()) >= cfg.min_line_chars]
+    return [line for line in lines if not any(p in line.lower() for p in phrases)] if phrases else lines
 
 
 def _probabilities(model: LinearModel, lines: list[str]) -> np.ndarray:

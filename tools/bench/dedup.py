@@ -63,7 +63,7 @@ from pathlib import Path
 from pyspark.sql import functions as F
 
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
-from haina.data_spark.connected_components import connected_components
+from haina.data_spark.connected_components import components
 from haina.data_spark.installed_text import real_texts
 from haina.data_spark.minhash import MinHasher, candidate_probability, lsh_params, shingles
 from haina.data_spark.prepare import prepare_main
@@ -267,7 +267,7 @@ def spark_minhash(docs: list[dict], cfg, wanted: set[int]) -> tuple[set, set, se
     edges = verified(candidate_edges(signed), signed, cfg.near_dedup).cache()
     edges.count()
     lap("band+verify")
-    labels = connected_components(edges, cfg.near_dedup.max_iterations).cache()
+    labels = components(edges, cfg.near_dedup.max_iterations).cache()
     labels.count()
     lap("components")
     removals = {(r["component"], r["id"]) for r in copies(labels, signed, cfg.near_dedup).collect()}
