@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/haina demo --workdir runs/demo
 
+# Two xdist workers, one per core; tests/conftest.py makes each test module (or modules sharing an expensive
+# session fixture) one unit of work, so no fixture is built twice.
 test: setup lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15 -n 2
 
 # The tier without multi-process, Spark or CLI-training tests (marker `integration`): minutes, not half an hour.
 test-fast: setup

@@ -17,10 +17,56 @@ from haina.core.config import HainaConfig, load_config
 from haina.core.errors import HainaError
 from tests.data_helpers import cli_runs  # noqa: F401  (a session fixture: the data CLI runs, shared by two modules)
 
-# transformers copies trust_remote_code model files into its module cache: the tests' copies stay out of ~/.cache
-os.environ.setdefault("HF_MODULES_CACHE", os.path.join(tempfile.gettempdir(), "haina-tests-hf-modules"))
+# transformers copies trust_remote_code model files into its module cache: the tests' copies stay out of ~/.cache,
+# one folder per xdist worker
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(
+    tempfile.gettempdir(), "haina-tests-hf-modules" + os.environ.get("PYTEST_XDIST_WORKER", "")))
 
 EOS = 2
+
+# The suite runs on two xdist workers (`make test`: -n 2). A unit of work is a test module, so a module-scoped
+# fixture is built once; modules that share an expensive session fixture are one unit, so it is built once too,
+# and so are the two in-tree wheel builds (`python -m build`, the spark-submit launcher's `pip wheel`), which
+# share the source tree's build/ folder. Units start heaviest first (measured minutes), so neither worker is
+# left with a long one at the end.
+SHARED_WORK = {
+    "alignment_runs": ("test_alignment", "test_alignment_promises", "test_chat_cli"),
+    "cli_runs": ("test_data_cli", "test_data_pipeline", "test_reliability_data", "test_packaging"),
+}
+HEAVIEST_FIRST = ("test_parallel_engine", "cli_runs", "test_reliability_dist", "alignment_runs", "test_benchmarks",
+                  "test_deepspeed", "test_data_ingest_dedup", "test_perplexity", "test_data_bad_records", "test_demo")
+_UNIT_OF = {module: unit for unit, modules in SHARED_WORK.items() for module in modules}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module's name, or the shared unit its module is part of."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return _UNIT_OF.get(module, module)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one compute thread each, for this process and the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {unit: i for i, unit in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: order inside a unit kept
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's per-scope scheduling with :func:`work_unit` as the scope, in collection order."""
+    if config.getvalue("dist") not in ("load", "loadfile", "loadscope"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # the order pytest_collection_modifyitems chose
+    return UnitScheduling(config, log)
 
 
 def write_indexed(prefix: Path, documents: list[list[int]]) -> Path:

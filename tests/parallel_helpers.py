@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TIMEOUT_S = 240
@@ -53,3 +55,27 @@ def run_many(spec: list[dict], nproc: int) -> dict[str, list[dict]]:
 def max_rel_diff(a: list[dict], b: list[dict], key: str) -> float:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     return max(abs(x[key] - y[key]) / max(abs(x[key]), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+@contextmanager
+def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """The body of an ``mp.spawn`` test worker, run as one rank of a gloo group on this host (one compute
+    thread). A worker whose body passed leaves the group and ends at once (``os._exit(0)``), skipping the
+    interpreter's finalisation: a worker was seen to abort there now and then ("terminate called without an
+    active exception", SIGABRT) when the machine was loaded. A failing body leaves the group and raises, so
+    spawn reports its traceback."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
@@ -15,6 +14,7 @@ from haina.core.model import Transformer
 from haina.core.parallel.mesh import build_mesh, resolve_layout
 from haina.core.parallel.pipeline import build_pipeline, stage_layer_ranges
 from haina.plugins.algorithms.pretrain import Pretrain
+from tests.parallel_helpers import gloo_rank
 
 MICRO, ACCUM, SEQ = 2, 4, 32
 
@@ -28,10 +28,7 @@ def _overrides(position: str, extra: list[str]) -> list[str]:
 
 def _worker(rank: int, port: int, position: str, extra: list[str]) -> None:
     """One pp rank: run the pipeline step and compare with the one-process reference built here too."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, 2, port):
         cfg = load_config("tiny", _overrides(position, extra))
         layout = resolve_layout(cfg, 2)
         assert layout.grad_accum == ACCUM
@@ -59,8 +56,6 @@ def _worker(rank: int, port: int, position: str, extra: list[str]) -> None:
             for name, param in expected.items():
                 assert merged[name] is not None, name
                 torch.testing.assert_close(merged[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port() -> int:

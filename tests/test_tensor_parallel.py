@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ from haina.core.parallel.mesh import build_mesh, resolve_layout
 from haina.core.parallel.tensor_parallel import TensorParallelError, apply_tensor_parallel, collect_tp_plans
 from haina.plugins.algorithms.pretrain import Pretrain
 from haina.plugins.model.position import alibi_slopes
+from tests.parallel_helpers import gloo_rank
 
 TP = 2
 BATCH, SEQ = 2, 16
@@ -37,13 +37,8 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP)
-    try:
+    with gloo_rank(rank, TP, port):
         fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(fn: Callable[..., None], *args: Any) -> None:
