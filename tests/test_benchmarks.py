@@ -139,6 +139,7 @@ def test_bench_dedup_small_corpus(
     assert _num(r"Spark MinHash stage \(local\[2\]\): {n} docs/s", out) > 0
     assert _num(r"datasketch MinHashLSH \(1 process\): {n} docs/s", out) > 0
     assert _num(r"Spark MinHash stage .*, {n} core-ms/doc\)", out) > 0
+    assert _num(r"its first run in a new session {n} s", out) > 0 and _num(r"x its speed warm, {n}x in a new", out) > 0
     assert _num(r"MinHash stage seconds \(fast shingle hash\): sign {n}", out) > 0
     assert "whole prepare job" not in out  # --skip-job
 
