@@ -6,8 +6,10 @@ builders, DCP and later the device mesh all assume torch.distributed is initiali
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -57,6 +59,29 @@ def close_distributed() -> None:
     active exception", SIGABRT) after its work is done."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_worker(code: int) -> NoReturn:
+    """End a worker process whose work is done (its group left) with ``code``, without the interpreter's
+    finalisation: Python's exit handlers run and the standard streams are flushed, then the process exits.
+    Left to finalisation, torch's C++ objects are torn down after Python and a worker whose work succeeded
+    can abort there now and then ("terminate called without an active exception", SIGABRT, at times followed
+    by a segfault), which torchrun reports as a failed run; seen on a loaded machine after `haina rm-collect`
+    under torchrun had written all its records."""
+    import atexit
+    import logging
+    import sys
+    import threading
+
+    for thread in threading.enumerate():  # as an ordinary exit does, wait for the non-daemon threads
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def is_main_process() -> bool:

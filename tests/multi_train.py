@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from haina.core.config import alignment_config, load_config
-from haina.core.distributed import close_distributed
+from haina.core.distributed import close_distributed, end_worker
 from haina.core.faults import ENV
 from haina.core.train import train
 
@@ -35,6 +35,8 @@ def main(spec: Path) -> None:
             cfg = load_config(run.get("config", "tiny"), run["overrides"])
         train(cfg)
     close_distributed()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        end_worker(0)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,13 @@ def max_rel_diff(a: list[dict], b: list[dict], key: str) -> float:
 @contextmanager
 def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
     """The body of an ``mp.spawn`` test worker, run as one rank of a gloo group on this host (one compute
-    thread). A worker whose body passed leaves the group and ends at once (``os._exit(0)``), skipping the
-    interpreter's finalisation: a worker was seen to abort there now and then ("terminate called without an
-    active exception", SIGABRT) when the machine was loaded. A failing body leaves the group and raises, so
-    spawn reports its traceback."""
+    thread). A worker whose body passed leaves the group and ends without the interpreter's finalisation
+    (:func:`haina.core.distributed.end_worker`); a failing body leaves the group and raises, so spawn
+    reports its traceback."""
     import torch
     import torch.distributed as dist
+
+    from haina.core.distributed import end_worker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -76,6 +77,4 @@ def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
         dist.destroy_process_group()
         raise
     dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker(0)

@@ -323,3 +323,33 @@ def test_a_fault_fires_on_its_rank_and_attempt_only(monkeypatch: pytest.MonkeyPa
             monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
         assert {key: faults.action("step_end", *key) for key in expected} == expected, attempt
         assert faults.action("loss", 4) == ("nan" if attempt in (None, "0") else None), attempt
+
+
+def test_end_worker_exits_with_its_code_after_what_an_ordinary_exit_does(tmp_path: Path) -> None:
+    """A torchrun worker's end (haina.core.distributed.end_worker) skips only the interpreter's teardown:
+    the exit code is kept, a non-daemon thread is waited for, exit handlers run, unflushed output lands."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import atexit, sys, threading
+        from pathlib import Path
+        from haina.core.distributed import end_worker
+        out = Path({str(tmp_path)!r})
+        go = threading.Event()
+        def late():
+            go.wait()
+            (out / "thread").write_text(str(sum(range(3_000_000)) > 0))  # still busy when end_worker starts
+        threading.Thread(target=late).start()
+        atexit.register(lambda: (out / "atexit").write_text("ran"))
+        sys.stdout.write("unflushed")
+        go.set()
+        end_worker(7)
+        (out / "after").write_text("never")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "unflushed"
+    assert (tmp_path / "thread").read_text() == "True" and (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "after").exists()

@@ -562,6 +562,10 @@ def main() -> None:
             from haina.core.distributed import close_distributed
 
             close_distributed()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker whose work is done: no exit-time teardown
+        from haina.core.distributed import end_worker
+
+        end_worker(code)
     sys.exit(code)
 
 
