@@ -62,8 +62,9 @@ def close_distributed() -> None:
 
 
 def end_worker(code: int) -> NoReturn:
-    """End a worker process whose work is done (its group left) with ``code``, without the interpreter's
-    finalisation: Python's exit handlers run and the standard streams are flushed, then the process exits.
+    """End a worker process whose work is done with ``code``, without the interpreter's finalisation: it
+    leaves the process group (:func:`close_distributed`), waits for its non-daemon threads, runs Python's exit
+    handlers and flushes the standard streams, then the process exits.
     Left to finalisation, torch's C++ objects are torn down after Python and a worker whose work succeeded
     can abort there now and then ("terminate called without an active exception", SIGABRT, at times followed
     by a segfault), which torchrun reports as a failed run; seen on a loaded machine after `haina rm-collect`
@@ -73,6 +74,7 @@ def end_worker(code: int) -> NoReturn:
     import sys
     import threading
 
+    close_distributed()
     for thread in threading.enumerate():  # as an ordinary exit does, wait for the non-daemon threads
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

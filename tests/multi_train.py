@@ -34,9 +34,9 @@ def main(spec: Path) -> None:
         else:
             cfg = load_config(run.get("config", "tiny"), run["overrides"])
         train(cfg)
-    close_distributed()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: no exit-time teardown
         end_worker(0)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -60,9 +60,8 @@ def max_rel_diff(a: list[dict], b: list[dict], key: str) -> float:
 @contextmanager
 def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
     """The body of an ``mp.spawn`` test worker, run as one rank of a gloo group on this host (one compute
-    thread). A worker whose body passed leaves the group and ends without the interpreter's finalisation
-    (:func:`haina.core.distributed.end_worker`); a failing body leaves the group and raises, so spawn
-    reports its traceback."""
+    thread). A worker whose body passed ends through :func:`haina.core.distributed.end_worker`, which leaves
+    the group; a failing body leaves the group and raises, so spawn reports its traceback."""
     import torch
     import torch.distributed as dist
 
@@ -76,5 +75,4 @@ def gloo_rank(rank: int, world: int, port: int) -> Iterator[None]:
     except BaseException:
         dist.destroy_process_group()
         raise
-    dist.destroy_process_group()
     end_worker(0)
