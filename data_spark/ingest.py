@@ -278,11 +278,10 @@ def read_inputs(spark: SparkSession, inputs: list[Path], cfg: PrepareConfig, key
     return map_columns(raw, _parse_jsonl(cfg, keys), fields, drop=("value",))
 
 
-def documents(parsed: DataFrame) -> DataFrame:
-    """Good records with ``DOC_COLUMNS`` (and the dedup columns, if ingest took them); the row id stands
-    in for a missing document id."""
+def documents(parsed: DataFrame, carried: tuple[str, ...] = ()) -> DataFrame:
+    """Good records with ``DOC_COLUMNS`` and the ``carried`` ones (dedup columns ingest took); the row id
+    stands in for a missing document id."""
     docs = parsed.filter(F.col("bad").isNull())
-    carried = [c for c in parsed.columns if c.startswith("_")]
     return docs.withColumn("doc_id", F.coalesce(F.col("doc_id"), F.col("row_id").cast("string"))).select(
         *DOC_COLUMNS, *carried)
 

@@ -1,4 +1,4 @@
-"""What the dedup stages decide on, taken once from each document as it came in and carried as columns.
+"""What the dedup stages decide on, taken once from each document as it came in.
 
 Exact dedup and near-dedup judge the documents as they entered the job, not as the edit stages left
 them: the C4 line rules, the sentence-quality classifier and line/paragraph dedup can trim two copies of
@@ -7,19 +7,24 @@ an earlier one already has), and copies that have drifted apart by the time near
 copies. So ingest takes the exact-dedup normalisation of each document (:func:`normalize`: NFKC, lower
 case, punctuation dropped, whitespace collapsed) once and adds:
 
-* ``_key``: the exact-dedup key, 16 bytes of BLAKE2b of the normalised text (when exact dedup runs);
+* ``_key``: the exact-dedup key, 16 bytes of BLAKE2b of the normalised text (when exact dedup runs),
+  carried as a column: every stage passes on the columns it does not write (``map_columns`` and the joins
+  keep them), so exact dedup finds it wherever the configured stage order puts it;
 * ``_bands``: the LSH band keys of the MinHash signature of its word shingles, and, for verification and
   the report's similarity, either ``_hv``, the distinct shingle hashes (``near_dedup.verify: exact``, one
   int32 per distinct shingle), or ``_sig``, the signature itself (``signature`` or ``none``,
   ``num_perm`` int32) (when near-dedup runs).
 
+The near-dedup columns are as large as the text itself (four bytes per word), so they are not carried
+through the stages in between: ingest writes them with the row id beside its documents, in the hidden
+folder :data:`NEAR_KEYS` of its stage folder (Spark and pyarrow skip names starting with ``_``), and
+near-dedup joins them onto the row ids that reach it. Carrying them cost each stage before near-dedup
+about a second at 50,000 documents (read, sent through Python and back, written).
+
 Shingles of the normalised text are those of the raw text (shingle tokens ignore case, punctuation and
-spacing anyway) up to NFKC folding. Every stage passes on the columns it does not write (``map_columns``
-and the joins keep them), so the stage that needs a column finds it wherever the configured stage order
-puts it; that stage drops its own columns, and the job drops every column whose name starts with ``_``
-before writing ``kept/`` (``removed/`` has a fixed projection), so none of them reaches the training
-output. They do travel through the intermediate stage folders, which grow by about four bytes per word
-(``verify: exact``) or ``4 * num_perm`` bytes per document (``signature``).
+spacing anyway) up to NFKC folding. The stage that needs a column drops it, and the job drops every
+column whose name starts with ``_`` before writing ``kept/`` (``removed/`` has a fixed projection), so
+none of them reaches the training output.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
-from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig, PrepareConfig
 from haina.data_spark.minhash import (
     MinHasher,
@@ -50,6 +54,7 @@ SIG_FIELD = T.StructField("_sig", T.ArrayType(T.IntegerType()))
 BANDS_FIELD = T.StructField("_bands", T.ArrayType(T.LongType()))
 HV_FIELD = T.StructField("_hv", T.ArrayType(T.IntegerType()))
 NEAR_COLUMNS = ("_sig", "_bands", "_hv")
+NEAR_KEYS = "_near"  # the folder, inside ingest's stage folder, of (row_id, near-dedup columns)
 
 
 def exact_key(normalized: str) -> bytes:
@@ -107,9 +112,10 @@ def near_fields(cfg: NearDedupConfig) -> list[T.StructField]:
     return [BANDS_FIELD, HV_FIELD if cfg.verify == "exact" else SIG_FIELD]
 
 
-def carried(df: DataFrame, cfg: NearDedupConfig) -> bool:
-    """Whether ``df`` carries the near-dedup columns of ingest (a stage run on its own may not)."""
-    return {f.name for f in near_fields(cfg)} <= set(df.columns)
+def carried(df: DataFrame | None, cfg: NearDedupConfig) -> bool:
+    """Whether ``df`` (ingest's near-dedup table, None for a stage run on its own) has the near-dedup
+    columns that ``cfg`` needs."""
+    return df is not None and {f.name for f in near_fields(cfg)} <= set(df.columns)
 
 
 def key_fields(cfg: PrepareConfig) -> list[T.StructField]:
@@ -135,14 +141,3 @@ def key_maker(cfg: PrepareConfig) -> Callable[[list[str | None]], dict[str, list
         return out
 
     return keys
-
-
-def with_ingest_keys(df: DataFrame, cfg: PrepareConfig) -> DataFrame:
-    """``df`` plus :func:`key_fields`, from one normalisation of each text (ingest computes them while it
-    parses, :func:`haina.data_spark.ingest.read_inputs` with ``keys=True``; this is the same for a table
-    of documents)."""
-    fields = key_fields(cfg)
-    if not fields:
-        return df
-    keys = key_maker(cfg)
-    return map_columns(df, lambda batch: keys(texts(batch)), fields)

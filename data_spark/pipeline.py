@@ -1,9 +1,10 @@
 """The job runner: stages in the report's order (or ``stage_order``), each materialised to Parquet,
 committed by one rename.
 
-Ingest also adds the columns exact and near dedup decide on, taken from each document as it came in
-(:mod:`haina.data_spark.ingest_keys`); they travel through the stages in between and, like every column
-whose name starts with ``_``, are dropped before ``kept/`` is written.
+Ingest also takes what exact and near dedup decide on from each document as it came in
+(:mod:`haina.data_spark.ingest_keys`): the exact-dedup key travels as a column through the stages in
+between and, like every column whose name starts with ``_``, is dropped before ``kept/`` is written; the
+near-dedup columns, as large as the text, wait beside ingest's documents until near-dedup reads them.
 
 Every stage reads the previous stage's Parquet and writes its own under a temporary folder beside the
 output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, and the final publish
@@ -40,6 +41,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from haina.core import faults
 from haina.core.errors import HainaError
@@ -54,6 +56,7 @@ from haina.data_spark.ingest import (
     quarantined,
     read_inputs,
 )
+from haina.data_spark.ingest_keys import NEAR_COLUMNS, NEAR_KEYS, key_fields
 from haina.data_spark.stages import (
     category,
     embedding,
@@ -440,7 +443,11 @@ def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConf
     quarantined(parsed).write.mode("overwrite").parquet(str(work))
     _publish(work, tmp / "quarantine")
     work = _work(path)
-    _write(documents(parsed), work, cfg.spark.shuffle_partitions)
+    carried = tuple(f.name for f in key_fields(cfg) if f.name not in NEAR_COLUMNS)
+    _write(documents(parsed, carried), work, cfg.spark.shuffle_partitions)
+    near = [f.name for f in key_fields(cfg) if f.name in NEAR_COLUMNS]
+    if near:  # beside the documents, for near-dedup alone (ingest_keys.NEAR_KEYS)
+        parsed.filter(F.col("bad").isNull()).select("row_id", *near).write.parquet(str(work / NEAR_KEYS))
     _remove_tree(parsed_path)
     docs_raw, tokens_raw = _counts(work)
     bad_rows = _rows(tmp / "quarantine")
@@ -500,6 +507,8 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
             ingest = _ingest(spark, inputs, tmp, cfg)
     check_quarantine_share(ingest, cfg, tmp / "quarantine")
     current = spark.read.parquet(str(stages_dir / "00_ingest"))
+    near_keys = stages_dir / "00_ingest" / NEAR_KEYS
+    ctx.near_keys = spark.read.parquet(str(near_keys)) if near_keys.is_dir() else None
     docs_raw, tokens_raw = ingest["documents"], ingest["tokens"]
     bar.console.print(
         f"[green]✓[/] {'ingest':<12} {docs_raw:>8,} docs, {ingest['quarantined']:,} quarantined  {ingest['seconds']:.1f}s"

@@ -123,13 +123,16 @@ def test_copies_trimmed_apart_by_the_edit_stages_are_found(spark, tmp_path: Path
         "examples": [{"kept": {"row_id": row_of["first"], "doc_id": "first"}, "copies_total": 1,
                       "copies": [{"row_id": row_of["second"], "doc_id": "second", "similarity": pytest.approx(raw, abs=1e-4)}]}],
     }
-    # Carried through the stages in between, dropped by the stage that uses them, never in the training output.
+    # The exact key is carried to exact dedup, which drops it; the near-dedup columns wait beside ingest's
+    # documents (not carried through the stages in between); none reaches the training output.
     def columns(folder: str) -> set[str]:
         return set(pq.read_schema(next((out / folder).glob("part-*.parquet"))).names)
 
-    assert {"_key", "_bands", "_hv"} <= columns("stages/00_ingest")
-    assert {"_bands", "_hv"} <= columns("stages/04_line_dedup") and "_key" not in columns("stages/04_line_dedup")
-    assert not {"_bands", "_hv"} & columns("stages/05_near_dedup")
+    assert "_key" in columns("stages/00_ingest") and not {"_bands", "_hv"} & columns("stages/00_ingest")
+    assert columns("stages/00_ingest/_near") == {"row_id", "_bands", "_hv"}
+    assert pq.read_table(out / "stages/00_ingest").num_rows == pq.read_table(out / "stages/00_ingest/_near").num_rows
+    for stage in ("01_exact_dedup", "04_line_dedup", "05_near_dedup"):
+        assert not {"_key", "_bands", "_hv"} & columns(f"stages/{stage}"), stage
     assert not [c for c in columns("kept") if c.startswith("_")]
 
 

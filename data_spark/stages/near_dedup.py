@@ -12,9 +12,10 @@ cluster size, which the weighting stage turns into a factor ``size ** near_dedup
 times.
 
 The decision is taken on the documents as they came in: ingest signs each document's normalised text
-(:mod:`haina.data_spark.ingest_keys`) and the columns travel here through the stages in between, so two
-copies that the C4 rules, the quality classifier or line dedup trimmed differently are compared as they
-were. Run on its own (no carried columns), the stage signs the text it receives. The removed copies'
+(:mod:`haina.data_spark.ingest_keys`) and keeps the columns beside its documents, and this stage joins
+them onto the row ids that reach it, so two copies that the C4 rules, the quality classifier or line
+dedup trimmed differently are compared as they were. Run on its own (no ingest), the stage signs the
+text it receives. The removed copies'
 reason gives their Jaccard to the representative, and the report lists the first clusters
 (``report_clusters``): the kept representative and its removed copies with their similarity.
 """
@@ -149,12 +150,12 @@ def cluster_report(removal: DataFrame, signed: DataFrame, cfg: NearDedupConfig, 
 
 def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.near_dedup
-    from_ingest = carried(df, cfg)
-    if from_ingest:
+    from_ingest = carried(ctx.near_keys, cfg)
+    if from_ingest:  # ingest's columns of the documents that reach this stage
         signer = Signer.create(cfg)
-        signed, bands, rows = df, signer.bands, signer.rows
+        signed, bands, rows = df.select("row_id", "doc_id").join(ctx.near_keys, "row_id"), signer.bands, signer.rows
     else:  # run on its own: sign the text as it is now
-        signed, bands, rows = signatures(df, cfg)
+        signed, bands, rows = signatures(df.select("row_id", "doc_id", "text"), cfg)
     signed = signed.cache()
     edges = candidate_edges(signed)
     if cfg.verify != "none":
@@ -166,7 +167,7 @@ def run(df, ctx: StageContext) -> StageResult:
         F.col("id").alias("row_id"), F.col("component").alias("_copy_of"), F.col("similarity").alias("_similarity")
     ).cache()
     labelled = (
-        signed.drop(*NEAR_COLUMNS)
+        df.drop(*NEAR_COLUMNS)
         .join(components.withColumnRenamed("id", "row_id"), "row_id", "left")
         .join(sizes, "component", "left")
         .withColumn("near_dup_size", F.coalesce("near_dup_size", F.lit(1)).cast("int"))
