@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import re
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from haina.data_spark.text import tokens
+from haina.data_spark.text import approx_tokens, tokens
 
 _PUNCT_RUN = re.compile(r"[^\w\s]{2,}")
 _URL = re.compile(r"https?://|www\.")
@@ -249,10 +250,13 @@ class _Chars:
         padded[: len(every)] = every
         return self.per_text(padded) > 0
 
-    def other_gram_gates(self) -> tuple[list[bool], list[bool]]:
+    def symbols(self) -> np.ndarray:
+        """Which characters are symbols in ``approx_tokens``' sense: neither alphanumeric, ``_`` nor space."""
+        return ((self.flags & (_SPACE | _ALNUM)) == 0) & (self.codes != ord("_"))
+
+    def other_gram_gates(self, symbol: np.ndarray) -> tuple[list[bool], list[bool]]:
         """Per text, whether :func:`_other_grams`' punctuation-run and shouting regexes can find anything:
         a run of two symbols, of three capital letters; they run on those texts alone."""
-        symbol = ((self.flags & (_SPACE | _ALNUM)) == 0) & (self.codes != ord("_"))
         capital = (self.codes >= ord("A")) & (self.codes <= ord("Z"))
         return self.runs(symbol, 2).tolist(), self.runs(capital, 3).tolist()
 
@@ -327,23 +331,46 @@ def _shape_grams(texts: list[str], chars: _Chars, found: _Tokens, size: int) -> 
     return np.concatenate(rows), np.concatenate(out)
 
 
-def feature_rows(texts: list[str], size: int, shape: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class FeatureRows(NamedTuple):
+    """CSR parts of the features of many texts, and each text's ``approx_tokens`` (taken on the way)."""
+
+    values: np.ndarray
+    ids: np.ndarray
+    starts: np.ndarray
+    approx_tokens: np.ndarray
+
+
+def _approx_tokens(texts: list[str], found: _Tokens, chars: _Chars, symbol: np.ndarray) -> np.ndarray:
+    """:func:`~haina.data_spark.text.approx_tokens` of each text from what featurising found: its tokens
+    (of the lower-cased text, which splits an ASCII text exactly as the text itself) and its symbols; a
+    text with other characters is counted on its own (lower-casing may lengthen one, as ``İ``)."""
+    out = found.lengths + chars.per_text(symbol)
+    for i, text in enumerate(texts):
+        if not text.isascii():
+            out[i] = approx_tokens(text)
+    return out
+
+
+def feature_rows(texts: list[str], size: int, shape: bool = False) -> FeatureRows:
     """CSR parts ``(values, ids, starts)`` of :func:`featurize` applied to every text: the same sorted ids and
     the same values (log counts over their norm, in float64, equal up to rounding) for each row, built for
-    the whole list at once. A text repeated within the list (boilerplate, copies) is featurised once."""
+    the whole list at once, and each text's ``approx_tokens``. A text repeated within the list
+    (boilerplate, copies) is featurised once."""
     index: dict[str, int] = {}
     distinct = [t for t in texts if t not in index and index.setdefault(t, len(index)) is not None]
     units = [tokens(t) for t in distinct]
     found = _Tokens(units)
     word_row, word_id = _word_grams(found, size)
     chars = _Chars(distinct)
+    symbol = chars.symbols()
+    ntok = _approx_tokens(distinct, found, chars, symbol)
     if shape and distinct:
         shape_row, shape_id = _shape_grams(distinct, chars, found, size)
         word_row, word_id = np.concatenate([word_row, shape_row]), np.concatenate([word_id, shape_id])
     other: dict[str, int] = {}
     rest_rows: list[int] = []
     rest_ids: list[int] = []
-    gates = zip(*chars.other_gram_gates(), strict=True)
+    gates = zip(*chars.other_gram_gates(symbol), strict=True)
     for d, (text, words, (punct, caps)) in enumerate(zip(distinct, units, gates, strict=True)):
         rest = _other_grams(text, punct, caps)
         if not words and not rest and not shape:  # (a text always has shape features)
@@ -354,8 +381,9 @@ def feature_rows(texts: list[str], size: int, shape: bool = False) -> tuple[np.n
                 value = other[gram] = _bucket(gram, size)
             rest_ids.append(value)
         rest_rows += [d] * len(rest)
+    which = np.fromiter((index[t] for t in texts), dtype=np.int64, count=len(texts))
     if not len(word_id) and not rest_ids:
-        return np.zeros(0), np.zeros(0, np.int64), np.zeros(len(texts) + 1, np.int64)
+        return FeatureRows(np.zeros(0), np.zeros(0, np.int64), np.zeros(len(texts) + 1, np.int64), ntok[which])
     key = (np.concatenate([word_row, np.asarray(rest_rows, dtype=np.int64)]) * size
            + np.concatenate([word_id, np.asarray(rest_ids, dtype=np.int64)]))
     unique, counts = np.unique(key, return_counts=True)
@@ -365,14 +393,13 @@ def feature_rows(texts: list[str], size: int, shape: bool = False) -> tuple[np.n
     norms = np.sqrt(np.add.reduceat(values * values, starts[:-1])) if len(values) else values
     values /= np.repeat(norms, np.diff(starts))
     if len(distinct) == len(texts):
-        return values, ids, starts
+        return FeatureRows(values, ids, starts, ntok)
     # every text's row is its distinct text's row
-    which = np.fromiter((index[t] for t in texts), dtype=np.int64, count=len(texts))
     sizes = np.diff(starts)[which]
     out_starts = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(sizes, out=out_starts[1:])
     source = np.repeat(starts[:-1][which] - out_starts[:-1], sizes) + np.arange(out_starts[-1])
-    return values[source], ids[source], out_starts
+    return FeatureRows(values[source], ids[source], out_starts, ntok[which])
 
 
 def projection(size: int, dim: int, seed: int) -> np.ndarray:
@@ -395,7 +422,7 @@ def embed_many(texts: list[str], matrix: np.ndarray) -> np.ndarray:
 
     if not texts:
         return np.zeros((0, matrix.shape[1]), np.float32)
-    values, ids, starts = feature_rows(texts, matrix.shape[0])
+    values, ids, starts, _ = feature_rows(texts, matrix.shape[0])
     rows = sparse.csr_matrix((values.astype(np.float32), ids, starts), shape=(len(texts), matrix.shape[0]))
     vectors = np.asarray(rows @ matrix, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -42,9 +42,15 @@ class LinearModel:
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """:meth:`logit` of many lines at once (one sparse product over the batch's feature rows)."""
+        return self.logits_and_tokens(texts)[0]
+
+    def logits_and_tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`logits`, and each line's ``approx_tokens`` from the same pass over the lines."""
         if not texts:
-            return np.zeros(0)
-        return feature_matrix(texts, self.size, self.shape) @ self.weights.astype(np.float64) + self.intercept
+            return np.zeros(0), np.zeros(0, np.int64)
+        rows = feature_rows(texts, self.size, self.shape)
+        matrix = sparse.csr_matrix((rows.values, rows.ids, rows.starts), shape=(len(texts), self.size))
+        return matrix @ self.weights.astype(np.float64) + self.intercept, rows.approx_tokens
 
     def score(self, text: str) -> float:
         """Probability of the positive label for one line."""
@@ -128,8 +134,8 @@ def feature_matrix(texts: list[str], size: int, shape: bool) -> sparse.csr_matri
     """Rows of hashed features (:func:`featurize`, built for all texts at once) as a sparse matrix."""
     if not texts:
         return sparse.csr_matrix((0, size))
-    values, ids, starts = feature_rows(texts, size, shape)
-    return sparse.csr_matrix((values, ids, starts), shape=(len(texts), size))
+    rows = feature_rows(texts, size, shape)
+    return sparse.csr_matrix((rows.values, rows.ids, rows.starts), shape=(len(texts), size))
 
 
 def _fit(

@@ -33,7 +33,7 @@ def get_session(cfg: SparkConfig, master: str | None = None) -> SparkSession:
         # input if less): a stage's eight part files become about eight tasks rather than two or three
         # uneven ones, so the Python of a row-wise stage keeps both cores busy to the end. Opening a file
         # costs as much as a split, so no two files share a task and the split size no longer follows the
-        # core count: a row-wise stage writes the same files on local[1], local[2] and a cluster.
+        # core count.
         "spark.sql.files.maxPartitionBytes": "16m",
         "spark.sql.files.openCostInBytes": "16m",
         **cfg.conf,

@@ -92,9 +92,9 @@ def score_texts(model: LinearModel, batch_texts: list[str], kinds: list[str | No
         found = judged_sentences(text, cfg.min_sentence_chars) if kind in judged else []
         pieces += found
         counts.append(len(found))
-    flat = model.logits(pieces).tolist()
+    flat, ntok = model.logits_and_tokens(pieces)
+    flat, tokens = flat.tolist(), ntok.tolist()
     lengths = [len(p) for p in pieces]
-    tokens = [approx_tokens(p) for p in pieces]
     logits, lens, toks, start = [], [], [], 0
     for n in counts:
         logits.append(flat[start : start + n])

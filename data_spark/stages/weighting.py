@@ -63,6 +63,8 @@ def run(df: DataFrame, ctx: StageContext) -> StageResult:
     rows = scored.groupBy("category").agg(
         F.sum("ntok").alias("tokens"), F.sum((F.col("weight") * F.col("ntok")).cast(EXACT)).alias("weighted")
     ).collect()
+    # in category order: the float sums below must not follow the order the groups arrive in
+    rows = sorted(rows, key=lambda r: (r["category"] is None, r["category"] or ""))
     stats = {r["category"]: (float(r["tokens"] or 0), float(r["weighted"] or 0)) for r in rows}
     factors = category_factors(stats, ctx.cfg.category.targets)
     tokens = sum(t for t, _ in stats.values())
