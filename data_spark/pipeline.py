@@ -159,6 +159,14 @@ def _rows(folder: Path) -> int:
     return pads.dataset(str(folder), format="parquet").count_rows()
 
 
+def _write_internal(df: DataFrame, path: Path) -> None:
+    """Write a table only the job reads (a stage's rows, the parsed input, the near-dedup columns) without
+    Parquet's dictionary encoding: the texts, row ids and shingle hashes are nearly all distinct, so the
+    writer filled a dictionary per column only to fall back to plain encoding (a tenth of the JVM's time
+    in the job, 4% larger files without it)."""
+    df.write.mode("overwrite").option("parquet.enable.dictionary", "false").parquet(str(path))
+
+
 def _write_canonical(df: DataFrame, path: Path, partitions: int) -> None:
     """Write the job's output in a canonical layout (hash of row id, sorted), so its files, and a tokenizer
     or a training run reading them in order, do not depend on shuffle timing or the core count.
@@ -430,7 +438,7 @@ def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConf
     path = tmp / "stages" / "00_ingest"
     parsed_path = tmp / "_parsed"
     _remove_tree(parsed_path)
-    read_inputs(spark, inputs, cfg, keys=True).write.mode("overwrite").parquet(str(parsed_path))
+    _write_internal(read_inputs(spark, inputs, cfg, keys=True), parsed_path)
     parsed = spark.read.parquet(str(parsed_path))
     damaged = _damaged(parsed_path)
     work = _work(tmp / "quarantine")
@@ -438,10 +446,10 @@ def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConf
     _publish(work, tmp / "quarantine")
     work = _work(path)
     carried = tuple(f.name for f in key_fields(cfg) if f.name not in NEAR_COLUMNS)
-    documents(parsed, carried).write.mode("overwrite").parquet(str(work))
+    _write_internal(documents(parsed, carried), work)
     near = [f.name for f in key_fields(cfg) if f.name in NEAR_COLUMNS]
     if near:  # beside the documents, for near-dedup alone (ingest_keys.NEAR_KEYS)
-        parsed.filter(F.col("bad").isNull()).select("row_id", *near).write.parquet(str(work / NEAR_KEYS))
+        _write_internal(parsed.filter(F.col("bad").isNull()).select("row_id", *near), work / NEAR_KEYS)
     _remove_tree(parsed_path)
     docs_raw, tokens_raw = _counts(work)
     bad_rows = _rows(tmp / "quarantine")
@@ -472,7 +480,7 @@ def _stage(
         _publish(work, removed_path)
         removed_docs, removed_tokens = _counts(removed_path)
     work = _work(path)
-    result.kept.write.mode("overwrite").parquet(str(work))
+    _write_internal(result.kept, work)
     spark.catalog.clearCache()
     docs_out, tokens_out = _counts(work)
     row = {
