@@ -133,6 +133,12 @@ def test_copies_trimmed_apart_by_the_edit_stages_are_found(spark, tmp_path: Path
     assert pq.read_table(out / "stages/00_ingest").num_rows == pq.read_table(out / "stages/00_ingest/_near").num_rows
     for stage in ("01_exact_dedup", "04_line_dedup", "05_near_dedup"):
         assert not {"_key", "_bands", "_hv"} & columns(f"stages/{stage}"), stage
+    # tables only the job reads are written without dictionary pages (their columns are nearly all distinct)
+    for folder in ("stages/00_ingest", "stages/00_ingest/_near", "stages/04_line_dedup"):
+        meta = pq.ParquetFile(next((out / folder).glob("part-*.parquet"))).metadata
+        encodings = {e for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+                     for e in meta.row_group(g).column(c).encodings}
+        assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & encodings, (folder, encodings)
     assert not [c for c in columns("kept") if c.startswith("_")]
 
 

@@ -339,3 +339,27 @@ def test_one_pass_line_dedup_equals_two_passes() -> None:
                 text += str(rng.choice(seps)) + paragraph
             texts.append(str(rng.choice(["", "\n", "\n\n"])) + text + str(rng.choice(["", "\n", "\n \n"])))
         assert _one_pass(texts, 20) == _two_passes(list(texts), 20), (trial, texts)
+
+
+def test_both_unit_keys_equal_each_units_own_keys() -> None:
+    """The batch keying normalises each line once and builds a paragraph's key from its lines' normal
+    forms; on text where NFKC, lower-casing or collapsing could act across a newline (final sigma,
+    combining marks and Hangul jamo starting a line, ligatures, fullwidth forms, dotted capital I, blank
+    lines of spaces and tabs), it gives every paragraph and line the key unit_keys gives it alone."""
+    from haina.data_spark.stages.line_dedup import _line_owners, both_key_lists, unit_keys
+
+    texts = [
+        "ΑΣ\nΒ x\n\nΟΔΟΣ' \n ΣΑ\n",
+        "e\u0301\n\u0301a\n\n\n\u1100\n\u1161 x",
+        "ＡＢＣ１２\n\nﬁne ligature\n \t\nİstanbul\nSS ß",
+        "a\n\n", "\n\n\nx\n", "", en_doc(3), CODE_DOC, "\n\n".join(ZH_SENTENCES),
+    ]
+    for min_chars in (1, 20):
+        got = both_key_lists(texts, min_chars).to_pylist()
+        for text, units in zip(texts, got, strict=True):
+            owner = _line_owners(text)
+            expected = ([{"unit": 0, "pos": k["pos"], "para": k["pos"], "key": k["key"]}
+                         for k in unit_keys(text, "paragraph", min_chars)]
+                        + [{"unit": 1, "pos": k["pos"], "para": owner[k["pos"]], "key": k["key"]}
+                           for k in unit_keys(text, "line", min_chars)])
+            assert units == expected, text
