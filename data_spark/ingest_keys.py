@@ -16,10 +16,10 @@ case, punctuation dropped, whitespace collapsed) once and adds:
   ``num_perm`` int32) (when near-dedup runs).
 
 The near-dedup columns are as large as the text itself (four bytes per word), so they are not carried
-through the stages in between: ingest writes them with the row id beside its documents, in the hidden
-folder :data:`NEAR_KEYS` of its stage folder (Spark and pyarrow skip names starting with ``_``), and
-near-dedup joins them onto the row ids that reach it. Carrying them cost each stage before near-dedup
-about a second at 50,000 documents (read, sent through Python and back, written).
+through the stages in between: they stay in ingest's stage folder, whose documents the stages read
+without them (Parquet reads only the columns asked for), and near-dedup joins them onto the row ids
+that reach it. Carrying them cost each stage before near-dedup about a second at 50,000 documents (read,
+sent through Python and back, written).
 
 Shingles of the normalised text are those of the raw text (shingle tokens ignore case, punctuation and
 spacing anyway) up to NFKC folding. The stage that needs a column drops it, and the job drops every
@@ -54,7 +54,6 @@ SIG_FIELD = T.StructField("_sig", T.ArrayType(T.IntegerType()))
 BANDS_FIELD = T.StructField("_bands", T.ArrayType(T.LongType()))
 HV_FIELD = T.StructField("_hv", T.ArrayType(T.IntegerType()))
 NEAR_COLUMNS = ("_sig", "_bands", "_hv")
-NEAR_KEYS = "_near"  # the folder, inside ingest's stage folder, of (row_id, near-dedup columns)
 
 
 def exact_key(normalized: str) -> bytes:

@@ -4,7 +4,7 @@ committed by one rename.
 Ingest also takes what exact and near dedup decide on from each document as it came in
 (:mod:`haina.data_spark.ingest_keys`): the exact-dedup key travels as a column through the stages in
 between and, like every column whose name starts with ``_``, is dropped before ``kept/`` is written; the
-near-dedup columns, as large as the text, wait beside ingest's documents until near-dedup reads them.
+near-dedup columns, as large as the text, stay in ingest's folder until near-dedup reads them.
 
 Every stage reads the previous stage's Parquet and writes its own under a temporary folder beside the
 output (``.NAME.partial``), so lineage stays short, a stage's Python runs once, and the final publish
@@ -56,7 +56,7 @@ from haina.data_spark.ingest import (
     quarantined,
     read_inputs,
 )
-from haina.data_spark.ingest_keys import NEAR_COLUMNS, NEAR_KEYS, key_fields
+from haina.data_spark.ingest_keys import NEAR_COLUMNS, key_fields
 from haina.data_spark.stages import (
     category,
     embedding,
@@ -139,16 +139,16 @@ def cut_lines(row: dict[str, Any], examples: int = 3) -> list[str]:
     return lines
 
 
-def _counts(folder: Path) -> tuple[int, int]:
-    """(documents, sum of ``ntok``) of a folder of Parquet that this job just wrote, read on the driver
-    (the row counts from the footers, the one ``ntok`` column batch by batch, so the driver holds one batch
-    at a time): no Spark job, which on a small corpus costs more than the reading. pyarrow skips the names
-    Spark does (``_SUCCESS``, ``.crc`` files, the marker)."""
+def _counts(folder: Path, where: pc.Expression | None = None) -> tuple[int, int]:
+    """(documents, sum of ``ntok``) of a folder of Parquet that this job just wrote (the rows ``where``
+    holds, if given), read on the driver (the one ``ntok`` column batch by batch, so the driver holds one
+    batch at a time): no Spark job, which on a small corpus costs more than the reading. pyarrow skips the
+    names Spark does (``_SUCCESS``, ``.crc`` files, the marker)."""
     dataset = pads.dataset(str(folder), format="parquet")
     if "ntok" not in dataset.schema.names:  # no part file at all: nothing written
         return dataset.count_rows(), 0
     rows = total = 0
-    for batch in dataset.to_batches(columns=["ntok"]):
+    for batch in dataset.to_batches(columns=["ntok"], filter=where):
         rows += batch.num_rows
         total += int(pc.sum(batch.column(0)).as_py() or 0)
     return rows, total
@@ -160,7 +160,7 @@ def _rows(folder: Path) -> int:
 
 
 def _write_internal(df: DataFrame, path: Path) -> None:
-    """Write a table only the job reads (a stage's rows, the parsed input, the near-dedup columns) without
+    """Write a table only the job reads (a stage's rows, the parsed input) without
     Parquet's dictionary encoding: the texts, row ids and shingle hashes are nearly all distinct, so the
     writer filled a dictionary per column only to fall back to plain encoding (a tenth of the JVM's time
     in the job, 4% larger files without it)."""
@@ -433,25 +433,18 @@ def _damaged(parsed: Path) -> list[dict]:
 
 
 def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig) -> dict[str, Any]:
-    """Parse once: documents (``stages/00_ingest``) and quarantine are both cut from one table."""
+    """Parse once into ``stages/00_ingest``: every record, with its document columns, the dedup columns
+    ingest takes (:mod:`haina.data_spark.ingest_keys`) and, for a bad one, its reason. The quarantine is cut
+    from it; the stages read the documents' columns of it (:func:`_ingested`), and near-dedup its own."""
     t0 = time.perf_counter()
     path = tmp / "stages" / "00_ingest"
-    parsed_path = tmp / "_parsed"
-    _remove_tree(parsed_path)
-    _write_internal(read_inputs(spark, inputs, cfg, keys=True), parsed_path)
-    parsed = spark.read.parquet(str(parsed_path))
-    damaged = _damaged(parsed_path)
-    work = _work(tmp / "quarantine")
-    quarantined(parsed).write.mode("overwrite").parquet(str(work))
-    _publish(work, tmp / "quarantine")
     work = _work(path)
-    carried = tuple(f.name for f in key_fields(cfg) if f.name not in NEAR_COLUMNS)
-    _write_internal(documents(parsed, carried), work)
-    near = [f.name for f in key_fields(cfg) if f.name in NEAR_COLUMNS]
-    if near:  # beside the documents, for near-dedup alone (ingest_keys.NEAR_KEYS)
-        _write_internal(parsed.filter(F.col("bad").isNull()).select("row_id", *near), work / NEAR_KEYS)
-    _remove_tree(parsed_path)
-    docs_raw, tokens_raw = _counts(work)
+    _write_internal(read_inputs(spark, inputs, cfg, keys=True), work)
+    damaged = _damaged(work)
+    quarantine = _work(tmp / "quarantine")
+    quarantined(spark.read.parquet(str(work))).write.mode("overwrite").parquet(str(quarantine))
+    _publish(quarantine, tmp / "quarantine")
+    docs_raw, tokens_raw = _counts(work, pc.field("bad").is_null())
     bad_rows = _rows(tmp / "quarantine")
     reasons = quarantine_summary(spark.read.parquet(str(tmp / "quarantine"))) if bad_rows else {}
     ingest = {"inputs": [str(p) for p in inputs], "documents": docs_raw, "tokens": tokens_raw,
@@ -460,6 +453,17 @@ def _ingest(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConf
     faults.fire("data_stage", "ingest")
     _publish(work, path, {"stage": "ingest", "row": ingest}, tmp, ("quarantine",))
     return ingest
+
+
+def _ingested(spark: SparkSession, path: Path, cfg: PrepareConfig) -> tuple[DataFrame, DataFrame | None]:
+    """(the documents with the columns the stages carry, the near-dedup table or None) of ingest's folder.
+    Parquet reads only the columns asked for, so the shingle hashes, as large as the texts, stay on disk
+    until near-dedup reads them, wherever it stands in the order."""
+    parsed = spark.read.parquet(str(path))
+    carried = tuple(f.name for f in key_fields(cfg) if f.name not in NEAR_COLUMNS)
+    near = [f.name for f in key_fields(cfg) if f.name in NEAR_COLUMNS]
+    keys = parsed.filter(F.col("bad").isNull()).select("row_id", *near) if near else None
+    return documents(parsed, carried), keys
 
 
 def _stage(
@@ -508,9 +512,7 @@ def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig,
         with bar.stage("ingest"):
             ingest = _ingest(spark, inputs, tmp, cfg)
     check_quarantine_share(ingest, cfg, tmp / "quarantine")
-    current = spark.read.parquet(str(stages_dir / "00_ingest"))
-    near_keys = stages_dir / "00_ingest" / NEAR_KEYS
-    ctx.near_keys = spark.read.parquet(str(near_keys)) if near_keys.is_dir() else None
+    current, ctx.near_keys = _ingested(spark, stages_dir / "00_ingest", cfg)
     docs_raw, tokens_raw = ingest["documents"], ingest["tokens"]
     bar.console.print(
         f"[green]✓[/] {'ingest':<12} {docs_raw:>8,} docs, {ingest['quarantined']:,} quarantined  {ingest['seconds']:.1f}s"

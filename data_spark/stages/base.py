@@ -22,7 +22,7 @@ class StageContext:
     workdir: Path
     notes: dict[str, object] = field(default_factory=dict)
     following: str | None = None  # the stage the job runs next (None: the last, or a stage run on its own)
-    near_keys: DataFrame | None = None  # (row_id, near-dedup columns) of ingest (ingest_keys.NEAR_KEYS)
+    near_keys: DataFrame | None = None  # (row_id, near-dedup columns) of the documents as ingested
 
 
 @dataclass

@@ -12,7 +12,7 @@ cluster size, which the weighting stage turns into a factor ``size ** near_dedup
 times.
 
 The decision is taken on the documents as they came in: ingest signs each document's normalised text
-(:mod:`haina.data_spark.ingest_keys`) and keeps the columns beside its documents, and this stage joins
+(:mod:`haina.data_spark.ingest_keys`) and keeps the columns in its stage folder, and this stage joins
 them onto the row ids that reach it, so two copies that the C4 rules, the quality classifier or line
 dedup trimmed differently are compared as they were. Run on its own (no ingest), the stage signs the
 text it receives. The removed copies'
