@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from scipy import sparse
 
 from haina.data_spark.text import approx_tokens, tokens
 
@@ -342,6 +343,10 @@ class FeatureRows(NamedTuple):
     starts: np.ndarray
     approx_tokens: np.ndarray
 
+    def matrix(self, size: int, dtype: type = np.float64) -> sparse.csr_matrix:
+        """The features as a ``(texts, size)`` sparse matrix."""
+        return sparse.csr_matrix((self.values.astype(dtype), self.ids, self.starts), shape=(len(self.starts) - 1, size))
+
 
 def _approx_tokens(texts: list[str], found: _Tokens, chars: _Chars, symbol: np.ndarray) -> np.ndarray:
     """:func:`~haina.data_spark.text.approx_tokens` of each text from what featurising found: its tokens
@@ -421,12 +426,9 @@ def embed(text: str, matrix: np.ndarray) -> np.ndarray:
 
 def embed_many(texts: list[str], matrix: np.ndarray) -> np.ndarray:
     """:func:`embed` of every text, ``(len(texts), dim)``, through one sparse product for the whole list."""
-    from scipy import sparse
-
     if not texts:
         return np.zeros((0, matrix.shape[1]), np.float32)
-    values, ids, starts, _ = feature_rows(texts, matrix.shape[0])
-    rows = sparse.csr_matrix((values.astype(np.float32), ids, starts), shape=(len(texts), matrix.shape[0]))
-    vectors = np.asarray(rows @ matrix, dtype=np.float32)
+    vectors = np.asarray(feature_rows(texts, matrix.shape[0]).matrix(matrix.shape[0], np.float32) @ matrix,
+                         dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return np.divide(vectors, norms, out=vectors, where=norms > 0)

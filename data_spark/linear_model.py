@@ -49,8 +49,7 @@ class LinearModel:
         if not texts:
             return np.zeros(0), np.zeros(0, np.int64)
         rows = feature_rows(texts, self.size, self.shape)
-        matrix = sparse.csr_matrix((rows.values, rows.ids, rows.starts), shape=(len(texts), self.size))
-        return matrix @ self.weights.astype(np.float64) + self.intercept, rows.approx_tokens
+        return rows.matrix(self.size) @ self.weights.astype(np.float64) + self.intercept, rows.approx_tokens
 
     def score(self, text: str) -> float:
         """Probability of the positive label for one line."""
@@ -134,8 +133,7 @@ def feature_matrix(texts: list[str], size: int, shape: bool) -> sparse.csr_matri
     """Rows of hashed features (:func:`featurize`, built for all texts at once) as a sparse matrix."""
     if not texts:
         return sparse.csr_matrix((0, size))
-    rows = feature_rows(texts, size, shape)
-    return sparse.csr_matrix((rows.values, rows.ids, rows.starts), shape=(len(texts), size))
+    return feature_rows(texts, size, shape).matrix(size)
 
 
 def _fit(

@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig
 from haina.data_spark.connected_components import components as connected
-from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, NEAR_COLUMNS, SIG_FIELD, Signer, carried
+from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, SIG_FIELD, Signer, carried
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 
 SIG_FIELDS = [SIG_FIELD, BANDS_FIELD, HV_FIELD]
@@ -167,7 +167,7 @@ def run(df, ctx: StageContext) -> StageResult:
         F.col("id").alias("row_id"), F.col("component").alias("_copy_of"), F.col("similarity").alias("_similarity")
     ).cache()
     labelled = (
-        df.drop(*NEAR_COLUMNS)
+        df
         .join(components.withColumnRenamed("id", "row_id"), "row_id", "left")
         .join(sizes, "component", "left")
         .withColumn("near_dup_size", F.coalesce("near_dup_size", F.lit(1)).cast("int"))
