@@ -26,13 +26,13 @@ def prepare_main(
     # pyspark only once a job runs: config errors and kept_files() come without it
     from haina.data_spark.ingest import check_inputs
     from haina.data_spark.pipeline import run_pipeline
-    from haina.data_spark.session import get_session
+    from haina.data_spark.session import get_session, input_bytes
 
     cfg = load_prepare_config(config, overrides)
     inputs = check_inputs([Path(p) for p in inputs])
     if cfg.tokenize.model is not None and not Path(cfg.tokenize.model).is_file():
         raise ConfigError(f"tokenize.model={cfg.tokenize.model}: tokenizer model not found")
-    spark = get_session(cfg.spark, master)
+    spark = get_session(cfg.spark, master, input_bytes(inputs))
     return run_pipeline(spark, inputs, Path(output), cfg, progress=progress)
 
 
@@ -53,7 +53,7 @@ def tokenize_main(
 ) -> dict[str, Any]:
     """Tokenize a prepared output's kept documents into ``tokenized/`` + ``blend.json`` (replacing old ones)."""
     # pyspark only once a job runs, as in prepare_main
-    from haina.data_spark.session import get_session
+    from haina.data_spark.session import get_session, input_bytes
     from haina.data_spark.tokenized_shards import blend_summary, write_shards
 
     prepared = Path(prepared).resolve()
@@ -61,7 +61,7 @@ def tokenize_main(
     cfg: PrepareConfig = load_prepare_config(config, overrides)
     if not Path(tokenizer_model).is_file():
         raise InputFileError(f"{tokenizer_model}: tokenizer model not found")
-    spark = get_session(cfg.spark, master)
+    spark = get_session(cfg.spark, master, input_bytes([prepared / "kept"]))
     staging = prepared / f".tokenize-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:

@@ -363,3 +363,28 @@ def test_both_unit_keys_equal_each_units_own_keys() -> None:
                         + [{"unit": 1, "pos": k["pos"], "para": owner[k["pos"]], "key": k["key"]}
                            for k in unit_keys(text, "line", min_chars)])
             assert units == expected, text
+
+
+def test_quick_jit_for_short_local_jobs_only(tmp_path) -> None:
+    """C1 only for a local job on little input; a large one, a cluster, an unknown size and the user's own
+    choice of tier keep theirs; the user's other JVM options stay."""
+    import gzip
+
+    from haina.data_spark.session import QUICK_JIT, SHORT_JOB_BYTES, input_bytes, jit_options
+
+    key = "spark.driver.extraJavaOptions"
+    assert jit_options("local[2]", {}, 10) == {key: QUICK_JIT}
+    assert jit_options("local[*]", {key: "-Xss4m"}, SHORT_JOB_BYTES) == {key: f"-Xss4m {QUICK_JIT}"}
+    assert jit_options("local[2]", {}, SHORT_JOB_BYTES + 1) == {}
+    assert jit_options("local[2]", {}, None) == {}
+    assert jit_options("spark://host:7077", {}, 10) == {}
+    assert jit_options(None, {}, 10) == {}  # submitted: the JVM runs already
+    assert jit_options("local[2]", {key: "-XX:TieredStopAtLevel=4"}, 10) == {key: "-XX:TieredStopAtLevel=4"}
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(b"x" * 1000)
+    folder = tmp_path / "parquet"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "part-0.parquet").write_bytes(b"y" * 300)
+    packed = tmp_path / "b.jsonl.gz"
+    packed.write_bytes(gzip.compress(b"z" * 5000))
+    assert input_bytes([plain, folder, packed]) == 1000 + 300 + 4 * packed.stat().st_size
