@@ -230,15 +230,18 @@ def test_feature_rows_equal_featurize() -> None:
     from haina.data_spark.text import approx_tokens
 
     lines = [en_doc(0), "", "!!! $$$ BUY NOW http://x.example", "".join(ZH_SENTENCES), SPAM_DOC, "Ã© mojibake",
-             "see www.example.org, a_b__c", "NASA's JPL (USA)...", "İSTANBUL, ǅemal -- ok", "x ++ y", "AB CD EFG"]
+             "see www.example.org, a_b__c", "NASA's JPL (USA)...", "İSTANBUL, ǅemal -- ok", "x ++ y", "AB CD EFG",
+             "ΟΔΟΣ", "ΑΒ ΟΔΟΣ", "...", "ΣΑ"]  # a final sigma before the next text, a text without tokens
     lines += lines[:3]  # repeats are featurised once and given to each
-    for shape in (False, True):
-        values, ids, starts, ntok = feature_rows(lines, 1 << 12, shape)
-        for i, line in enumerate(lines):
-            ref_ids, ref_values = featurize(line, 1 << 12, shape)
-            assert np.array_equal(ids[starts[i] : starts[i + 1]], ref_ids), line
-            assert np.allclose(values[starts[i] : starts[i + 1]], ref_values, rtol=1e-12, atol=0)
-        assert ntok.tolist() == [approx_tokens(line) for line in lines]
+    # the batch is tokenised as one text joined by NUL; one holding a NUL itself is tokenised apart
+    for batch in (lines, [*lines, "a\x00b c"], ["", ""], ["one"]):
+        for shape in (False, True):
+            values, ids, starts, ntok = feature_rows(batch, 1 << 12, shape)
+            for i, line in enumerate(batch):
+                ref_ids, ref_values = featurize(line, 1 << 12, shape)
+                assert np.array_equal(ids[starts[i] : starts[i + 1]], ref_ids), line
+                assert np.allclose(values[starts[i] : starts[i + 1]], ref_values, rtol=1e-12, atol=0)
+            assert ntok.tolist() == [approx_tokens(line) for line in batch]
 
 
 def test_band_key_matrix_rows_are_band_keys() -> None:
