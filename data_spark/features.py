@@ -264,10 +264,24 @@ class _Chars:
     def runs(self, mask: np.ndarray, length: int) -> np.ndarray:
         """Whether each text may hold ``length`` consecutive characters in ``mask``: never False for one that
         does (a run across two texts also counts, for the first: a gate may let too much through)."""
-        every = mask[: len(mask) - length + 1].copy() if len(mask) >= length else np.zeros(0, bool)
-        for k in range(1, length):
-            every &= mask[k : len(mask) - length + 1 + k]
-        padded = np.zeros(len(mask), dtype=bool)
+        return self._starts(mask[: len(mask) - length + 1] if len(mask) >= length else np.zeros(0, bool),
+                            [mask[k : len(mask) - length + 1 + k] for k in range(1, length)])
+
+    def contains(self, part: str) -> np.ndarray:
+        """Whether each text may contain ``part`` (as :meth:`runs`, never False for one that does)."""
+        n = len(self.codes) - len(part) + 1
+        if n <= 0:
+            return np.zeros(len(self.bounds) - 1, dtype=bool)
+        return self._starts(self.codes[:n] == ord(part[0]), [self.codes[k : n + k] == ord(c) for k, c in
+                                                              enumerate(part[1:], start=1)])
+
+    def _starts(self, first: np.ndarray, rest: list[np.ndarray]) -> np.ndarray:
+        """Per text, whether a position holds ``first`` and every one of ``rest`` (arrays of the positions
+        from where a match can start)."""
+        every = first.copy()
+        for more in rest:
+            every &= more
+        padded = np.zeros(len(self.codes), dtype=bool)
         padded[: len(every)] = every
         return self.per_text(padded) > 0
 
@@ -275,11 +289,12 @@ class _Chars:
         """Which characters are symbols in ``approx_tokens``' sense: neither alphanumeric, ``_`` nor space."""
         return ((self.flags & (_SPACE | _ALNUM)) == 0) & (self.codes != ord("_"))
 
-    def other_gram_gates(self, symbol: np.ndarray) -> tuple[list[bool], list[bool]]:
-        """Per text, whether :func:`_other_grams`' punctuation-run and shouting regexes can find anything:
-        a run of two symbols, of three capital letters; they run on those texts alone."""
+    def other_gram_gates(self, symbol: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per text, whether :func:`_other_grams`' regexes can find anything: a run of two symbols (punctuation
+        runs; a URL's ``://`` is one), three capital letters (shouting), ``www.``; the grams are looked for in
+        those texts alone."""
         capital = (self.codes >= ord("A")) & (self.codes <= ord("Z"))
-        return self.runs(symbol, 2).tolist(), self.runs(capital, 3).tolist()
+        return self.runs(symbol, 2), self.runs(capital, 3), self.contains("www.")
 
 
 def _shape_grams(texts: list[str], chars: _Chars, found: _Tokens, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,10 +409,14 @@ def feature_rows(texts: list[str], size: int, shape: bool = False) -> FeatureRow
     other: dict[str, int] = {}
     rest_rows: list[int] = []
     rest_ids: list[int] = []
-    gates = zip(*chars.other_gram_gates(symbol), strict=True)
-    for d, (text, words, (punct, caps)) in enumerate(zip(distinct, found.lengths.tolist(), gates, strict=True)):
-        rest = _other_grams(text, punct, caps)
-        if not words and not rest and not shape:  # (a text always has shape features)
+    punct, caps, www = chars.other_gram_gates(symbol)
+    wanted = punct | caps | www
+    if not shape:  # a text without grams gets "empty" (a text always has shape features)
+        wanted |= found.lengths == 0
+    for d in np.flatnonzero(wanted).tolist():
+        text = distinct[d]
+        rest = _other_grams(text, bool(punct[d]), bool(caps[d]))
+        if not found.lengths[d] and not rest and not shape:
             rest = ["empty"]
         for gram in rest:
             value = other.get(gram)
