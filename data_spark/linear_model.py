@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -106,6 +107,7 @@ def read_seed(name: str, path: Path | None = None) -> list[tuple[float, str]]:
 
 
 _TRAINED: dict[str, tuple[LinearModel, dict[str, float]]] = {}
+_TRAINING = threading.Lock()  # the job fits its classifiers ahead in a thread: a second caller waits for it
 
 
 def train(
@@ -124,9 +126,10 @@ def train_and_evaluate(
     """:func:`train`, and the model's accuracy on its seed (recorded in the report, so that a broken seed
     set is visible), from the one featurisation of the seed."""
     key = hashlib.sha256(json.dumps([rows, cfg.model_dump(mode="json"), shape, balanced]).encode()).hexdigest()
-    if key not in _TRAINED:
-        _TRAINED[key] = _fit(rows, cfg, shape, balanced)
-    return _TRAINED[key]
+    with _TRAINING:
+        if key not in _TRAINED:
+            _TRAINED[key] = _fit(rows, cfg, shape, balanced)
+        return _TRAINED[key]
 
 
 def feature_matrix(texts: list[str], size: int, shape: bool) -> sparse.csr_matrix:

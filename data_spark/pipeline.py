@@ -34,6 +34,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
@@ -499,8 +500,20 @@ def _stage(
     return row
 
 
+def _fit_ahead(cfg: PrepareConfig) -> None:
+    """Fit the line classifiers in a driver thread while the executors ingest: fitted when their stage starts,
+    they left the executors idle for two seconds (a fit is memoised, and a stage that asks for one still
+    being fitted waits for it; a fit that fails here fails again, with its message, in its stage)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="haina-fit")
+    for section, model_of in (("quality", quality.model_of), ("safety", safety.model_of)):
+        if getattr(cfg, section).enabled:
+            pool.submit(model_of, getattr(cfg, section))
+    pool.shutdown(wait=False)
+
+
 def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig, bar: Progress) -> dict[str, Any]:
     (tmp / "config.yaml").write_text(dump_prepare_config(cfg), encoding="utf-8")
+    _fit_ahead(cfg)
     stages_dir = tmp / "stages"
     ctx = StageContext(spark, cfg, tmp)
     resumed: list[str] = []

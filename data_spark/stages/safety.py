@@ -15,7 +15,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import SafetyConfig
-from haina.data_spark.linear_model import LinearModel, fit_and_save, read_seed
+from haina.data_spark.linear_model import LinearModel, fit_and_save, read_seed, train
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import approx_tokens
 
@@ -64,11 +64,20 @@ def _probabilities(model: LinearModel, lines: list[str]) -> np.ndarray:
     return np.where(logits >= 0, 1.0 / (1.0 + odds), odds / (1.0 + odds))
 
 
-def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
+def _seed(cfg: SafetyConfig) -> list[tuple[float, str]]:
     rows = read_seed("safety_seed.tsv", cfg.model.seed_file)
     if cfg.model.seed_file is None:  # clean prose and spam are both "safe" examples
         rows += [(0.0, text) for _, text in read_seed("quality_seed.tsv")]
-    return fit_and_save(rows, cfg.model, ctx.workdir / "models" / "safety.npz", ctx.notes, "safety_model")
+    return rows
+
+
+def model_of(cfg: SafetyConfig) -> LinearModel:
+    """:func:`fit`'s classifier, without saving it or noting its metrics (fitted once per process)."""
+    return train(_seed(cfg), cfg.model)
+
+
+def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
+    return fit_and_save(_seed(cfg), cfg.model, ctx.workdir / "models" / "safety.npz", ctx.notes, "safety_model")
 
 
 def run(df, ctx: StageContext) -> StageResult:
