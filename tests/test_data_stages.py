@@ -221,6 +221,20 @@ def test_safety_model_and_blocklist(spark, tmp_path: Path) -> None:  # noqa: F81
     removed = {r["doc_id"]: r["reason"] for r in result.removed.collect()}
     assert set(removed) == {"unsafe", "marked"}
     assert "model" in removed["unsafe"] and "blocklist" in removed["marked"]
+    # when safety comes next, the embedding stage's pass judges the texts for it: the same rows, columns and
+    # verdicts as its own pass over them
+    ctx.following = "safety"
+    embedded = embedding.run(_docs(spark, tmp_path, records, ctx), ctx).kept.cache()
+    assert {"_safety_score", "_safety_reason"} <= set(embedded.columns)
+    carried = safety.run(embedded, ctx)
+    alone = safety.run(embedded.drop("_safety_score", "_safety_reason"), ctx)
+
+    def rows(df) -> list[tuple]:
+        return sorted(tuple(r) for r in df.collect())
+
+    assert carried.kept.columns == alone.kept.columns and "safety_score" in carried.kept.columns
+    assert rows(carried.kept) == rows(alone.kept) and rows(carried.removed) == rows(alone.removed)
+    assert {r["doc_id"] for r in carried.removed.collect()} == {"unsafe", "marked"}
     ctx = _ctx(spark, tmp_path, "safety.action=drop_lines")
     kept = {r["doc_id"]: r["text"] for r in safety.run(_docs(spark, tmp_path, records, ctx), ctx).kept.collect()}
     assert UNSAFE_LINE not in kept["unsafe"] and kept["unsafe"].startswith("Mountain villages")

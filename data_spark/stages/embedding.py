@@ -12,6 +12,7 @@ points are as good as on all. The sample is taken in row-id order, so the centre
 document's cluster, do not depend on the layout of the rows or the core count. Every document is then
 assigned its nearest centre per Arrow batch, and cluster and density are joined onto its row: the texts
 are neither shuffled nor sent back from Python, and the stage writes its rows in the layout it read them.
+When the safety stage comes next, this pass also judges the texts for it (``safety.carried_verdicts``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.features import embed_many, projection
+from haina.data_spark.stages import safety
 from haina.data_spark.stages.base import StageContext, StageResult
 
 PROJECTION_FEATURES = 1 << 16
@@ -78,14 +80,19 @@ def run(df, ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.embedding
     matrix = ctx.spark.sparkContext.broadcast(projection(PROJECTION_FEATURES, cfg.dim, cfg.seed))
 
+    verdicts = safety.carried_verdicts(ctx)  # the safety stage's pass, when it comes next
+
     def vectors(batch: pa.RecordBatch) -> dict[str, list]:
-        vectors = embed_many(texts(batch), matrix.value)
+        docs = texts(batch)
+        vectors = embed_many(docs, matrix.value)
         dim = vectors.shape[1]
         starts = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * dim)
-        return {"_emb": pa.ListArray.from_arrays(starts, pa.array(vectors.reshape(-1)))}
+        out = {"_emb": pa.ListArray.from_arrays(starts, pa.array(vectors.reshape(-1)))}
+        return out if verdicts is None else out | verdicts(docs, texts(batch, "ntok"))
 
-    points = map_columns(df.select("row_id", "text"), vectors, [T.StructField("_emb", T.ArrayType(T.FloatType()))],
-                         drop=("text",)).cache()
+    read = ["row_id", "text"] + (["ntok"] if verdicts is not None else [])
+    fields = [T.StructField("_emb", T.ArrayType(T.FloatType()))] + (safety.CARRIED if verdicts is not None else [])
+    points = map_columns(df.select(*read), vectors, fields, drop=("text", "ntok")).cache()
     n = points.count()
     k = max(1, min(cfg.k, n))
     if k < 2:

@@ -4,9 +4,15 @@ A line is unsafe when it contains a listed phrase or the model's probability rea
 ``drop_document`` removes the whole document (the default: the rest of a text that carries a threat is
 rarely worth keeping); ``drop_lines`` removes only the unsafe lines. The maximum line probability is
 kept as ``safety_score`` either way.
+
+With ``drop_document``, when the embedding stage runs right before this one, that stage's pass over the
+texts judges them for this one (:func:`carried_verdicts`) and the verdicts arrive as columns
+(``CARRIED``): the texts cross to Python once for both.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +31,7 @@ FIELDS = [
     T.StructField("safety_score", T.DoubleType()),
     T.StructField("_reason", T.StringType()),
 ]
+CARRIED = [T.StructField("_safety_score", T.DoubleType()), T.StructField("_safety_reason", T.StringType())]
 
 
 def judge(text: str, model: LinearModel, cfg: SafetyConfig, probs: list[float] | None = None) -> tuple[str, float, str | None]:
@@ -80,28 +87,55 @@ def fit(ctx: StageContext, cfg: SafetyConfig) -> LinearModel:
     return fit_and_save(_seed(cfg), cfg.model, ctx.workdir / "models" / "safety.npz", ctx.notes, "safety_model")
 
 
-def run(df, ctx: StageContext) -> StageResult:
+def verdicts(model: LinearModel, cfg: SafetyConfig, docs: list[str], ntoks: list[int]) -> dict[str, list]:
+    """``FIELDS`` of some documents: every scored line of them in one sparse product, then :func:`judge`."""
+    out: dict[str, list] = {f.name: [] for f in FIELDS}
+    lines = [scored_lines(text, cfg) for text in docs]
+    flat = _probabilities(model, [line for group in lines for line in group]).tolist()
+    start = 0
+    for text, ntok, group in zip(docs, ntoks, lines, strict=True):
+        new_text, score, reason = judge(text, model, cfg, flat[start : start + len(group)])
+        start += len(group)
+        if reason and cfg.action == "drop_lines" and new_text.strip():
+            text, ntok, reason = new_text, approx_tokens(new_text), None
+        out["text"].append(text)
+        out["ntok"].append(ntok)
+        out["safety_score"].append(round(score, 6))
+        out["_reason"].append(reason)
+    return out
+
+
+def carried_verdicts(ctx: StageContext) -> Callable[[list[str], list[int]], dict[str, list]] | None:
+    """For the stage before this one (embedding), when it sends the texts to Python anyway and this stage
+    would leave them as they are (``drop_document``): ``fn(texts, ntoks) -> {column: values}`` of
+    ``CARRIED``, which :func:`run` then reads instead of sending the texts through Python once more.
+    None when this stage does not run next or may edit the texts."""
     cfg = ctx.cfg.safety
+    if ctx.following != "safety" or cfg.action != "drop_document":
+        return None
     bc = ctx.spark.sparkContext.broadcast(fit(ctx, cfg))
 
-    def apply(batch: pa.RecordBatch) -> dict[str, list]:
-        out: dict[str, list] = {f.name: [] for f in FIELDS}
-        docs = texts(batch)
-        lines = [scored_lines(text, cfg) for text in docs]
-        flat = _probabilities(bc.value, [line for group in lines for line in group]).tolist()
-        start = 0
-        for text, ntok, group in zip(docs, texts(batch, "ntok"), lines, strict=True):
-            new_text, score, reason = judge(text, bc.value, cfg, flat[start : start + len(group)])
-            start += len(group)
-            if reason and cfg.action == "drop_lines" and new_text.strip():
-                text, ntok, reason = new_text, approx_tokens(new_text), None
-            out["text"].append(text)
-            out["ntok"].append(ntok)
-            out["safety_score"].append(round(score, 6))
-            out["_reason"].append(reason)
-        return out
+    def carried(docs: list[str], ntoks: list[int]) -> dict[str, list]:
+        out = verdicts(bc.value, cfg, docs, ntoks)
+        return {"_safety_score": out["safety_score"], "_safety_reason": out["_reason"]}
 
-    judged = map_columns(df, apply, FIELDS).cache()
+    return carried
+
+
+def run(df, ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.safety
+    model = fit(ctx, cfg)
+    if {f.name for f in CARRIED} <= set(df.columns):  # judged in the stage before (carried_verdicts)
+        judged = df.select(*(c for c in df.columns if c not in {"text", "ntok", *(f.name for f in CARRIED)}),
+                           "text", "ntok", F.col("_safety_score").alias("safety_score"),
+                           F.col("_safety_reason").alias("_reason"))
+    else:
+        bc = ctx.spark.sparkContext.broadcast(model)
+
+        def apply(batch: pa.RecordBatch) -> dict[str, list]:
+            return verdicts(bc.value, cfg, texts(batch), texts(batch, "ntok"))
+
+        judged = map_columns(df, apply, FIELDS).cache()
     kept = judged.filter(F.col("_reason").isNull()).drop("_reason")
     removed = removed_rows(judged.filter(F.col("_reason").isNotNull()), F.col("_reason"))
     return StageResult(kept, removed, {"model": ctx.notes["safety_model"]})
