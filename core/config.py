@@ -19,6 +19,7 @@ from haina.core import registry
 from haina.core.attention import check_kernel_config
 from haina.core.errors import ConfigError, HainaError
 from haina.core.files import read_yaml
+from haina.core.overrides import apply_override
 from haina.core.validation import SectionError, allowed_keys_of, first_error, one_line_validation_error
 
 __all__ = [
@@ -529,25 +530,6 @@ def _read_yaml(source: str) -> dict[str, Any]:
         text = (resources.files("haina.core") / "presets" / f"{source}.yaml").read_text(encoding="utf-8")
         return read_yaml(source, text=text, error=ConfigError)
     raise ConfigError(f"--config {source!r}: no such file or preset; presets: {', '.join(preset_names())}")
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is read as YAML (so 2, 1e-4, true, [1,2])."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected key.path=value")
-    try:
-        value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
 
 
 def build_config(data: dict[str, Any]) -> HainaConfig:

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from haina.core.config import ConfigError, HainaConfig, apply_override, build_config
+from haina.core.config import ConfigError, HainaConfig, build_config
 from haina.core.distributed import default_device
 from haina.core.materialize import materialize
 from haina.core.model import META, build_model
 from haina.core.model_loading import ModelSource
+from haina.core.overrides import apply_override
 from haina.core.parallel.mesh import Layout, build_mesh, resolve_layout
 from haina.core.parallel.parallelize import parallelize
 from haina.core.parallel.pipeline import build_pipeline

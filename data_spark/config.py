@@ -12,9 +12,9 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from haina.core.config import apply_override
 from haina.core.errors import ConfigError
 from haina.core.files import read_yaml
+from haina.core.overrides import apply_override
 from haina.core.validation import SectionError, allowed_keys_of, one_line_validation_error
 
 
@@ -290,7 +290,10 @@ class SparkConfig(_Section):
     app_name: str = Field("haina-data-prepare", description="Spark application name")
     shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions")
     driver_memory: str = Field("4g", description="spark.driver.memory (local mode)")
-    conf: dict[str, str] = Field({}, description="extra Spark settings")
+    conf: dict[str, str] = Field(
+        {}, description="extra Spark settings; a local job on at most 256 MiB of input runs its JVM with the quick "
+        "JIT only (-XX:TieredStopAtLevel=1) unless spark.driver.extraJavaOptions names a tier itself"
+    )
 
 
 StageName = Literal[

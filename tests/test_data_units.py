@@ -391,3 +391,17 @@ def test_quick_jit_for_short_local_jobs_only(tmp_path) -> None:
     packed = tmp_path / "b.jsonl.gz"
     packed.write_bytes(gzip.compress(b"z" * 5000))
     assert input_bytes([plain, folder, packed]) == 1000 + 300 + 4 * packed.stat().st_size
+
+
+def test_data_job_modules_do_not_import_torch() -> None:
+    """Every Spark Python worker imports the stages it runs: torch would cost each 0.9 s and some 300 MB."""
+    import subprocess
+    import sys
+
+    modules = ["haina.data_spark.prepare", "haina.data_spark.pipeline", "haina.data_spark.ingest"] + [
+        f"haina.data_spark.stages.{name}" for name in
+        ("exact_dedup", "heuristics", "quality", "line_dedup", "near_dedup", "embedding", "safety", "category",
+         "weighting")]
+    code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout[:200]

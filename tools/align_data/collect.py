@@ -22,12 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from haina.core import collectives
 from haina.core.checkpoint import TRAINER_STATE, resolve_checkpoint
-from haina.core.config import apply_override
 from haina.core.distributed import default_device, init_distributed, is_main_process
 from haina.core.errors import ConfigError, InputFileError
 from haina.core.files import read_jsonl, read_yaml, write_durable
 from haina.core.generate import Sampling, generate
 from haina.core.model_loading import is_hf_dir, open_model
+from haina.core.overrides import apply_override
 from haina.core.placement import inference_config, place
 from haina.core.tokenizer import load_tokenizer
 from haina.plugins.align.chat_format import render_prompt

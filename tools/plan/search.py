@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from haina.core.config import HainaConfig, apply_override, build_config
+from haina.core.config import HainaConfig, build_config
 from haina.core.errors import HainaError
+from haina.core.overrides import apply_override
 from haina.tools.plan.algorithms import ALIGNMENT
 from haina.tools.plan.gpus import GIB, Target
 from haina.tools.plan.memory import MemoryPlan, plan_memory
