@@ -14,6 +14,7 @@ from haina.data_spark.connected_components import connected_components
 from haina.data_spark.ingest import documents, quarantined, read_inputs
 from haina.data_spark.minhash import shingles
 from haina.data_spark.stages import (
+    base,
     category,
     embedding,
     exact_dedup,
@@ -63,14 +64,20 @@ def test_quarantine_reasons(spark, tmp_path: Path) -> None:  # noqa: F811
         assert any(expected in r for r in reasons), (expected, reasons)
 
 
-def test_exact_dedup_keeps_first(spark, tmp_path: Path) -> None:  # noqa: F811
+def test_exact_dedup_keeps_first(spark, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    """The first of each group of copies stays, whether the shared keys are broadcast to the join or not."""
     ctx = _ctx(spark, tmp_path)
-    docs = _docs(spark, tmp_path, known_corpus(), ctx)
-    result = exact_dedup.run(docs, ctx)
-    removed = result.removed.collect()
-    assert [r["doc_id"] for r in removed] == ["en-a-copy"]
+    records = known_corpus()
+    records.append({"id": "en-a-copy2", "text": records[0]["text"] + " !"})  # punctuation is normalised away
+    docs = _docs(spark, tmp_path, records, ctx)
     first = docs.filter("doc_id = 'en-a'").first()["row_id"]
-    assert removed[0]["dup_of"] == first
+    for limit in (base.BROADCAST_ROWS, 0):
+        monkeypatch.setattr(base, "BROADCAST_ROWS", limit)
+        result = exact_dedup.run(docs, ctx)
+        removed = result.removed.collect()
+        assert sorted(r["doc_id"] for r in removed) == ["en-a-copy", "en-a-copy2"], limit
+        assert {r["dup_of"] for r in removed} == {first}
+        assert result.kept.count() == len(records) - 2 and "_first" not in result.kept.columns
 
 
 def test_heuristics_spam_and_chinese(spark, tmp_path: Path) -> None:  # noqa: F811
@@ -135,6 +142,22 @@ def test_near_dedup_pair_chain_and_short_documents(spark, tmp_path: Path) -> Non
     sizes = {r["doc_id"]: r["near_dup_size"] for r in result.kept.collect()}
     assert sizes["en-b"] == 2 and sizes["short-0"] == sizes["short-1"] == 1
     assert sizes["chain-a"] == sizes["chain-c"] == 3
+
+
+def test_candidate_edges_link_each_bucket_to_its_smallest_id(spark, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    """Every member of a shared LSH bucket is linked to the bucket's smallest row id, whether the shared
+    buckets are broadcast to the join or not; the reference is read off the band keys in Python."""
+    ctx = _ctx(spark, tmp_path)
+    signed, _, _ = near_dedup.signatures(_docs(spark, tmp_path, known_corpus() + _chain(), ctx), ctx.cfg.near_dedup)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for row in signed.select("row_id", "_bands").collect():
+        for band, key in enumerate(row["_bands"] or ()):
+            buckets.setdefault((band, key), []).append(row["row_id"])
+    expected = {(i, min(ids)) for ids in buckets.values() for i in ids if i != min(ids)}
+    assert len(expected) >= 3  # the near copy and the chain share buckets
+    for limit in (base.BROADCAST_ROWS, 0):
+        monkeypatch.setattr(base, "BROADCAST_ROWS", limit)
+        assert {(r["src"], r["dst"]) for r in near_dedup.candidate_edges(signed).collect()} == expected, limit
 
 
 def test_spark_signatures_equal_datasketch(spark, tmp_path: Path) -> None:  # noqa: F811

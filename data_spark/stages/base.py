@@ -11,6 +11,7 @@ from pyspark.sql import functions as F
 from haina.data_spark.config import PrepareConfig
 
 REMOVED_COLUMNS = ["row_id", "doc_id", "source", "kind", "ntok", "text", "reason", "dup_of"]
+BROADCAST_ROWS = 2_000_000  # rows of a narrow table (ids, keys) that a join sends to every task instead of shuffling
 
 
 @dataclass
@@ -39,3 +40,15 @@ def removed_rows(df: DataFrame, reason: Column, dup_of: Column | None = None) ->
         reason.cast("string").alias("reason"),
         (dup_of if dup_of is not None else F.lit(None)).cast("long").alias("dup_of"),
     )
+
+
+def broadcast_if_small(df: DataFrame, rows: int | None = None) -> DataFrame:
+    """``df`` cached, and marked for broadcast when it holds at most ``rows`` rows (``BROADCAST_ROWS``).
+
+    The dedup stages join a few shared keys (those held by more than one document or unit) back onto
+    every row: broadcast, the big side stays where it is, with no shuffle or sort of its texts. Spark
+    cannot know the shared keys are few before it has computed them (its adaptive execution switches to
+    a broadcast only after both sides were shuffled), so they are counted first, which also fills the cache."""
+    df = df.cache()
+    return F.broadcast(df) if df.count() <= (BROADCAST_ROWS if rows is None else rows) else df
+

@@ -30,7 +30,7 @@ from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig
 from haina.data_spark.connected_components import components as connected
 from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, SIG_FIELD, Signer, carried
-from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
+from haina.data_spark.stages.base import StageContext, StageResult, broadcast_if_small, removed_rows
 
 SIG_FIELDS = [SIG_FIELD, BANDS_FIELD, HV_FIELD]
 REPORT_COPIES = 10  # removed copies listed per reported cluster (all are counted)
@@ -55,18 +55,20 @@ def signatures(df: DataFrame, cfg: NearDedupConfig, column: str = "text", with_s
 
 
 def candidate_edges(signed: DataFrame) -> DataFrame:
-    """``(src, dst)``: each member of an LSH bucket linked to the bucket's smallest id. One native group-by
-    gathers each bucket's ids (sorted), and the links are read off the buckets with more than one member:
-    a single shuffle of the band keys, no join back."""
+    """``(src, dst)``: each member of an LSH bucket linked to the bucket's smallest id.
+
+    Nearly every bucket holds one document, so a hash aggregate of fixed-width values (smallest id, size)
+    per bucket finds the shared ones, and only their members are linked, by joining the few shared buckets
+    back onto the band keys (:func:`broadcast_if_small`: the band keys are not shuffled again). Gathering
+    every bucket's ids in a list instead took Spark's sort-based fallback of the object aggregate, which
+    sorted a million band keys twice (3 of the stage's 9.5 s at 50,000 documents)."""
     exploded = signed.filter(F.col("_bands").isNotNull()).select(
         "row_id", F.posexplode("_bands").alias("band", "key")
     )
-    buckets = exploded.groupBy("band", "key").agg(F.array_sort(F.collect_list("row_id")).alias("ids"))
-    return (
-        buckets.filter(F.size("ids") > 1)
-        .select(F.explode(F.expr("slice(ids, 2, size(ids) - 1)")).alias("src"), F.col("ids")[0].alias("dst"))
-        .distinct()
-    )
+    shared = (exploded.groupBy("band", "key").agg(F.min("row_id").alias("dst"), F.count("*").alias("size"))
+              .filter(F.col("size") > 1).drop("size"))
+    members = exploded.join(broadcast_if_small(shared), ["band", "key"])
+    return members.filter(F.col("row_id") != F.col("dst")).select(F.col("row_id").alias("src"), "dst").distinct()
 
 
 def similarity(a: str, b: str, cfg: NearDedupConfig) -> Column:
