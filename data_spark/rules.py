@@ -43,45 +43,57 @@ def clean_lines(text: str, kind: str, cfg: HeuristicsConfig) -> tuple[str, int]:
     return "\n".join(kept).strip("\n"), dropped
 
 
-def _top_fraction(units: list[str], n: int, total: int) -> float:
-    """Share of characters in the most frequent n-gram (0 when no n-gram repeats)."""
-    if len(units) < n or not total:
-        return 0.0
-    counts = Counter(zip(*(units[i:] for i in range(n)), strict=False))
-    gram, count = counts.most_common(1)[0]
-    return 0.0 if count < 2 else count * sum(len(u) for u in gram) / total
+class _Grams:
+    """The n-gram measures of one token list, each size counted only where a repeat can start.
 
+    An n-gram that occurs twice starts at positions where every shorter gram occurs twice too, so a size
+    looks only at the positions where the largest smaller size already counted found a repeat (all of
+    them for the first size): the same shares as counting every n-gram of the text for every n, for a
+    fraction of the work, since a text's pairs of words repeat far more often than its runs of five."""
 
-def _dup_fractions(units: list[str], sizes: list[int], total: int):
-    """(n, share of characters in repeated n-grams) for each of ``sizes`` (ascending), lazily.
+    def __init__(self, units: list[str], total: int) -> None:
+        self.units, self.total = units, total
+        self.counted: dict[int, tuple[Counter, list[tuple[int, tuple[str, ...]]]]] = {}
 
-    Gopher/datatrove convention: only the second and later occurrences count as duplicated text. An
-    n-gram that occurs twice starts at a position where every shorter gram occurs twice too, so each
-    size counts only the positions the previous size found repeated: the same shares, without counting
-    every n-gram of the text for every n."""
-    positions: list[int] | None = None
-    for n in sizes:
-        if len(units) < n or not total:
-            yield n, 0.0
-            continue
-        last = len(units) - n
-        candidates = range(last + 1) if positions is None else [i for i in positions if i <= last]
-        grams = [tuple(units[i : i + n]) for i in candidates]
-        counts = Counter(grams)
-        covered = [False] * len(units)
-        seen: set[tuple[str, ...]] = set()
-        repeated = []
-        for i, gram in zip(candidates, grams, strict=True):
-            if counts[gram] > 1:
-                repeated.append(i)
-                if gram in seen:
-                    covered[i : i + n] = [True] * n
+    def _count(self, n: int) -> tuple[Counter, list[tuple[int, tuple[str, ...]]]]:
+        """(counts of the n-grams at the positions looked at, (position, gram) of each one that repeats)."""
+        if n not in self.counted:
+            units, last = self.units, len(self.units) - n
+            below = [m for m in self.counted if m < n]
+            if below:
+                starts = [i for i, _ in self.counted[max(below)][1] if i <= last]
+                grams = [tuple(units[i : i + n]) for i in starts]
+            else:
+                starts = range(last + 1)
+                grams = list(zip(*(units[i:] for i in range(n)), strict=False))
+            counts = Counter(grams)
+            self.counted[n] = counts, [(i, g) for i, g in zip(starts, grams, strict=True) if counts[g] > 1]
+        return self.counted[n]
+
+    def top(self, n: int) -> float:
+        """The share of characters in the most frequent n-gram (the first of them), 0 when none repeats."""
+        if len(self.units) < n or not self.total:
+            return 0.0
+        counts, repeated = self._count(n)
+        if not repeated:
+            return 0.0
+        most = max(counts.values())
+        gram = next(g for _, g in repeated if counts[g] == most)
+        return most * sum(map(len, gram)) / self.total
+
+    def duplicated(self, n: int) -> float:
+        """The share of characters in repeated n-grams, counting only the second and later occurrences
+        (Gopher/datatrove's convention)."""
+        if len(self.units) < n or not self.total:
+            return 0.0
+        repeated = self._count(n)[1]
+        covered, seen = [False] * len(self.units), set()
+        for i, gram in repeated:
+            if gram in seen:
+                covered[i : i + n] = [True] * n
+            else:
                 seen.add(gram)
-        positions = repeated
-        if not repeated:  # nothing repeats at this size: nothing covered (nor at any larger size)
-            yield n, 0.0
-            continue
-        yield n, sum(map(len, compress(units, covered))) / total
+        return sum(map(len, compress(self.units, covered))) / self.total if repeated else 0.0
 
 
 def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
@@ -103,16 +115,16 @@ def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
         if total_chars and dup_chars / total_chars > rep.max_dup_line_char_fraction:
             return f"duplicate line characters {dup_chars / total_chars:.2f}"
     units = tokens(text)  # words for Latin text, single characters for CJK text
-    total = sum(map(len, units))
+    grams = _Grams(units, sum(map(len, units)))
     # A Chinese word is about two characters, so character n-grams are scaled to cover as much text.
     scale = rep.cjk_chars_per_word if kind == "zh" else 1.0
     for n, limit in sorted(rep.max_top_ngram_fraction.items()):
         n = max(1, round(n * scale))
-        share = _top_fraction(units, n, total)
+        share = grams.top(n)
         if share > limit:
             return f"top {n}-gram covers {share:.2f}"
-    limits = sorted((max(1, round(n * scale)), limit) for n, limit in rep.max_dup_ngram_fraction.items())
-    for (n, share), (_, limit) in zip(_dup_fractions(units, [n for n, _ in limits], total), limits, strict=False):
+    for n, limit in sorted((max(1, round(n * scale)), limit) for n, limit in rep.max_dup_ngram_fraction.items()):
+        share = grams.duplicated(n)
         if share > limit:
             return f"duplicate {n}-grams cover {share:.2f}"
     return None

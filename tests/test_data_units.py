@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,10 +14,21 @@ from datasketch.lsh import _optimal_param
 from haina.core.errors import ConfigError
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.minhash import MinHasher, band_keys, candidate_probability, lsh_params, shingles
-from haina.data_spark.rules import clean_lines, document_reason
+from haina.data_spark.rules import _Grams, clean_lines, document_reason
 from haina.data_spark.stages.line_dedup import rebuild, split_units
 from haina.data_spark.stages.weighting import bucket_name, category_factors
-from haina.data_spark.text import detect_kind, sentences, tokens
+from haina.data_spark.text import (
+    _CJK,
+    _NOT_ALNUM_OR_SPACE,
+    _TOKEN,
+    approx_tokens,
+    cjk_fraction,
+    detect_kind,
+    judged_sentences,
+    normalize,
+    sentences,
+    tokens,
+)
 from tests.data_helpers import CODE_DOC, SPAM_DOC, ZH_SENTENCES, en_doc
 
 
@@ -120,6 +133,31 @@ def test_cjk_tokens_are_characters() -> None:
     assert sentences("这是一句。这是第二句！") == ["这是一句。", "这是第二句！"]
 
 
+def test_text_fast_paths_equal_the_general_rules() -> None:
+    """normalize's table for ASCII text, approx_tokens' single pass and the ASCII shortcut of the CJK share
+    give what the general rules give, on every ASCII character and on mixed scripts."""
+    rng = np.random.default_rng(1)
+    every_ascii = "".join(map(chr, range(128)))
+    mixed = every_ascii + "İıßﬁ①²½ÅΣσς数据。！，・゠\u3000\u200b\U0001F600’\x85\xa0"
+    texts = [every_ascii, en_doc(0), CODE_DOC, SPAM_DOC, "".join(ZH_SENTENCES)]
+    texts += ["".join(rng.choice(list(pool), size=int(rng.integers(0, 60)))) for pool in (every_ascii, mixed)
+              for _ in range(500)]
+    symbol = re.compile(r"[^\w\s]")
+    for text in texts:
+        general = " ".join(_NOT_ALNUM_OR_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())
+        assert normalize(text) == general, repr(text)
+        assert approx_tokens(text) == len(_TOKEN.findall(text)) + len(symbol.findall(text)), repr(text)
+        letters = sum(map(str.isalpha, text))
+        assert cjk_fraction(text) == (len(_CJK.findall(text)) / letters if letters else 0.0), repr(text)
+    assert normalize(every_ascii) == "0123456789 abcdefghijklmnopqrstuvwxyz abcdefghijklmnopqrstuvwxyz"
+    # judged_sentences splits the whole text at once: the sentences of each line, as sentences() cuts them
+    breaks = list("aZ9 .!?;。！？；\n\n\r\t\x0b\x0c\x85\u2028\u3000")
+    for text in texts[:200] + ["".join(rng.choice(breaks, size=int(rng.integers(0, 40)))) for _ in range(3000)]:
+        for least in (0, 3):
+            per_line = [p for line in text.split("\n") for p in sentences(line) if len(p.strip()) >= least]
+            assert judged_sentences(text, least) == per_line, repr(text)
+
+
 def test_rules_known_answers() -> None:
     cfg = HeuristicsConfig()
     cfg.en.min_words = 20
@@ -131,6 +169,41 @@ def test_rules_known_answers() -> None:
     assert document_reason("".join(ZH_SENTENCES), "en", cfg) is not None
     text, dropped = clean_lines("Real text here.\nCopyright 2024. All rights reserved.\n版权所有 示例", "en", cfg)
     assert (text, dropped) == ("Real text here.", 2)
+
+
+def _shares_counting_every_gram(units: list[str], n: int) -> tuple[float, float]:
+    """The top and duplicate n-gram shares by counting every n-gram of the text: the reference."""
+    total = sum(map(len, units))
+    if len(units) < n or not total:
+        return 0.0, 0.0
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+    counts = Counter(grams)
+    gram, count = counts.most_common(1)[0]
+    covered, seen = [False] * len(units), set()
+    for i, g in enumerate(grams):
+        if counts[g] > 1 and g in seen:
+            covered[i : i + n] = [True] * n
+        seen.add(g)
+    top = count * sum(map(len, gram)) / total if count > 1 else 0.0
+    return top, sum(len(u) for u, c in zip(units, covered, strict=True) if c) / total
+
+
+def test_ngram_shares_equal_counting_every_gram() -> None:
+    """Each size counted only where the sizes before it found a repeat gives the shares of counting every
+    n-gram, whatever the order the sizes are asked in (Chinese scales them, a config may interleave them)."""
+    rng = np.random.default_rng(0)
+    vocab = ["a", "bb", "ccc", "the", "of", "data", "数", "据"]
+    texts = [list(rng.choice(vocab[: int(rng.integers(2, 9))], size=int(rng.integers(0, 80)))) for _ in range(300)]
+    texts += [tokens(en_doc(0)), tokens(SPAM_DOC), tokens("".join(ZH_SENTENCES)), tokens(en_doc(1) * 3)]
+    orders = [[2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 6, 8, 9, 10, 12, 14, 15], [6, 3, 5, 1, 12, 2]]
+    repeats = 0
+    for units in texts:
+        for order in orders:
+            grams = _Grams(units, sum(map(len, units)))
+            for n in order:
+                assert (grams.top(n), grams.duplicated(n)) == _shares_counting_every_gram(units, n), (units, order, n)
+                repeats += grams.duplicated(n) > 0
+    assert repeats > 500  # the texts do repeat
 
 
 def test_line_units_rebuild_exactly() -> None:
