@@ -103,18 +103,23 @@ def test_quality_removes_spam_sentence(spark, tmp_path: Path) -> None:  # noqa: 
 
 
 def test_line_dedup_first_occurrence(spark, tmp_path: Path) -> None:  # noqa: F811
-    ctx = _ctx(spark, tmp_path)
+    """The one pass over paragraphs and lines and a line pass alone: the first occurrence stays, and a
+    document left blank goes, with its reason."""
     shared = "This paragraph is repeated verbatim in two different documents of the corpus."
     records = [
         {"id": "first", "text": f"Opening words of the first one.\n\n{shared}"},
         {"id": "second", "text": f"{shared}\n\nClosing words that belong to the second document only."},
         {"id": "only-shared", "text": shared},
     ]
-    result = line_dedup.run(_docs(spark, tmp_path, records, ctx), ctx)
-    kept = {r["doc_id"]: r["text"] for r in result.kept.collect()}
-    assert kept["first"].endswith(shared)
-    assert kept["second"] == "Closing words that belong to the second document only."
-    assert _ids(result.removed) == {"only-shared"}
+    for units in ("[paragraph, line]", "[line]"):
+        ctx = _ctx(spark, tmp_path, f"line_dedup.units={units}")
+        result = line_dedup.run(_docs(spark, tmp_path, records, ctx), ctx)
+        kept = {r["doc_id"]: r["text"] for r in result.kept.collect()}
+        assert kept["first"].endswith(shared)
+        assert kept["second"] == "Closing words that belong to the second document only."
+        assert set(kept) == {"first", "second"} and "_empty" not in result.kept.columns
+        assert [(r["doc_id"], r["reason"]) for r in result.removed.collect()] == [
+            ("only-shared", "line_dedup: every unit repeated elsewhere")], units
 
 
 def _chain() -> list[dict]:

@@ -26,6 +26,15 @@ from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import approx_tokens, normalize
 
 _PARAGRAPH_BREAK = re.compile(r"(\n(?:[ \t]*\n)+)")
+EMPTY_FIELD = T.StructField("_empty", T.BooleanType())  # nothing but spaces is left of the text
+
+
+def _blank(text: str) -> bool:
+    """Whether the text holds nothing but spaces, as Spark's ``trim`` sees it: told by the pass that edits
+    the texts, so the JVM need not count every text's characters to find the few emptied ones."""
+    return not text.strip(" ")
+
+
 UNIT_TYPE = T.ArrayType(T.StructType([T.StructField("pos", T.IntegerType()), T.StructField("key", T.BinaryType())]))
 
 
@@ -72,7 +81,7 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
     counter = f"{unit}s_removed"
 
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
-        out: dict[str, list] = {"text": [], "ntok": [], counter: []}
+        out: dict[str, list] = {"text": [], "ntok": [], counter: [], "_empty": []}
         for text, ntok, drop in zip(texts(batch), texts(batch, "ntok"), texts(batch, "_drop"), strict=True):
             if drop:
                 text = rebuild(text, unit, set(drop))
@@ -80,10 +89,11 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
             out["text"].append(text)
             out["ntok"].append(ntok)
             out[counter].append(len(drop or ()))
+            out["_empty"].append(_blank(text))
         return out
 
     fields = [T.StructField("text", T.StringType()), T.StructField("ntok", T.LongType()),
-              T.StructField(counter, T.IntegerType())]
+              T.StructField(counter, T.IntegerType()), EMPTY_FIELD]
     return map_columns(joined, apply, fields, drop=("_drop",)).cache()
 
 
@@ -211,7 +221,7 @@ def _both(df: DataFrame, min_chars: int) -> DataFrame:
     joined = df.join(repeats, "row_id", "left")
 
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
-        out: dict[str, list] = {"paragraphs_removed": [], "text": [], "ntok": [], "lines_removed": []}
+        out: dict[str, list] = {"paragraphs_removed": [], "text": [], "ntok": [], "lines_removed": [], "_empty": []}
         columns = (texts(batch), texts(batch, "ntok"), texts(batch, "_drop_paragraphs"), texts(batch, "_drop_lines"))
         for text, ntok, paragraphs, lines in zip(*columns, strict=True):
             removed_paragraphs = removed_lines = 0
@@ -224,10 +234,11 @@ def _both(df: DataFrame, min_chars: int) -> DataFrame:
             out["text"].append(text)
             out["ntok"].append(ntok)
             out["lines_removed"].append(removed_lines)
+            out["_empty"].append(_blank(text))
         return out
 
     fields = [T.StructField("paragraphs_removed", T.IntegerType()), T.StructField("text", T.StringType()),
-              T.StructField("ntok", T.LongType()), T.StructField("lines_removed", T.IntegerType())]
+              T.StructField("ntok", T.LongType()), T.StructField("lines_removed", T.IntegerType()), EMPTY_FIELD]
     return map_columns(joined, apply, fields, drop=("_drop_paragraphs", "_drop_lines"))
 
 
@@ -240,7 +251,6 @@ def run(df, ctx: StageContext) -> StageResult:
         for unit in cfg.units:
             out = _pass(out, unit, cfg.min_chars)
     out = out.cache()
-    empty = F.length(F.trim("text")) == 0
-    kept = out.filter(~empty)
-    removed = removed_rows(out.filter(empty), F.lit("line_dedup: every unit repeated elsewhere"))
+    kept = out.filter(~F.col("_empty")).drop("_empty")
+    removed = removed_rows(out.filter(F.col("_empty")), F.lit("line_dedup: every unit repeated elsewhere"))
     return StageResult(kept, removed)
