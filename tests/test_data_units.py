@@ -307,7 +307,15 @@ def test_feature_rows_equal_featurize() -> None:
              "ΟΔΟΣ", "ΑΒ ΟΔΟΣ", "...", "ΣΑ"]  # a final sigma before the next text, a text without tokens
     lines += lines[:3]  # repeats are featurised once and given to each
     # the batch is tokenised as one text joined by NUL; one holding a NUL itself is tokenised apart
-    for batch in (lines, [*lines, "a\x00b c"], ["", ""], ["one"]):
+    # the punctuation, URL and shouting grams are read off the characters of the batch laid end to end:
+    # none may run from one text into the next
+    edges = ["a.", ".b", "", "ABC", "DEF", "AB", "C", "ww", "w.x", "http:", "//x", "-", "-", "ABC_DEF", "ABC1",
+             "(ABC)", "éABC", "wwww.x", "https://www.x", "...!?", "::"]
+    rng = np.random.default_rng(2)
+    pool = list("ABCZab .,-:/!?_1É€http/wws") + [" www.", "http://", "https://", "ΟΔ"]
+    fuzz = [["".join(rng.choice(pool, size=int(rng.integers(0, 12)))) for _ in range(int(rng.integers(1, 7)))]
+            for _ in range(300)]
+    for batch in (lines, [*lines, "a\x00b c"], ["", ""], ["one"], edges, *fuzz):
         for shape in (False, True):
             values, ids, starts, ntok = feature_rows(batch, 1 << 12, shape)
             for i, line in enumerate(batch):
