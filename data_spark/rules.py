@@ -51,8 +51,8 @@ class _Grams:
     them for the first size): the same shares as counting every n-gram of the text for every n, for a
     fraction of the work, since a text's pairs of words repeat far more often than its runs of five."""
 
-    def __init__(self, units: list[str], total: int) -> None:
-        self.units, self.total = units, total
+    def __init__(self, units: list[str]) -> None:
+        self.units, self.total = units, sum(map(len, units))
         self.counted: dict[int, tuple[Counter, list[tuple[int, tuple[str, ...]]]]] = {}
 
     def _count(self, n: int) -> tuple[Counter, list[tuple[int, tuple[str, ...]]]]:
@@ -115,7 +115,7 @@ def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
         if total_chars and dup_chars / total_chars > rep.max_dup_line_char_fraction:
             return f"duplicate line characters {dup_chars / total_chars:.2f}"
     units = tokens(text)  # words for Latin text, single characters for CJK text
-    grams = _Grams(units, sum(map(len, units)))
+    grams = _Grams(units)
     # A Chinese word is about two characters, so character n-grams are scaled to cover as much text.
     scale = rep.cjk_chars_per_word if kind == "zh" else 1.0
     for n, limit in sorted(rep.max_top_ngram_fraction.items()):

@@ -14,11 +14,12 @@ _CJK = re.compile(f"[{CJK_RANGES}]")
 # A token is a CJK character or a run of letters/digits (Unicode-aware, underscore excluded).
 _TOKEN = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s+|(?<=[。！？])")
+_STOPS, _CJK_STOPS = ".!?。！？；;", "。！？"  # a sentence ends after one (and the space after it); a CJK one needs none
+_SENTENCE_END = re.compile(f"(?<=[{_STOPS}])\\s+|(?<=[{_CJK_STOPS}])")
 # _SENTENCE_END within lines, and the line breaks themselves: the sentences of every line in one split. The
 # newline is tried first and the whitespace after a full stop stops short of it, so no piece spans two
 # lines and each keeps the leading spaces its line gives it.
-_SENTENCE_END_OR_LINE = re.compile(r"\n|(?<=[.!?。！？；;])[^\S\n]+|(?<=[。！？])")
+_SENTENCE_END_OR_LINE = re.compile(f"\n|(?<=[{_STOPS}])[^\\S\n]+|(?<=[{_CJK_STOPS}])")
 _CODE_HINTS = re.compile(
     r"^\s*(def |class |import |from \S+ import|return\b|#include|function |public |private |var |let |const |"
     r"if \(|for \(|while \(|\}|@\w+)",
@@ -28,7 +29,7 @@ _NOT_ALNUM_OR_SPACE = re.compile(r"[^\w\s]|_")
 _SYMBOL = re.compile(r"[^\w\s]")
 # approx_tokens' two counts in one pass over ASCII text, where no character is both a token and a symbol
 # (a CJK-range character that is not \w, as "・", is both, and counted twice)
-_TOKEN_OR_SYMBOL = re.compile(f"{_TOKEN.pattern}|[^\\w\\s]")
+_TOKEN_OR_SYMBOL = re.compile(f"{_TOKEN.pattern}|{_SYMBOL.pattern}")
 # normalize's punctuation rule for ASCII text, as a table: str.translate is four times faster than the regex
 _ASCII_PUNCTUATION = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c.isspace())})
 

@@ -42,13 +42,13 @@ def removed_rows(df: DataFrame, reason: Column, dup_of: Column | None = None) ->
     )
 
 
-def broadcast_if_small(df: DataFrame, rows: int | None = None) -> DataFrame:
-    """``df`` cached, and marked for broadcast when it holds at most ``rows`` rows (``BROADCAST_ROWS``).
+def broadcast_if_small(df: DataFrame) -> DataFrame:
+    """``df`` cached, and marked for broadcast when it holds at most ``BROADCAST_ROWS`` rows.
 
     The dedup stages join a few shared keys (those held by more than one document or unit) back onto
     every row: broadcast, the big side stays where it is, with no shuffle or sort of its texts. Spark
     cannot know the shared keys are few before it has computed them (its adaptive execution switches to
     a broadcast only after both sides were shuffled), so they are counted first, which also fills the cache."""
     df = df.cache()
-    return F.broadcast(df) if df.count() <= (BROADCAST_ROWS if rows is None else rows) else df
+    return F.broadcast(df) if df.count() <= BROADCAST_ROWS else df
 
