@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from haina.core.errors import ConfigError
@@ -15,8 +16,9 @@ from haina.data_spark import installed_text
 from haina.data_spark.config import ModelTrainConfig, load_prepare_config
 from haina.data_spark.linear_model import LinearModel, feature_matrix, read_seed, train
 from haina.data_spark.quality_seed import HELDOUT, TRAIN, build_seed, heldout_seed
+from haina.data_spark.stages.quality import _apply as quality_apply
 from haina.data_spark.stages.quality import cut_for_share, judge
-from haina.data_spark.text import judged_sentences, normalize
+from haina.data_spark.text import approx_tokens, judged_sentences, normalize
 from tests.data_helpers import (
     SPAM_LINE,
     TEST_OVERRIDES,
@@ -128,6 +130,40 @@ def test_judge_removes_exactly_the_sentences_below_the_cut() -> None:
     assert new == "First sentence is fine.\nok\nThird sentence stays here." and removed == 1
     assert 0.5 < score < 1.0
     assert judge(text, [2.0, -3.0, 1.0], -5.0, cfg)[0] == text
+
+
+def test_second_pass_counts_the_tokens_left_from_the_first() -> None:
+    """The second pass takes a judged text's tokens as its first-pass count less the removed sentences' (no
+    second count over the text): the same as counting the text it leaves, and the whole text's count when
+    every sentence goes."""
+    cfg = load_prepare_config(None, []).quality
+    texts = [
+        "First sentence is fine. Second one is spam!!!\nok\nThird sentence stays here; a (short) clause.",
+        "这是第一句很长的中文句子。这是第二句也很长的句子！English words end here.  Trailing words...\n\n...",
+        "Symbols #$% and more:: here. Another line -- with dashes? yes!\n  indented line that is long enough.",
+        "Every line here is going to be removed.\nAnd this one is removed too, surely.",
+        "短句。\nAn English line with 3 numbers 1,234.5 and ~tildes~ that ends.",
+    ]
+    rng = np.random.default_rng(0)
+    logits, lens, toks = [], [], []
+    for text in texts:
+        pieces = judged_sentences(text, cfg.min_sentence_chars)
+        logits.append(rng.normal(size=len(pieces)).tolist())
+        lens.append([len(p) for p in pieces])
+        toks.append([approx_tokens(p) for p in pieces])
+    logits[3] = [-9.0] * len(logits[3])
+    batch = pa.RecordBatch.from_pydict({
+        "text": texts, "_qlogit": logits, "_qlen": lens, "_qtok": toks,
+        "ntok": [approx_tokens(t) for t in texts], "kind": ["en"] * len(texts),
+    })
+    for cut in (-1.0, 0.0, 0.5, 3.0):
+        out = quality_apply(cut, cfg)(batch)
+        assert sum(out["sentences_removed"]) > 0
+        for text, reason, new, ntok in zip(texts, out["_reason"], out["text"], out["ntok"], strict=True):
+            if reason == "quality: every sentence below threshold":
+                assert new == text
+            assert ntok == approx_tokens(new), (cut, new)
+    assert quality_apply(0.0, cfg)(batch)["_reason"][3] == "quality: every sentence below threshold"
 
 
 def test_threshold_and_share_precedence() -> None:

@@ -27,6 +27,7 @@ from haina.data_spark.text import (
     judged_sentences,
     normalize,
     sentences,
+    sentences_by_line,
     tokens,
 )
 from tests.data_helpers import CODE_DOC, SPAM_DOC, ZH_SENTENCES, en_doc
@@ -150,12 +151,14 @@ def test_text_fast_paths_equal_the_general_rules() -> None:
         letters = sum(map(str.isalpha, text))
         assert cjk_fraction(text) == (len(_CJK.findall(text)) / letters if letters else 0.0), repr(text)
     assert normalize(every_ascii) == "0123456789 abcdefghijklmnopqrstuvwxyz abcdefghijklmnopqrstuvwxyz"
-    # judged_sentences splits the whole text at once: the sentences of each line, as sentences() cuts them
+    # sentences_by_line and judged_sentences cut the whole text in one pass: the sentences of each line, as
+    # sentences() cuts them
     breaks = list("aZ9 .!?;。！？；\n\n\r\t\x0b\x0c\x85\u2028\u3000")
     for text in texts[:200] + ["".join(rng.choice(breaks, size=int(rng.integers(0, 40)))) for _ in range(3000)]:
+        by_line = [sentences(line) for line in text.split("\n")]
+        assert sentences_by_line(text) == by_line, repr(text)
         for least in (0, 3):
-            per_line = [p for line in text.split("\n") for p in sentences(line) if len(p.strip()) >= least]
-            assert judged_sentences(text, least) == per_line, repr(text)
+            assert judged_sentences(text, least) == [p for line in by_line for p in line if len(p.strip()) >= least]
 
 
 def test_rules_known_answers() -> None:

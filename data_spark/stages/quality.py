@@ -34,7 +34,7 @@ from haina.data_spark.config import QualityConfig
 from haina.data_spark.linear_model import LinearModel, fit_and_save, logit_of, read_seed, sigmoid, train
 from haina.data_spark.quality_seed import build_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
-from haina.data_spark.text import approx_tokens, is_cjk, judged_sentences, sentences
+from haina.data_spark.text import is_cjk, judged_sentences, sentences_by_line
 
 SCORED = [
     T.StructField("_qlogit", T.ArrayType(T.DoubleType())),
@@ -54,12 +54,13 @@ LOGIT_RANGE = 30.0  # log-odds beyond +-30 share the end bins
 
 def judge(text: str, logits: list[float], cut: float, cfg: QualityConfig) -> tuple[str, float, int]:
     """(text without the sentences whose log-odds are below ``cut``, document score, sentences removed);
-    ``logits`` are those of ``judged_sentences(text)``, in order."""
+    ``logits`` are those of ``judged_sentences(text)``, in order. A line that loses no sentence is kept as it
+    was; one that does keeps its other sentences, stripped and joined."""
     scores = iter(logits)
     lines_out, removed, weighted, chars = [], 0, 0.0, 0
-    for line in text.split("\n"):
+    for line, pieces in zip(text.split("\n"), sentences_by_line(text), strict=True):
         keep, changed = [], False
-        for piece in sentences(line):
+        for piece in pieces:
             if len(piece.strip()) < cfg.min_sentence_chars:
                 keep.append(piece)
                 continue
@@ -121,22 +122,26 @@ def _unchanged_score(logits: list[float], lengths: list[int]) -> float:
 def _apply(cut: float, cfg: QualityConfig):
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
         out: dict[str, list] = {f.name: [] for f in FIELDS}
-        columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "_qlen"), texts(batch, "ntok"),
-                   texts(batch, "kind"))
-        for text, logits, lengths, ntok, kind in zip(*columns, strict=True):
+        columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "_qlen"), texts(batch, "_qtok"),
+                   texts(batch, "ntok"), texts(batch, "kind"))
+        for text, logits, lengths, tokens, ntok, kind in zip(*columns, strict=True):
+            left = ntok
             if kind not in cfg.kinds:
                 new_text, score, removed = text, 1.0, 0
             elif not logits or min(logits) >= cut:  # nothing below the cut: no second split of the text
                 new_text, score, removed = text, _unchanged_score(logits, lengths), 0
             else:
                 new_text, score, removed = judge(text, logits, cut, cfg)
+                # a removed sentence takes its own tokens: a piece ends at a full stop, a symbol, so no token
+                # spans two pieces, and the kept ones are joined by a space or nothing
+                left -= sum(n for logit, n in zip(logits, tokens, strict=True) if logit < cut)
             reason = None
             if not new_text.strip():
-                reason, new_text = "quality: every sentence below threshold", text
+                reason, new_text, left = "quality: every sentence below threshold", text, ntok
             elif score < cfg.min_doc_score:
                 reason = f"quality: score {score:.2f} < {cfg.min_doc_score}"
             out["text"].append(new_text)
-            out["ntok"].append(approx_tokens(new_text) if removed else ntok)
+            out["ntok"].append(left)
             out["quality_score"].append(round(score, 6))
             out["sentences_removed"].append(removed)
             out["_reason"].append(reason)
