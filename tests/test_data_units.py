@@ -15,7 +15,7 @@ from haina.core.errors import ConfigError
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.minhash import MinHasher, band_keys, candidate_probability, lsh_params, shingles
 from haina.data_spark.rules import _Grams, clean_lines, document_reason
-from haina.data_spark.stages.line_dedup import rebuild, split_units
+from haina.data_spark.stages.line_dedup import rebuild, split_units, unit_tokens
 from haina.data_spark.stages.weighting import bucket_name, category_factors
 from haina.data_spark.text import (
     _CJK,
@@ -382,7 +382,9 @@ def _two_passes(texts: list[str], min_chars: int) -> list[tuple[str, int, int]]:
         for row, found in enumerate(keyed):
             drop = {k["pos"] for k in found if first[k["key"]] != (row, k["pos"])}
             counts[row].append(len(drop))
-            texts[row] = rebuild(texts[row], unit, drop) if drop else texts[row]
+            edited = rebuild(texts[row], unit, drop) if drop else texts[row]
+            assert unit_tokens(texts[row], unit, drop) == approx_tokens(texts[row]) - approx_tokens(edited)
+            texts[row] = edited
     return [(text, p, line) for text, (p, line) in zip(texts, counts, strict=True)]
 
 
@@ -402,8 +404,13 @@ def _one_pass(texts: list[str], min_chars: int) -> list[tuple[str, int, int]]:
     gone = repeats([(row, k) for row, found in enumerate(keyed) for k in found if k["unit"] == 0])
     lines = repeats([(row, k) for row, found in enumerate(keyed) for k in found
                      if k["unit"] == 1 and (row, k["para"]) not in gone])
-    return [drop_both(text, {p for r, p in gone if r == row}, {j for r, j in lines if r == row}, min_chars)
-            for row, text in enumerate(texts)]
+    out = []
+    for row, text in enumerate(texts):
+        new, paragraphs, removed, tokens = drop_both(text, {p for r, p in gone if r == row},
+                                                     {j for r, j in lines if r == row}, min_chars)
+        assert tokens == approx_tokens(text) - approx_tokens(new)  # the count the edit pass takes off
+        out.append((new, paragraphs, removed))
+    return out
 
 
 def test_one_pass_line_dedup_equals_two_passes() -> None:
@@ -412,6 +419,7 @@ def test_one_pass_line_dedup_equals_two_passes() -> None:
     of separator."""
     rng = np.random.default_rng(0)
     lines = [f"line {i} with enough words to count for dedup" for i in range(8)] + ["short", "", "  ", "\t"]
+    lines += ["第二行：足够长的中文句子，用来去重。", "symbols -- #$% & (more) ... enough!"]
     seps = ["\n\n", "\n \n", "\n\t\n\n", "\n\n\n"]
     for trial in range(400):
         texts = []

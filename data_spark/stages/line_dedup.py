@@ -63,6 +63,12 @@ def rebuild(text: str, unit: str, drop: set[int]) -> str:
     return "".join(u + s for u, s in kept).strip("\n")
 
 
+def unit_tokens(text: str, unit: str, positions: set[int]) -> int:
+    """The approximate tokens of the units of ``text`` at ``positions``: what removing them takes from the
+    text's count (no token or symbol spans a line break, and the separators are blank)."""
+    return sum(approx_tokens(piece) for i, piece in enumerate(split_units(text, unit)[0]) if i in positions)
+
+
 def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
     def keys(batch: pa.RecordBatch) -> dict[str, list]:
         return {"_units": [unit_keys(t, unit, min_chars) for t in texts(batch)]}
@@ -84,8 +90,8 @@ def _pass(df: DataFrame, unit: str, min_chars: int) -> DataFrame:
         out: dict[str, list] = {"text": [], "ntok": [], counter: [], "_empty": []}
         for text, ntok, drop in zip(texts(batch), texts(batch, "ntok"), texts(batch, "_drop"), strict=True):
             if drop:
+                ntok -= unit_tokens(text, unit, set(drop))
                 text = rebuild(text, unit, set(drop))
-                ntok = approx_tokens(text)
             out["text"].append(text)
             out["ntok"].append(ntok)
             out[counter].append(len(drop or ()))
@@ -159,29 +165,33 @@ def both_key_lists(batch_texts: list[str], min_chars: int) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.StructArray.from_arrays(fields, ["unit", "pos", "para", "key"]))
 
 
-def drop_both(text: str, paragraphs: set[int], lines: set[int], min_chars: int) -> tuple[str, int, int]:
-    """(text, paragraphs removed, lines removed) of the paragraph pass and then the line pass, from the
-    repeated paragraphs and the repeated lines (indices in ``text.split("\\n")``) both found on ``text``.
+def drop_both(text: str, paragraphs: set[int], lines: set[int], min_chars: int) -> tuple[str, int, int, int]:
+    """(text, paragraphs removed, lines removed, approximate tokens removed) of the paragraph pass and then the
+    line pass, from the repeated paragraphs and the repeated lines (indices in ``text.split("\\n")``) both found
+    on ``text``.
 
     The line pass sees the lines of the kept paragraphs only; :func:`_both` finds their first occurrences
     among those (a removed paragraph's lines are not its kept copy's lines when the two are wrapped
     differently: paragraphs are compared normalised). Its lines are found again in the paragraph pass's
     text by order: the lines of that text that can repeat (at least ``min_chars`` normalised) are those
     of the kept paragraphs, in order."""
+    tokens = 0
     if paragraphs:
         owner = _line_owners(text)
         lines = {j for j in lines if owner[j] not in paragraphs}
         if lines:
             before = [j for j, line in enumerate(text.split("\n"))
                       if owner[j] not in paragraphs and len(normalize(line)) >= min_chars]
+        tokens += unit_tokens(text, "paragraph", paragraphs)
         text = rebuild(text, "paragraph", paragraphs)
         if lines:
             after = [j for j, line in enumerate(text.split("\n")) if len(normalize(line)) >= min_chars]
             where = dict(zip(before, after, strict=True))
             lines = {where[j] for j in lines}
     if lines:
+        tokens += unit_tokens(text, "line", lines)
         text = rebuild(text, "line", lines)
-    return text, len(paragraphs), len(lines)
+    return text, len(paragraphs), len(lines), tokens
 
 
 BOTH_TYPE = T.ArrayType(T.StructType([
@@ -226,10 +236,9 @@ def _both(df: DataFrame, min_chars: int) -> DataFrame:
         for text, ntok, paragraphs, lines in zip(*columns, strict=True):
             removed_paragraphs = removed_lines = 0
             if paragraphs or lines:
-                text, removed_paragraphs, removed_lines = drop_both(text, set(paragraphs or ()), set(lines or ()),
-                                                                    min_chars)
-                if removed_paragraphs or removed_lines:
-                    ntok = approx_tokens(text)
+                text, removed_paragraphs, removed_lines, removed_tokens = drop_both(
+                    text, set(paragraphs or ()), set(lines or ()), min_chars)
+                ntok -= removed_tokens
             out["paragraphs_removed"].append(removed_paragraphs)
             out["text"].append(text)
             out["ntok"].append(ntok)
