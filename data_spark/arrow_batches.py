@@ -1,8 +1,9 @@
 """Per-Arrow-batch Python work on a DataFrame: the only place the job runs Python over rows.
 
 Every stage that needs Python (parsing, rules, signatures, classifiers) goes through
-:func:`map_columns`, which runs inside ``mapInArrow`` on each executor; grouping, joins and
-connected components stay on native Spark columns, so no Python runs in a shuffle.
+:func:`map_columns`, which runs inside ``mapInArrow`` on each executor, or, for a summary of each batch
+(a histogram, a batch's lowest scores) that Spark then combines, :func:`summarize_batches`; grouping, joins
+and connected components stay on native Spark columns, so no Python runs in a shuffle.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def map_columns(df: DataFrame, fn: BatchFn, fields: list[StructField], drop: tup
                 else:
                     columns.append(batch.column(name))
             yield pa.RecordBatch.from_arrays(columns, names=names)
+
+    return df.mapInArrow(run, schema)
+
+
+def summarize_batches(df: DataFrame, fn: BatchFn, fields: list[StructField]) -> DataFrame:
+    """Rows ``fn(batch) -> {column: values}`` (any number per batch, ``fields`` their schema) for every Arrow
+    batch of ``df``: a few rows of summary per batch instead of a row per item."""
+    schema = StructType(fields)
+    types = [_arrow_type(f) for f in fields]
+    names = schema.fieldNames()
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            out = fn(batch)
+            yield pa.RecordBatch.from_arrays([pa.array(out[n], type=t) for n, t in zip(names, types, strict=True)],
+                                             names=names)
 
     return df.mapInArrow(run, schema)
 

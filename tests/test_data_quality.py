@@ -234,6 +234,49 @@ def test_fixed_threshold_wins_and_matches_the_model(spark, tmp_path: Path, real_
     assert cut["removed_sentences"] == expected and cut["judged_sentences"] == len(pieces)
 
 
+@pytest.mark.integration
+def test_histogram_and_sample_equal_every_sentence_sorted(spark) -> None:  # noqa: F811
+    """The histogram and the removed sample, built from each Arrow batch's bins and candidates, equal what
+    binning and sorting every sentence at once gives: over many batches of 20 rows laid out in descending row
+    id, tied scores (ordered by row id, then position, whatever the layout), log-odds on bin edges and beyond
+    +-30."""
+    from haina.data_spark.stages.quality import BINS_PER_UNIT, histogram, removed_sample
+
+    cfg = load_prepare_config(None, ["quality.report_removed=2"]).quality
+    rng = np.random.default_rng(1)
+    pool = [-45.0, -30.0, -1.5, -0.01, 0.0, 0.37, 2.0, 31.0, *rng.normal(scale=3.0, size=8).round(2)]
+    rows, every = [], []
+    for row_id in range(199, -1, -1):
+        logits = rng.choice(pool, size=int(rng.integers(0, 6))).tolist()
+        lens, toks = rng.integers(12, 90, size=len(logits)).tolist(), rng.integers(1, 20, size=len(logits)).tolist()
+        text = "\n".join(f"Sentence {row_id}-{i} is long enough to be judged." for i in range(len(logits)))
+        rows.append((row_id, f"d{row_id}", text, logits, lens, toks))
+        every += [(x, row_id, i, n, t) for i, (x, n, t) in enumerate(zip(logits, lens, toks, strict=True))]
+    schema = "row_id long, doc_id string, text string, _qlogit array<double>, _qlen array<int>, _qtok array<int>"
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "20")
+    try:
+        scored = spark.createDataFrame(rows, schema)
+        hist = histogram(scored)
+        cut = 0.0
+        sample = removed_sample(scored, cut, cfg)
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    bins: dict[int, list[int]] = {}
+    for x, _, _, n, t in every:
+        b = bins.setdefault(int(np.floor(min(max(x, -30.0), 30.0 - 1e-9) * BINS_PER_UNIT)), [0, 0, 0])
+        b[0], b[1], b[2] = b[0] + 1, b[1] + n, b[2] + t
+    assert hist.edges.tolist() == [b / BINS_PER_UNIT for b in sorted(bins)]
+    assert [hist.sentences.tolist(), hist.chars.tolist(), hist.tokens.tolist()] == [
+        [bins[b][k] for b in sorted(bins)] for k in range(3)]
+    below = [e for e in every if e[0] < cut]
+    lowest = sorted(below, key=lambda e: (e[0], e[1], e[2]))[:2]
+    near = sorted(below, key=lambda e: (-e[0], e[1], e[2]))[:2]
+    assert [(e["row_id"], e["text"]) for e in sample["lowest"]] == [
+        (r, f"Sentence {r}-{i} is long enough to be judged.") for _, r, i, _, _ in lowest]
+    assert [(e["row_id"], e["text"]) for e in sample["just_below_cut"]] == [
+        (r, f"Sentence {r}-{i} is long enough to be judged.") for _, r, i, _, _ in near]
+
+
 def _job_like_corpus() -> list[dict]:
     """The known corpus as the quality stage meets it in the job (exact dedup and heuristics removed the
     copy and the spam document)."""

@@ -5,8 +5,10 @@ sentences of each line, short ones left out) and keeps the log-odds beside the t
 stage runs right before this one, that stage's pass over the texts does this (:func:`score_texts`), and
 the scores arrive as columns. The cut is then
 either ``quality.sentence_threshold`` or, by default, the point below which ``target_removal_share`` of
-the judged sentences' characters lies, read off a histogram of log-odds that Spark aggregates (a few
-thousand bins come to the driver, never a document). The second pass removes the sentences below the cut.
+the judged sentences' characters lies, read off a histogram of log-odds (each Arrow batch of the scores
+binned in numpy, the bins summed by Spark: a few thousand come to the driver, never a sentence; exploding a
+row per sentence for Spark to group took several times as long). The second pass removes the sentences
+below the cut and says what it took out of each document, which the report sums.
 A classifier's probabilities on one corpus say little about another (the seed's prose is not the job's),
 so a share the report can be compared with is the default, not a probability.
 
@@ -22,6 +24,7 @@ so a person can judge where the cut fell.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +32,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.arrow_batches import map_columns, texts
+from haina.data_spark.arrow_batches import map_columns, summarize_batches, texts
 from haina.data_spark.config import QualityConfig
 from haina.data_spark.linear_model import LinearModel, fit_and_save, logit_of, read_seed, sigmoid, train
 from haina.data_spark.quality_seed import build_seed
@@ -48,6 +51,13 @@ FIELDS = [
     T.StructField("sentences_removed", T.IntegerType()),
     T.StructField("_reason", T.StringType()),
 ]
+REMOVED = [  # what the second pass took out of each document, summed for the report, then dropped
+    T.StructField("_qrm_chars", T.LongType()),
+    T.StructField("_qrm_tokens", T.LongType()),
+]
+HISTOGRAM = [T.StructField(name, T.LongType()) for name in ("bin", "sentences", "chars", "tokens")]
+SAMPLE = [T.StructField("logit", T.DoubleType()), T.StructField("row_id", T.LongType()),
+          T.StructField("pos", T.IntegerType())]
 BINS_PER_UNIT = 100  # histogram resolution in log-odds: 0.01, a change of at most 0.25% in probability
 LOGIT_RANGE = 30.0  # log-odds beyond +-30 share the end bins
 
@@ -121,21 +131,22 @@ def _unchanged_score(logits: list[float], lengths: list[int]) -> float:
 
 def _apply(cut: float, cfg: QualityConfig):
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
-        out: dict[str, list] = {f.name: [] for f in FIELDS}
+        out: dict[str, list] = {f.name: [] for f in FIELDS + REMOVED}
         columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "_qlen"), texts(batch, "_qtok"),
                    texts(batch, "ntok"), texts(batch, "kind"))
         for text, logits, lengths, tokens, ntok, kind in zip(*columns, strict=True):
-            left = ntok
+            gone_chars = gone_tokens = 0
             if kind not in cfg.kinds:
                 new_text, score, removed = text, 1.0, 0
             elif not logits or min(logits) >= cut:  # nothing below the cut: no second split of the text
                 new_text, score, removed = text, _unchanged_score(logits, lengths), 0
             else:
                 new_text, score, removed = judge(text, logits, cut, cfg)
-                # a removed sentence takes its own tokens: a piece ends at a full stop, a symbol, so no token
-                # spans two pieces, and the kept ones are joined by a space or nothing
-                left -= sum(n for logit, n in zip(logits, tokens, strict=True) if logit < cut)
-            reason = None
+                gone = [i for i, logit in enumerate(logits) if logit < cut]
+                gone_chars, gone_tokens = sum(lengths[i] for i in gone), sum(tokens[i] for i in gone)
+            # a removed sentence takes its own tokens: a piece ends at a full stop, a symbol, so no token spans
+            # two pieces, and the kept ones are joined by a space or nothing
+            left, reason = ntok - gone_tokens, None
             if not new_text.strip():
                 reason, new_text, left = "quality: every sentence below threshold", text, ntok
             elif score < cfg.min_doc_score:
@@ -145,27 +156,55 @@ def _apply(cut: float, cfg: QualityConfig):
             out["quality_score"].append(round(score, 6))
             out["sentences_removed"].append(removed)
             out["_reason"].append(reason)
+            out["_qrm_chars"].append(gone_chars)
+            out["_qrm_tokens"].append(gone_tokens)
         return out
 
     return apply
 
 
-def _sentences(scored: DataFrame) -> DataFrame:
-    """One row per judged sentence: (row_id, pos, logit, chars, tokens); Spark explodes it, nothing is
-    collected."""
-    return scored.select("row_id", F.posexplode(F.arrays_zip("_qlogit", "_qlen", "_qtok")).alias("pos", "s")).select(
-        "row_id", "pos", F.col("s._qlogit").alias("logit"), F.col("s._qlen").alias("chars"),
-        F.col("s._qtok").alias("tokens"),
-    )
+def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(every value, each row's count) of a list column."""
+    column = batch.column(name)
+    return (column.flatten().to_numpy(zero_copy_only=False),
+            column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64))
 
 
-def histogram(sentences_df: DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(bin lower edges in log-odds, characters) per non-empty bin, ascending."""
-    clipped = F.greatest(F.least(F.col("logit"), F.lit(LOGIT_RANGE - 1e-9)), F.lit(-LOGIT_RANGE))
-    rows = (sentences_df.groupBy(F.floor(clipped * BINS_PER_UNIT).alias("bin"))
-            .agg(F.sum("chars").alias("chars")).orderBy("bin").collect())
-    bins = np.array([r["bin"] for r in rows], dtype=np.int64)
-    return bins / BINS_PER_UNIT, np.array([r["chars"] for r in rows], float)
+def _bin_of(logits: np.ndarray) -> np.ndarray:
+    """The histogram bin of each log-odds (those beyond +-``LOGIT_RANGE`` in the end bins)."""
+    return np.floor(np.clip(logits, -LOGIT_RANGE, LOGIT_RANGE - 1e-9) * BINS_PER_UNIT).astype(np.int64)
+
+
+def _batch_histogram(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    """One batch's judged sentences, characters and tokens per bin of log-odds."""
+    logits, _ = _flat(batch, "_qlogit")
+    bins, which = np.unique(_bin_of(logits), return_inverse=True)
+    out = {"bin": bins, "sentences": np.bincount(which, minlength=len(bins))}
+    for name, column in (("chars", "_qlen"), ("tokens", "_qtok")):
+        sums = np.zeros(len(bins), dtype=np.int64)
+        np.add.at(sums, which, _flat(batch, column)[0].astype(np.int64))
+        out[name] = sums
+    return out
+
+
+class Histogram(NamedTuple):
+    """Judged sentences per bin of log-odds (non-empty bins, ascending): the bins' lower edges, and the
+    sentences, characters and approximate tokens in each."""
+
+    edges: np.ndarray
+    sentences: np.ndarray
+    chars: np.ndarray
+    tokens: np.ndarray
+
+
+def histogram(scored: DataFrame) -> Histogram:
+    """The :class:`Histogram` of every judged sentence: each Arrow batch of the first pass's columns binned in
+    numpy, the batches' bins summed by Spark (a few thousand rows reach the driver, never a sentence)."""
+    per_batch = summarize_batches(scored.select("_qlogit", "_qlen", "_qtok"), _batch_histogram, HISTOGRAM)
+    rows = per_batch.groupBy("bin").agg(*(F.sum(c).alias(c) for c in ("sentences", "chars", "tokens"))).collect()
+    rows.sort(key=lambda r: r["bin"])
+    column = {c: np.array([r[c] for r in rows], dtype=np.int64) for c in ("bin", "sentences", "chars", "tokens")}
+    return Histogram(column["bin"] / BINS_PER_UNIT, column["sentences"], column["chars"], column["tokens"])
 
 
 def cut_for_share(edges: np.ndarray, weights: np.ndarray, share: float) -> float:
@@ -181,13 +220,12 @@ def cut_for_share(edges: np.ndarray, weights: np.ndarray, share: float) -> float
     return float(edges[first + 1]) if first + 1 < len(edges) else float("inf")
 
 
-def choose_cut(sentences_df: DataFrame, cfg: QualityConfig) -> tuple[float, dict[str, object]]:
+def choose_cut(hist: Histogram, cfg: QualityConfig) -> tuple[float, dict[str, object]]:
     """The log-odds cut and how it was chosen (notes)."""
     if cfg.sentence_threshold is not None:
         return logit_of(cfg.sentence_threshold), {"rule": "sentence_threshold"}
     share = float(cfg.target_removal_share or 0.0)
-    edges, chars = histogram(sentences_df)
-    cut = cut_for_share(edges, chars, share) if len(edges) else float("-inf")
+    cut = cut_for_share(hist.edges, hist.chars.astype(float), share) if len(hist.edges) else float("-inf")
     return cut, {"rule": "target_removal_share", "target_removal_share": share,
                  "histogram_bin": 1.0 / BINS_PER_UNIT}
 
@@ -196,32 +234,45 @@ def _threshold(cut: float) -> float:
     return 0.0 if cut == float("-inf") else 1.0 if cut == float("inf") else round(sigmoid(cut), 6)
 
 
-def removal_summary(sentences_df: DataFrame, cut: float) -> dict[str, object]:
-    """Judged and removed sentences, characters and (approximate) tokens, and the removed shares of each."""
-    below = F.col("logit") < F.lit(cut) if math.isfinite(cut) else F.lit(cut == float("inf"))
-    row = sentences_df.agg(
-        F.count("*").alias("sentences"), F.count(F.when(below, 1)).alias("removed_sentences"),
-        *(F.coalesce(F.sum(c), F.lit(0)).alias(c) for c in ("chars", "tokens")),
-        *(F.coalesce(F.sum(F.when(below, F.col(c))), F.lit(0)).alias(f"removed_{c}") for c in ("chars", "tokens")),
-    ).first()
+def removal_summary(hist: Histogram, judged: DataFrame) -> dict[str, object]:
+    """Judged and removed sentences, characters and (approximate) tokens, and the removed shares of each: the
+    judged ones from the histogram, the removed ones from what the second pass took out of each document."""
+    row = judged.agg(*(F.coalesce(F.sum(c), F.lit(0)).alias(c)
+                       for c in ("sentences_removed", "_qrm_chars", "_qrm_tokens"))).first()
+    removed = {"sentences": row["sentences_removed"], "chars": row["_qrm_chars"], "tokens": row["_qrm_tokens"]}
     out: dict[str, object] = {}
     for unit, name in (("sentences", "sentence"), ("chars", "char"), ("tokens", "token")):
-        total, removed = int(row[unit]), int(row[f"removed_{unit}"])
-        out |= {f"judged_{unit}": total, f"removed_{unit}": removed,
-                f"removed_{name}_share": round(removed / total, 6) if total else 0.0}
+        total, gone = int(getattr(hist, unit).sum()), int(removed[unit])
+        out |= {f"judged_{unit}": total, f"removed_{unit}": gone,
+                f"removed_{name}_share": round(gone / total, 6) if total else 0.0}
     return out
 
 
-def removed_sample(scored: DataFrame, sentences_df: DataFrame, cut: float, cfg: QualityConfig) -> dict[str, list]:
+def _lowest_and_highest(logits: np.ndarray, rows: np.ndarray, pos: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` lowest and the ``k`` highest log-odds, ties by (row id, position)."""
+    return np.union1d(np.lexsort((pos, rows, logits))[:k], np.lexsort((pos, rows, -logits))[:k])
+
+
+def removed_sample(scored: DataFrame, cut: float, cfg: QualityConfig) -> dict[str, list]:
     """The ``report_removed`` lowest-scoring removed sentences and the ``report_removed`` highest-scoring
     ones (just below the cut), with scores, document ids and texts; ordered by (score, row id, position)
-    so the sample is the same on every run. Only the sampled documents' texts reach the driver."""
+    so the sample is the same on every run. Each Arrow batch offers its own lowest and highest removed
+    sentences; only those and the sampled documents' texts reach the driver."""
     k = cfg.report_removed
     if k == 0 or cut == float("-inf"):
         return {"lowest": [], "just_below_cut": []}
-    removed = sentences_df.filter(F.col("logit") < F.lit(cut)) if math.isfinite(cut) else sentences_df
-    lowest = removed.orderBy("logit", "row_id", "pos").limit(k).collect()
-    near = removed.orderBy(F.desc("logit"), "row_id", "pos").limit(k).collect()
+
+    def candidates(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+        logits, counts = _flat(batch, "_qlogit")
+        rows = np.repeat(batch.column("row_id").to_numpy(zero_copy_only=False), counts)
+        pos = np.arange(len(logits)) - np.repeat(np.cumsum(counts) - counts, counts)
+        below = np.flatnonzero(logits < cut)
+        chosen = below[_lowest_and_highest(logits[below], rows[below], pos[below], k)]
+        return {"logit": logits[chosen], "row_id": rows[chosen], "pos": pos[chosen]}
+
+    found = summarize_batches(scored.select("row_id", "_qlogit"), candidates, SAMPLE).collect()
+    lowest = sorted(found, key=lambda r: (r["logit"], r["row_id"], r["pos"]))[:k]
+    near = sorted(found, key=lambda r: (-r["logit"], r["row_id"], r["pos"]))[:k]
     wanted = sorted({r["row_id"] for r in (*lowest, *near)})
     docs = {r["row_id"]: (r["doc_id"], r["text"]) for r in
             scored.filter(F.col("row_id").isin(wanted)).select("row_id", "doc_id", "text").collect()}
@@ -265,13 +316,13 @@ def run(df, ctx: StageContext) -> StageResult:
     else:
         bc = ctx.spark.sparkContext.broadcast(model)
         scored = map_columns(df, _score(bc, cfg), SCORED).cache()
-    per_sentence = _sentences(scored).cache()
-    cut, how = choose_cut(per_sentence, cfg)
+    hist = histogram(scored)
+    cut, how = choose_cut(hist, cfg)
+    judged = map_columns(scored, _apply(cut, cfg), FIELDS + REMOVED, drop=("_qlogit", "_qlen", "_qtok")).cache()
     cut_notes = {**how, "threshold": _threshold(cut), "threshold_logit": round(cut, 6) if math.isfinite(cut) else None,
-                 **removal_summary(per_sentence, cut)}
-    sample = removed_sample(scored, per_sentence, cut, cfg)
-    judged = map_columns(scored, _apply(cut, cfg), FIELDS, drop=("_qlogit", "_qlen", "_qtok")).cache()
-    kept = judged.filter(F.col("_reason").isNull()).drop("_reason")
+                 **removal_summary(hist, judged)}
+    sample = removed_sample(scored, cut, cfg)
+    kept = judged.filter(F.col("_reason").isNull()).drop("_reason", *(f.name for f in REMOVED))
     removed = removed_rows(judged.filter(F.col("_reason").isNotNull()), F.col("_reason"))
     return StageResult(kept, removed, {"model": ctx.notes["quality_model"], "cut": cut_notes,
                                        "removed_sample": sample})
