@@ -18,6 +18,7 @@ from haina.data_spark.config import SparkConfig
 QUICK_JIT = "-XX:TieredStopAtLevel=1"
 SHORT_JOB_BYTES = 256 << 20
 COMPRESSION = 4  # text per byte of a .gz input, about
+ARROW_BATCH_ROWS = 1000
 
 
 def input_bytes(paths: Iterable[Path]) -> int:
@@ -60,6 +61,12 @@ def get_session(cfg: SparkConfig, master: str | None = None, size: int | None = 
         "spark.driver.memory": cfg.driver_memory,
         "spark.ui.showConsoleProgress": "false",  # rich reports per-stage progress instead
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # Arrow batches of 1,000 rows rather than Spark's 10,000: the stages' Python works a batch at a time in
+        # numpy (every code point of the batch, every token, every n-gram id), and the arrays of 10,000
+        # documents, tens of MB each, were freshly mapped and faulted in for every batch. Featurising for the
+        # embedding and the quality scores took 30-45% less Python time per document in batches of 1,000 to
+        # 2,000, in one process alternating the sizes; the results do not depend on the batching.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(ARROW_BATCH_ROWS),
         # Files are read in splits of at most 16 MiB (Spark's default is 128 MiB, or a core's share of the
         # input if less): a stage's eight part files become about eight tasks rather than two or three
         # uneven ones, so the Python of a row-wise stage keeps both cores busy to the end. Opening a file

@@ -253,6 +253,7 @@ def test_histogram_and_sample_equal_every_sentence_sorted(spark) -> None:  # noq
         rows.append((row_id, f"d{row_id}", text, logits, lens, toks))
         every += [(x, row_id, i, n, t) for i, (x, n, t) in enumerate(zip(logits, lens, toks, strict=True))]
     schema = "row_id long, doc_id string, text string, _qlogit array<double>, _qlen array<int>, _qtok array<int>"
+    batch_rows = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "20")
     try:
         scored = spark.createDataFrame(rows, schema)
@@ -260,7 +261,7 @@ def test_histogram_and_sample_equal_every_sentence_sorted(spark) -> None:  # noq
         cut = 0.0
         sample = removed_sample(scored, cut, cfg)
     finally:
-        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", batch_rows)
     bins: dict[int, list[int]] = {}
     for x, _, _, n, t in every:
         b = bins.setdefault(int(np.floor(min(max(x, -30.0), 30.0 - 1e-9) * BINS_PER_UNIT)), [0, 0, 0])
