@@ -8,10 +8,10 @@ and code by line-shape rules only: English word rules would delete every Chinese
 from __future__ import annotations
 
 from collections import Counter
-from itertools import compress, filterfalse
+from itertools import compress
 
 from haina.data_spark.config import HeuristicsConfig, RepetitionRules
-from haina.data_spark.text import cjk_fraction, tokens, words
+from haina.data_spark.text import cjk_fraction, tokens, words, words_with_letters
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "◦", "-", "*", "·", "‣")
@@ -151,11 +151,8 @@ def _english_reason(text: str, cfg: HeuristicsConfig) -> str | None:
         ellipsis = sum(1 for line in lines if line.endswith(("...", "…")))
         if ellipsis / len(lines) > rules.max_ellipsis_line_fraction:
             return f"ellipsis lines {ellipsis / len(lines):.2f}"
-    raw_words = text.split()
-    # a word has a letter: every all-letter word, and those of the others with one (few, looked at one by one)
-    with_letter = sum(map(str.isalpha, raw_words)) + sum(1 for w in filterfalse(str.isalpha, raw_words)
-                                                          if any(map(str.isalpha, w)))
-    alpha = with_letter / max(1, len(raw_words))
+    raw_words, with_letter = words_with_letters(text)
+    alpha = with_letter / max(1, raw_words)
     if alpha < rules.min_alpha_word_fraction:
         return f"alphabetic words {alpha:.2f}"
     stops = sum(map(STOP_WORDS.__contains__, map(str.lower, found)))

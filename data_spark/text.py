@@ -28,11 +28,18 @@ _CODE_HINTS = re.compile(
 )
 _NOT_ALNUM_OR_SPACE = re.compile(r"[^\w\s]|_")
 _SYMBOL = re.compile(r"[^\w\s]")
-# approx_tokens' two counts in one pass over ASCII text, where no character is both a token and a symbol
-# (a CJK-range character that is not \w, as "・", is both, and counted twice)
-_TOKEN_OR_SYMBOL = re.compile(f"{_TOKEN.pattern}|{_SYMBOL.pattern}")
-# normalize's punctuation rule for ASCII text, as a table: str.translate is four times faster than the regex
-_ASCII_PUNCTUATION = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c.isspace())})
+# The ASCII shortcuts: on ASCII text the token, word and symbol regexes come down to character classes, which
+# str.translate and bytes.translate apply in C without making a string per match (a regex's findall over a
+# document cost two to six times as much). Each is checked against its regex on every ASCII character.
+_ASCII = [chr(c) for c in range(128)]
+_ASCII_PUNCTUATION = str.maketrans({c: " " for c in _ASCII if not (c.isalnum() or c.isspace())})
+_ASCII_TOKEN_CUT = str.maketrans({c: c.lower() if c.isalnum() else " " for c in _ASCII})  # lower-cased runs
+_ASCII_WORD_CUT = str.maketrans({c: " " for c in _ASCII if not (c.isalnum() or c == "'")})
+_LONE_APOSTROPHE = re.compile("'(?:(?![A-Za-z0-9])|(?<![A-Za-z0-9]'))")  # one not between two alphanumerics
+_ALNUM_RUNS = bytes.maketrans(bytes(range(128)), bytes(ord("a" if c.isalnum() else " ") for c in _ASCII))
+_NOT_SYMBOLS = bytes(ord(c) for c in _ASCII if c.isalnum() or c.isspace() or c == "_")
+_SPACE_OR_WORD = bytes.maketrans(bytes(range(128)), bytes(ord(" " if c.isspace() else "w") for c in _ASCII))
+_NEITHER_LETTER_NOR_SPACE = bytes(ord(c) for c in _ASCII if not (c.isalpha() or c.isspace()))
 
 
 def is_cjk(char: str) -> bool:
@@ -63,19 +70,35 @@ def detect_kind(text: str) -> str:
 
 def words(text: str) -> list[str]:
     """Latin-style words (letters/digits with inner apostrophes); CJK characters are not words here."""
-    return _WORD.findall(text if text.isascii() else _CJK.sub(" ", text))
+    if text.isascii():  # every character but the alphanumerics and the apostrophes between them splits words
+        cut = text.translate(_ASCII_WORD_CUT)
+        return (_LONE_APOSTROPHE.sub(" ", cut) if "'" in cut else cut).split()
+    return _WORD.findall(_CJK.sub(" ", text))
+
+
+def words_with_letters(text: str) -> tuple[int, int]:
+    """(the whitespace-separated words of ``text``, those of them with a letter)."""
+    if text.isascii():  # the words left when every character but letters and spaces is deleted
+        raw = text.encode("ascii")
+        lettered = b" " + raw.translate(_SPACE_OR_WORD, _NEITHER_LETTER_NOR_SPACE)  # (deleted, then mapped)
+        return (b" " + raw.translate(_SPACE_OR_WORD)).count(b" w"), lettered.count(b" w")
+    found = text.split()
+    return len(found), sum(1 for word in found if any(map(str.isalpha, word)))
 
 
 def tokens(text: str) -> list[str]:
     """Lower-cased word tokens with every CJK character its own token: the unit of shingles and n-grams."""
+    if text.isascii():
+        return text.translate(_ASCII_TOKEN_CUT).split()
     return _TOKEN.findall(text.lower())
 
 
 def approx_tokens(text: str) -> int:
     """Tokens in the report's sense before a tokenizer exists: words + CJK characters + symbols."""
     # [^\w\s]: neither alphanumeric nor "_" nor space
-    if text.isascii():
-        return len(_TOKEN_OR_SYMBOL.findall(text))
+    if text.isascii():  # runs of alphanumerics (each starts after a non-alphanumeric) and the symbols
+        raw = text.encode("ascii")
+        return (b" " + raw.translate(_ALNUM_RUNS)).count(b" a") + len(raw.translate(None, _NOT_SYMBOLS))
     return len(_TOKEN.findall(text)) + len(_SYMBOL.findall(text))
 
 

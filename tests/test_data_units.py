@@ -21,6 +21,7 @@ from haina.data_spark.text import (
     _CJK,
     _NOT_ALNUM_OR_SPACE,
     _TOKEN,
+    _WORD,
     approx_tokens,
     cjk_fraction,
     detect_kind,
@@ -29,6 +30,8 @@ from haina.data_spark.text import (
     sentences,
     sentences_by_line,
     tokens,
+    words,
+    words_with_letters,
 )
 from tests.data_helpers import CODE_DOC, SPAM_DOC, ZH_SENTENCES, en_doc
 
@@ -135,19 +138,24 @@ def test_cjk_tokens_are_characters() -> None:
 
 
 def test_text_fast_paths_equal_the_general_rules() -> None:
-    """normalize's table for ASCII text, approx_tokens' single pass and the ASCII shortcut of the CJK share
+    """The ASCII shortcuts (normalize's table, the tokens, words and symbols by translation, the CJK share)
     give what the general rules give, on every ASCII character and on mixed scripts."""
     rng = np.random.default_rng(1)
     every_ascii = "".join(map(chr, range(128)))
     mixed = every_ascii + "İıßﬁ①²½ÅΣσς数据。！，・゠\u3000\u200b\U0001F600’\x85\xa0"
     texts = [every_ascii, en_doc(0), CODE_DOC, SPAM_DOC, "".join(ZH_SENTENCES)]
-    texts += ["".join(rng.choice(list(pool), size=int(rng.integers(0, 60)))) for pool in (every_ascii, mixed)
-              for _ in range(500)]
+    apostrophes = "aZ9'' '_-.\t’数"  # words: apostrophes inside, around, doubled, at the ends
+    texts += ["".join(rng.choice(list(pool), size=int(rng.integers(0, 60))))
+              for pool in (every_ascii, mixed, apostrophes, apostrophes[:-2]) for _ in range(500)]
     symbol = re.compile(r"[^\w\s]")
     for text in texts:
         general = " ".join(_NOT_ALNUM_OR_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())
         assert normalize(text) == general, repr(text)
         assert approx_tokens(text) == len(_TOKEN.findall(text)) + len(symbol.findall(text)), repr(text)
+        assert tokens(text) == _TOKEN.findall(text.lower()), repr(text)
+        assert words(text) == _WORD.findall(_CJK.sub(" ", text)), repr(text)
+        split = text.split()
+        assert words_with_letters(text) == (len(split), sum(any(map(str.isalpha, w)) for w in split)), repr(text)
         letters = sum(map(str.isalpha, text))
         assert cjk_fraction(text) == (len(_CJK.findall(text)) / letters if letters else 0.0), repr(text)
     assert normalize(every_ascii) == "0123456789 abcdefghijklmnopqrstuvwxyz abcdefghijklmnopqrstuvwxyz"
@@ -309,7 +317,6 @@ def test_feature_rows_equal_featurize() -> None:
              "see www.example.org, a_b__c", "NASA's JPL (USA)...", "İSTANBUL, ǅemal -- ok", "x ++ y", "AB CD EFG",
              "ΟΔΟΣ", "ΑΒ ΟΔΟΣ", "...", "ΣΑ"]  # a final sigma before the next text, a text without tokens
     lines += lines[:3]  # repeats are featurised once and given to each
-    # the batch is tokenised as one text joined by NUL; one holding a NUL itself is tokenised apart
     # the punctuation, URL and shouting grams are read off the characters of the batch laid end to end:
     # none may run from one text into the next
     edges = ["a.", ".b", "", "ABC", "DEF", "AB", "C", "ww", "w.x", "http:", "//x", "-", "-", "ABC_DEF", "ABC1",
