@@ -293,6 +293,29 @@ def test_fast_shingle_hashes_one_per_distinct_shingle() -> None:
     assert len(set(per[0].tolist()) & set(fast_shingle_hashes([en_doc(6)], 5)[0].tolist())) == 0
 
 
+def test_packed_signatures_give_the_set_jaccard() -> None:
+    """The packed columns read back as the signer's arrays, texts without tokens are null, and a pair's
+    similarity is the Jaccard of the shingle sets (exact) or the share of equal signature values."""
+    from haina.data_spark.ingest_keys import Signer, unpacked
+    from haina.data_spark.stages.near_dedup import pair_similarities
+
+    cfg = load_prepare_config(None, ["near_dedup.num_perm=64"]).near_dedup
+    texts = [en_doc(0), en_doc(0) + " And one more sentence at the end.", "!!!", en_doc(3), "".join(ZH_SENTENCES)]
+    sig, bands, hv = Signer.create(cfg).sign_batch([normalize(t) for t in texts])
+    assert sig[2].as_py() is None and bands[2].as_py() is None and hv[2].as_py() is None
+    sets = [set(shingles(normalize(t), cfg.shingle_size)) for t in texts]
+    pairs = [(0, 1), (0, 3), (1, 0), (4, 4), (3, 4)]
+    a, b = [hv[i].as_py() for i, _ in pairs], [hv[j].as_py() for _, j in pairs]
+    assert [len(unpacked(x)) for x in a] == [len(sets[i]) for i, _ in pairs]
+    got = pair_similarities(a, b, cfg)
+    assert got == [len(sets[i] & sets[j]) / len(sets[i] | sets[j]) for i, j in pairs]
+    assert 0.5 < got[0] < 1 and got[3] == 1.0
+    cfg.verify = "signature"
+    a, b = [sig[i].as_py() for i, _ in pairs], [sig[j].as_py() for _, j in pairs]
+    assert all(len(unpacked(x)) == 64 for x in a)
+    assert pair_similarities(a, b, cfg) == [np.mean(unpacked(x) == unpacked(y)) for x, y in zip(a, b, strict=True)]
+
+
 def test_normalize_and_counts_match_their_character_definitions() -> None:
     """The regex forms of normalize and approx_tokens agree with the per-character definitions."""
     import sys

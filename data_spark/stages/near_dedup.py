@@ -22,14 +22,16 @@ reason gives their Jaccard to the representative, and the report lists the first
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import NearDedupConfig
 from haina.data_spark.connected_components import components as connected
-from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, SIG_FIELD, Signer, carried
+from haina.data_spark.ingest_keys import BANDS_FIELD, HV_FIELD, SIG_FIELD, Signer, carried, unpacked
 from haina.data_spark.stages.base import StageContext, StageResult, broadcast_if_small, removed_rows
 
 SIG_FIELDS = [SIG_FIELD, BANDS_FIELD, HV_FIELD]
@@ -38,8 +40,8 @@ REPORT_COPIES = 10  # removed copies listed per reported cluster (all are counte
 
 def signatures(df: DataFrame, cfg: NearDedupConfig, column: str = "text", with_signature: bool | None = None
                ) -> tuple[DataFrame, int, int]:
-    """Add ``_sig`` (uint32 viewed as int32), ``_bands`` and, for exact verification, the distinct shingle
-    hashes ``_hv`` of ``column`` per document; all null for documents without tokens. ``_sig`` is filled
+    """Add ``_sig``, ``_bands`` and, for exact verification, the distinct shingle hashes ``_hv`` of ``column``
+    per document (:meth:`Signer.sign_batch`); all null for documents without tokens. ``_sig`` is filled
     only when something reads it (``verify`` is not ``exact``, or ``with_signature``): 256 numbers per
     document that exact verification never looks at need not cross from Python to the JVM."""
     signer = Signer.create(cfg)
@@ -71,47 +73,56 @@ def candidate_edges(signed: DataFrame) -> DataFrame:
     return members.filter(F.col("row_id") != F.col("dst")).select(F.col("row_id").alias("src"), "dst").distinct()
 
 
-def similarity(a: str, b: str, cfg: NearDedupConfig) -> Column:
-    """Jaccard of two documents from their ``a``/``b`` columns (``_hv`` or ``_sig``, per ``cfg.verify``):
-    exact on the shingle hashes (``array_intersect`` on native arrays) with ``verify: exact``, else
-    estimated from signature agreement."""
+def pair_similarities(a: list[bytes], b: list[bytes], cfg: NearDedupConfig) -> list[float]:
+    """Jaccard of each pair of documents from their packed ``_hv`` (``verify: exact``: the shingle sets,
+    exactly) or ``_sig`` columns (else: estimated from the share of agreeing signature values)."""
     if cfg.verify == "exact":
-        inter = F.size(F.array_intersect(a, b))
-        return inter / (F.size(a) + F.size(b) - inter)
-    return F.size(F.filter(F.zip_with(a, b, lambda x, y: x == y), lambda e: e)) / F.lit(cfg.num_perm)
-
-
-def similar(a: str, b: str, cfg: NearDedupConfig) -> Column:
-    """Whether two documents reach the threshold (:func:`similarity`); always true with ``verify: none``."""
-    if cfg.verify == "none":
-        return F.lit(True)
-    return similarity(a, b, cfg) >= F.lit(cfg.threshold)
+        out = []
+        for x, y in zip(a, b, strict=True):
+            hx, hy = unpacked(x), unpacked(y)  # each sorted and distinct
+            inter = len(np.intersect1d(hx, hy, assume_unique=True))
+            out.append(inter / (len(hx) + len(hy) - inter))
+        return out
+    return [float(np.mean(unpacked(x) == unpacked(y))) for x, y in zip(a, b, strict=True)]
 
 
 def _verify_column(cfg: NearDedupConfig) -> str:
     return "_hv" if cfg.verify == "exact" else "_sig"
 
 
-def verified(edges: DataFrame, signed: DataFrame, cfg: NearDedupConfig) -> DataFrame:
-    """Keep the candidate edges whose similarity reaches the threshold."""
+def _with_similarity(pairs: DataFrame, cfg: NearDedupConfig) -> DataFrame:
+    """``pairs`` (with the two documents' columns as ``a`` and ``b``) with their ``_similarity``, taken in
+    Python: only candidate pairs get here, a few thousand in 50,000 documents."""
+    def similarity(batch: pa.RecordBatch) -> dict[str, list]:
+        return {"_similarity": pair_similarities(texts(batch, "a"), texts(batch, "b"), cfg)}
+
+    return map_columns(pairs, similarity, [T.StructField("_similarity", T.DoubleType())], drop=("a", "b"))
+
+
+def _pairs(left: DataFrame, left_id: str, right_id: str, signed: DataFrame, cfg: NearDedupConfig) -> DataFrame:
+    """``left`` with the verification column of its ``left_id`` and ``right_id`` documents as ``a``, ``b``."""
     column = _verify_column(cfg)
     side = signed.select("row_id", column)
-    pairs = edges.join(side.withColumnRenamed("row_id", "src").withColumnRenamed(column, "a"), "src").join(
-        side.withColumnRenamed("row_id", "dst").withColumnRenamed(column, "b"), "dst"
-    )
-    return pairs.filter(similar("a", "b", cfg)).select("src", "dst")
+    return left.join(side.withColumnRenamed("row_id", left_id).withColumnRenamed(column, "a"), left_id).join(
+        side.withColumnRenamed("row_id", right_id).withColumnRenamed(column, "b"), right_id)
+
+
+def verified(edges: DataFrame, signed: DataFrame, cfg: NearDedupConfig) -> DataFrame:
+    """Keep the candidate edges whose similarity reaches the threshold (all of them with ``verify: none``)."""
+    if cfg.verify == "none":
+        return edges
+    scored = _with_similarity(_pairs(edges, "src", "dst", signed, cfg), cfg)
+    return scored.filter(F.col("_similarity") >= F.lit(cfg.threshold)).select("src", "dst")
 
 
 def copies(components: DataFrame, signed: DataFrame, cfg: NearDedupConfig) -> DataFrame:
     """``(id, component, similarity)`` of the members to remove: not the representative, and within the
     threshold of it (checked directly, since the component may have joined them through a chain)."""
-    column = _verify_column(cfg)
-    side = signed.select("row_id", column)
     members = components.filter(F.col("id") != F.col("component"))
-    pairs = members.join(side.withColumnRenamed("row_id", "id").withColumnRenamed(column, "a"), "id").join(
-        side.withColumnRenamed("row_id", "component").withColumnRenamed(column, "b"), "component"
-    )
-    return pairs.filter(similar("a", "b", cfg)).select("id", "component", similarity("a", "b", cfg).alias("similarity"))
+    scored = _with_similarity(_pairs(members, "id", "component", signed, cfg), cfg)
+    if cfg.verify != "none":
+        scored = scored.filter(F.col("_similarity") >= F.lit(cfg.threshold))
+    return scored.select("id", "component", F.col("_similarity").alias("similarity"))
 
 
 def _reason(cfg: NearDedupConfig) -> Column:
@@ -159,9 +170,7 @@ def run(df, ctx: StageContext) -> StageResult:
     else:  # run on its own: sign the text as it is now
         signed, bands, rows = signatures(df.select("row_id", "doc_id", "text"), cfg)
     signed = signed.cache()
-    edges = candidate_edges(signed)
-    if cfg.verify != "none":
-        edges = verified(edges, signed, cfg)
+    edges = verified(candidate_edges(signed), signed, cfg)
     cc: dict[str, int] = {}
     components = connected(edges, cfg.max_iterations, stats=cc).cache()
     sizes = components.groupBy("component").agg(F.count("*").alias("near_dup_size"))
