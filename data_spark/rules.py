@@ -132,7 +132,8 @@ def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
 
 def _english_reason(text: str, cfg: HeuristicsConfig) -> str | None:
     rules = cfg.en
-    found = words(text)
+    ascii = text.isascii()  # its words lower-cased at once, as long as they were (not so for every script)
+    found = words(text.lower() if ascii else text)
     if len(found) < rules.min_words:
         return f"too few words ({len(found)} < {rules.min_words})"
     if len(found) > rules.max_words:
@@ -155,7 +156,7 @@ def _english_reason(text: str, cfg: HeuristicsConfig) -> str | None:
     alpha = with_letter / max(1, raw_words)
     if alpha < rules.min_alpha_word_fraction:
         return f"alphabetic words {alpha:.2f}"
-    stops = sum(map(STOP_WORDS.__contains__, map(str.lower, found)))
+    stops = sum(map(STOP_WORDS.__contains__, found if ascii else map(str.lower, found)))
     if stops < rules.min_stop_words:
         return f"stop words {stops} < {rules.min_stop_words}"
     return None
