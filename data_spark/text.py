@@ -143,3 +143,12 @@ def normalize(text: str) -> str:
     if text.isascii():
         return " ".join(text.lower().translate(_ASCII_PUNCTUATION).split())
     return " ".join(_NOT_ALNUM_OR_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())
+
+
+def normalize_lines(text: str) -> list[str]:
+    """:func:`normalize` of each line of ``text`` (the lines of ``text.split("\\n")``); an ASCII text is
+    lower-cased and stripped of punctuation once, as a whole (both act on one character at a time and keep
+    the line breaks), and only its whitespace is collapsed line by line."""
+    if text.isascii():
+        return [" ".join(line.split()) for line in text.lower().translate(_ASCII_PUNCTUATION).split("\n")]
+    return [normalize(line) for line in text.split("\n")]

@@ -27,6 +27,7 @@ from haina.data_spark.text import (
     detect_kind,
     judged_sentences,
     normalize,
+    normalize_lines,
     sentences,
     sentences_by_line,
     tokens,
@@ -151,6 +152,7 @@ def test_text_fast_paths_equal_the_general_rules() -> None:
     for text in texts:
         general = " ".join(_NOT_ALNUM_OR_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())
         assert normalize(text) == general, repr(text)
+        assert normalize_lines(text) == [normalize(line) for line in text.split("\n")], repr(text)
         assert approx_tokens(text) == len(_TOKEN.findall(text)) + len(symbol.findall(text)), repr(text)
         assert tokens(text) == _TOKEN.findall(text.lower()), repr(text)
         assert words(text) == _WORD.findall(_CJK.sub(" ", text)), repr(text)

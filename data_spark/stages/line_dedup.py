@@ -23,7 +23,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
-from haina.data_spark.text import approx_tokens, normalize
+from haina.data_spark.text import approx_tokens, normalize, normalize_lines
 
 _PARAGRAPH_BREAK = re.compile(r"(\n(?:[ \t]*\n)+)")
 EMPTY_FIELD = T.StructField("_empty", T.BooleanType())  # nothing but spaces is left of the text
@@ -143,7 +143,7 @@ def both_key_lists(batch_texts: list[str], min_chars: int) -> pa.Array:
 
     for text in batch_texts:
         before = len(keys)
-        norms = [normalize(line) for line in text.split("\n")]
+        norms = normalize_lines(text)
         owner: list[int] = []
         parts = _PARAGRAPH_BREAK.split(text)
         for i, piece in enumerate(parts[0::2]):
@@ -180,12 +180,12 @@ def drop_both(text: str, paragraphs: set[int], lines: set[int], min_chars: int) 
         owner = _line_owners(text)
         lines = {j for j in lines if owner[j] not in paragraphs}
         if lines:
-            before = [j for j, line in enumerate(text.split("\n"))
-                      if owner[j] not in paragraphs and len(normalize(line)) >= min_chars]
+            before = [j for j, norm in enumerate(normalize_lines(text))
+                      if owner[j] not in paragraphs and len(norm) >= min_chars]
         tokens += unit_tokens(text, "paragraph", paragraphs)
         text = rebuild(text, "paragraph", paragraphs)
         if lines:
-            after = [j for j, line in enumerate(text.split("\n")) if len(normalize(line)) >= min_chars]
+            after = [j for j, norm in enumerate(normalize_lines(text)) if len(norm) >= min_chars]
             where = dict(zip(before, after, strict=True))
             lines = {where[j] for j in lines}
     if lines:
