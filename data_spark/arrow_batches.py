@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql.types import StructField, StructType
 
@@ -65,3 +67,31 @@ def summarize_batches(df: DataFrame, fn: BatchFn, fields: list[StructField]) -> 
 
 def texts(batch: pa.RecordBatch, name: str = "text") -> list[str]:
     return batch.column(name).to_pylist()
+
+
+def packed(values: np.ndarray, counts: np.ndarray, present: np.ndarray | None = None) -> pa.Array:
+    """A binary column holding each row's ``counts[i]`` consecutive ``values`` as little-endian bytes (null
+    where not ``present``). The stages' numbers per document (shingle hashes, sentence scores) travel so:
+    Spark converts, caches, writes and reads a blob per row several times faster than an array column
+    (a value at a time), and the Python that reads them takes the whole batch's values at once
+    (:func:`unpacked_column`)."""
+    data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    offsets = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(np.asarray(counts, dtype=np.int64) * data.itemsize, out=offsets[1:])
+    array = pa.Array.from_buffers(pa.binary(), len(counts), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    if present is None or present.all():
+        return array
+    return pc.if_else(pa.array(present), array, pa.scalar(None, pa.binary()))
+
+
+def unpacked_column(column: pa.Array, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(every value of a :func:`packed` column, each row's count; a null row has none)."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    if column.null_count:
+        column = column.fill_null(b"")
+    wide = pa.types.is_large_binary(column.type)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64 if wide else np.int32, count=len(column) + 1,
+                            offset=column.offset * (8 if wide else 4))
+    data = column.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    return raw.view(dtype), np.diff(offsets).astype(np.int64) // dtype.itemsize

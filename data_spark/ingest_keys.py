@@ -13,8 +13,8 @@ case, punctuation dropped, whitespace collapsed) once and adds:
 * ``_bands``: the LSH band keys of the MinHash signature of its word shingles, and, for verification and
   the report's similarity, either ``_hv``, the distinct shingle hashes (``near_dedup.verify: exact``, one
   uint32 per distinct shingle, sorted), or ``_sig``, the signature itself (``signature`` or ``none``,
-  ``num_perm`` uint32) (when near-dedup runs). Both are packed as bytes (:func:`packed`, read back with
-  :func:`unpacked`): only the few thousand candidate pairs ever look inside them, and Spark writes, caches
+  ``num_perm`` uint32) (when near-dedup runs). Both are packed as bytes (:func:`arrow_batches.packed`, a
+  row read back with :func:`unpacked`): only the few thousand candidate pairs ever look inside them, and Spark writes, caches
   and joins a blob per document several times faster than an array of ints (writing ``_hv`` as an array
   took two thirds of ingest's Parquet write at 50,000 documents).
 
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from haina.data_spark.arrow_batches import packed
 from haina.data_spark.config import NearDedupConfig, PrepareConfig
 from haina.data_spark.minhash import (
     MinHasher,
@@ -60,17 +60,8 @@ HV_FIELD = T.StructField("_hv", T.BinaryType())
 NEAR_COLUMNS = ("_sig", "_bands", "_hv")
 
 
-def packed(values: np.ndarray, offsets: np.ndarray, present: np.ndarray) -> pa.Array:
-    """``values[offsets[i]:offsets[i + 1]]`` (uint32) of each row as little-endian bytes; null where not
-    ``present``."""
-    data = np.ascontiguousarray(values, dtype="<u4")
-    array = pa.Array.from_buffers(pa.binary(), len(offsets) - 1,
-                                  [None, pa.py_buffer((np.asarray(offsets) * 4).astype(np.int32)), pa.py_buffer(data)])
-    return array if present.all() else pc.if_else(pa.array(present), array, pa.scalar(None, pa.binary()))
-
-
 def unpacked(blob: bytes) -> np.ndarray:
-    """The uint32 values of one :func:`packed` row."""
+    """The uint32 values of one packed row of ``_hv`` or ``_sig``."""
     return np.frombuffer(blob, dtype="<u4")
 
 
@@ -96,8 +87,8 @@ class Signer:
         return cls(MinHasher.create(cfg.num_perm, cfg.seed, cfg.scheme), bands, rows, cfg.shingle_size, cfg.shingle_hash)
 
     def sign_batch(self, texts: list[str | None]) -> tuple[pa.Array, pa.Array, pa.Array]:
-        """(signatures, band keys, sorted distinct shingle hashes), one per text, the first and last
-        :func:`packed`; all null for a text without tokens. Built from numpy buffers: no Python object per
+        """(signatures, band keys, sorted distinct shingle hashes), one per text, the first and last packed
+        (uint32); all null for a text without tokens. Built from numpy buffers: no Python object per
         value."""
         if self.shingle_hash == "sha1":
             hv, offsets = sha1_shingle_hashes(texts, self.shingle_size, self.hasher)
@@ -114,7 +105,8 @@ class Signer:
         n = len(texts)
         bands = pa.ListArray.from_arrays(pa.array((np.arange(n + 1) * self.bands).astype(np.int32)), pa.array(keys),
                                          mask=mask)
-        return packed(sig.reshape(-1), np.arange(n + 1) * width, present), bands, packed(hv, offsets, present)
+        return (packed(sig.reshape(-1), np.full(n, width), present), bands,
+                packed(hv.astype(np.uint32), np.diff(offsets), present))
 
 
 def near_fields(cfg: NearDedupConfig) -> list[T.StructField]:

@@ -152,8 +152,11 @@ def test_second_pass_counts_the_tokens_left_from_the_first() -> None:
         lens.append([len(p) for p in pieces])
         toks.append([approx_tokens(p) for p in pieces])
     logits[3] = [-9.0] * len(logits[3])
+    def pack(lists: list[list], dtype: str) -> list[bytes]:
+        return [np.array(values, dtype=dtype).tobytes() for values in lists]
+
     batch = pa.RecordBatch.from_pydict({
-        "text": texts, "_qlogit": logits, "_qlen": lens, "_qtok": toks,
+        "text": texts, "_qlogit": pack(logits, "<f8"), "_qlen": pack(lens, "<i4"), "_qtok": pack(toks, "<i4"),
         "ntok": [approx_tokens(t) for t in texts], "kind": ["en"] * len(texts),
     })
     for cut in (-1.0, 0.0, 0.5, 3.0):
@@ -239,7 +242,7 @@ def test_histogram_and_sample_equal_every_sentence_sorted(spark) -> None:  # noq
     """The histogram and the removed sample, built from each Arrow batch's bins and candidates, equal what
     binning and sorting every sentence at once gives: over many batches of 20 rows laid out in descending row
     id, tied scores (ordered by row id, then position, whatever the layout), log-odds on bin edges and beyond
-    +-30."""
+    +-30, the packed columns read back from Spark's Arrow batches (a null row among them)."""
     from haina.data_spark.stages.quality import BINS_PER_UNIT, histogram, removed_sample
 
     cfg = load_prepare_config(None, ["quality.report_removed=2"]).quality
@@ -250,9 +253,12 @@ def test_histogram_and_sample_equal_every_sentence_sorted(spark) -> None:  # noq
         logits = rng.choice(pool, size=int(rng.integers(0, 6))).tolist()
         lens, toks = rng.integers(12, 90, size=len(logits)).tolist(), rng.integers(1, 20, size=len(logits)).tolist()
         text = "\n".join(f"Sentence {row_id}-{i} is long enough to be judged." for i in range(len(logits)))
-        rows.append((row_id, f"d{row_id}", text, logits, lens, toks))
+        packed = [np.array(logits, "<f8").tobytes(), np.array(lens, "<i4").tobytes(), np.array(toks, "<i4").tobytes()]
+        if row_id == 7:  # a null row has no sentences
+            packed, logits, lens, toks = [None] * 3, [], [], []
+        rows.append((row_id, f"d{row_id}", text, *packed))
         every += [(x, row_id, i, n, t) for i, (x, n, t) in enumerate(zip(logits, lens, toks, strict=True))]
-    schema = "row_id long, doc_id string, text string, _qlogit array<double>, _qlen array<int>, _qtok array<int>"
+    schema = "row_id long, doc_id string, text string, _qlogit binary, _qlen binary, _qtok binary"
     batch_rows = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "20")
     try:

@@ -32,18 +32,17 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.arrow_batches import map_columns, summarize_batches, texts
+from haina.data_spark.arrow_batches import map_columns, packed, summarize_batches, texts, unpacked_column
 from haina.data_spark.config import QualityConfig
 from haina.data_spark.linear_model import LinearModel, fit_and_save, logit_of, read_seed, sigmoid, train
 from haina.data_spark.quality_seed import build_seed
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import is_cjk, judged_sentences, sentences_by_line
 
-SCORED = [
-    T.StructField("_qlogit", T.ArrayType(T.DoubleType())),
-    T.StructField("_qlen", T.ArrayType(T.IntegerType())),
-    T.StructField("_qtok", T.ArrayType(T.IntegerType())),
-]
+# The first pass's numbers per judged sentence, packed per document (arrow_batches.packed): log-odds, characters,
+# approximate tokens.
+SCORED = [T.StructField(name, T.BinaryType()) for name in ("_qlogit", "_qlen", "_qtok")]
+SCORED_TYPES = {"_qlogit": "<f8", "_qlen": "<i4", "_qtok": "<i4"}
 FIELDS = [
     T.StructField("text", T.StringType()),
     T.StructField("ntok", T.LongType()),
@@ -92,27 +91,28 @@ def judge(text: str, logits: list[float], cut: float, cfg: QualityConfig) -> tup
 
 
 def score_texts(model: LinearModel, batch_texts: list[str], kinds: list[str | None], cfg: QualityConfig
-                ) -> dict[str, list]:
+                ) -> dict[str, pa.Array]:
     """The first pass's columns (``SCORED``) of some texts: the log-odds, characters and approximate tokens of
     each judged sentence, every judged sentence of the batch in one sparse product; a text of a kind not
-    judged (or None) gets empty lists."""
+    judged (or None) gets none."""
     judged = set(cfg.kinds)
     pieces: list[str] = []
-    counts = []
-    for text, kind in zip(batch_texts, kinds, strict=True):
+    counts = np.zeros(len(batch_texts), dtype=np.int64)
+    for i, (text, kind) in enumerate(zip(batch_texts, kinds, strict=True)):
         found = judged_sentences(text, cfg.min_sentence_chars) if kind in judged else []
         pieces += found
-        counts.append(len(found))
-    flat, ntok = model.logits_and_tokens(pieces)
-    flat, tokens = flat.tolist(), ntok.tolist()
-    lengths = [len(p) for p in pieces]
-    logits, lens, toks, start = [], [], [], 0
-    for n in counts:
-        logits.append(flat[start : start + n])
-        lens.append(lengths[start : start + n])
-        toks.append(tokens[start : start + n])
-        start += n
-    return {"_qlogit": logits, "_qlen": lens, "_qtok": toks}
+        counts[i] = len(found)
+    logits, ntok = model.logits_and_tokens(pieces)
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    values = {"_qlogit": logits, "_qlen": lengths, "_qtok": ntok}
+    return {name: packed(values[name].astype(SCORED_TYPES[name]), counts) for name in SCORED_TYPES}
+
+
+def scored_lists(batch: pa.RecordBatch, name: str) -> list[list]:
+    """A ``SCORED`` column of a batch as a list of each document's values."""
+    values, counts = unpacked_column(batch.column(name), SCORED_TYPES[name])
+    flat, ends = values.tolist(), np.cumsum(counts).tolist()
+    return [flat[end - n : end] for end, n in zip(ends, counts.tolist(), strict=True)]
 
 
 def _score(bc, cfg: QualityConfig):
@@ -132,8 +132,8 @@ def _unchanged_score(logits: list[float], lengths: list[int]) -> float:
 def _apply(cut: float, cfg: QualityConfig):
     def apply(batch: pa.RecordBatch) -> dict[str, list]:
         out: dict[str, list] = {f.name: [] for f in FIELDS + REMOVED}
-        columns = (texts(batch), texts(batch, "_qlogit"), texts(batch, "_qlen"), texts(batch, "_qtok"),
-                   texts(batch, "ntok"), texts(batch, "kind"))
+        columns = (texts(batch), scored_lists(batch, "_qlogit"), scored_lists(batch, "_qlen"),
+                   scored_lists(batch, "_qtok"), texts(batch, "ntok"), texts(batch, "kind"))
         for text, logits, lengths, tokens, ntok, kind in zip(*columns, strict=True):
             gone_chars = gone_tokens = 0
             if kind not in cfg.kinds:
@@ -164,10 +164,8 @@ def _apply(cut: float, cfg: QualityConfig):
 
 
 def _flat(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(every value, each row's count) of a list column."""
-    column = batch.column(name)
-    return (column.flatten().to_numpy(zero_copy_only=False),
-            column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64))
+    """(every value, each row's count) of a ``SCORED`` column."""
+    return unpacked_column(batch.column(name), SCORED_TYPES[name])
 
 
 def _bin_of(logits: np.ndarray) -> np.ndarray:
