@@ -22,7 +22,7 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from haina.data_spark.arrow_batches import map_columns, texts
+from haina.data_spark.arrow_batches import map_columns, packed, texts, unpacked_column
 from haina.data_spark.features import embed_many, projection
 from haina.data_spark.stages import safety
 from haina.data_spark.stages.base import StageContext, StageResult
@@ -85,13 +85,11 @@ def run(df, ctx: StageContext) -> StageResult:
     def vectors(batch: pa.RecordBatch) -> dict[str, list]:
         docs = texts(batch)
         vectors = embed_many(docs, matrix.value)
-        dim = vectors.shape[1]
-        starts = pa.array(np.arange(len(vectors) + 1, dtype=np.int32) * dim)
-        out = {"_emb": pa.ListArray.from_arrays(starts, pa.array(vectors.reshape(-1)))}
+        out = {"_emb": packed(vectors.reshape(-1).astype("<f4"), np.full(len(vectors), vectors.shape[1]))}
         return out if verdicts is None else out | verdicts(docs, texts(batch, "ntok"))
 
     read = ["row_id", "text"] + (["ntok"] if verdicts is not None else [])
-    fields = [T.StructField("_emb", T.ArrayType(T.FloatType()))] + (safety.CARRIED if verdicts is not None else [])
+    fields = [T.StructField("_emb", T.BinaryType())] + (safety.CARRIED if verdicts is not None else [])
     points = map_columns(df.select(*read), vectors, fields, drop=("text", "ntok")).cache()
     n = points.count()
     k = max(1, min(cfg.k, n))
@@ -101,12 +99,12 @@ def run(df, ctx: StageContext) -> StageResult:
     sample = points if n <= FIT_SAMPLE else points.orderBy(F.xxhash64("row_id"), "row_id").limit(FIT_SAMPLE)
     table = sample.toArrow()
     order = np.argsort(table.column("row_id").to_numpy(), kind="stable")
-    flat = table.column("_emb").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    centers = fit_centers(flat.reshape(len(order), -1)[order], k, cfg.seed, cfg.max_iter)
+    flat = unpacked_column(table.column("_emb").combine_chunks(), "<f4")[0]
+    centers = fit_centers(flat.reshape(len(order), cfg.dim)[order], k, cfg.seed, cfg.max_iter)
     shared = ctx.spark.sparkContext.broadcast(centers)
 
     def assign(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
-        flat = batch.column("_emb").flatten().to_numpy(zero_copy_only=False)
+        flat = unpacked_column(batch.column("_emb"), "<f4")[0]
         return {"emb_cluster": pa.array(nearest(flat.reshape(batch.num_rows, cfg.dim), shared.value))}
 
     labels = map_columns(points, assign, [T.StructField("emb_cluster", T.IntegerType())], drop=("_emb",)).cache()
