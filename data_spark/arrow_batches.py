@@ -71,7 +71,7 @@ def texts(batch: pa.RecordBatch, name: str = "text") -> list[str]:
 
 def packed(values: np.ndarray, counts: np.ndarray, present: np.ndarray | None = None) -> pa.Array:
     """A binary column holding each row's ``counts[i]`` consecutive ``values`` as little-endian bytes (null
-    where not ``present``). The stages' numbers per document (shingle hashes, sentence scores) travel so:
+    where not ``present``). The stages' numbers per document (shingle hashes, sentence scores, embeddings) travel so:
     Spark converts, caches, writes and reads a blob per row several times faster than an array column
     (a value at a time), and the Python that reads them takes the whole batch's values at once
     (:func:`unpacked_column`)."""

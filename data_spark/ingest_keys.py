@@ -13,10 +13,10 @@ case, punctuation dropped, whitespace collapsed) once and adds:
 * ``_bands``: the LSH band keys of the MinHash signature of its word shingles, and, for verification and
   the report's similarity, either ``_hv``, the distinct shingle hashes (``near_dedup.verify: exact``, one
   uint32 per distinct shingle, sorted), or ``_sig``, the signature itself (``signature`` or ``none``,
-  ``num_perm`` uint32) (when near-dedup runs). Both are packed as bytes (:func:`arrow_batches.packed`, a
-  row read back with :func:`unpacked`): only the few thousand candidate pairs ever look inside them, and Spark writes, caches
-  and joins a blob per document several times faster than an array of ints (writing ``_hv`` as an array
-  took two thirds of ingest's Parquet write at 50,000 documents).
+  ``num_perm`` uint32) (when near-dedup runs). Both are packed as bytes (``arrow_batches.packed``, a row
+  read back with :func:`unpacked`): only the few thousand candidate pairs ever look inside them, and Spark
+  writes, caches and joins a blob per document several times faster than an array of ints (writing ``_hv``
+  as an array took two thirds of ingest's Parquet write at 50,000 documents).
 
 The near-dedup columns are as large as the text itself (four bytes per word), so they are not carried
 through the stages in between: they stay in ingest's stage folder, whose documents the stages read

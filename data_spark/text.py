@@ -140,8 +140,8 @@ def normalize(text: str) -> str:
     """NFKC, lower case, punctuation dropped, whitespace collapsed: the key of exact and line dedup."""
     # [^\w\s]|_ is exactly "neither str.isalnum nor str.isspace" (re's \w is isalnum plus "_", \s is isspace);
     # NFKC leaves ASCII text as it is
-    if text.isascii():
-        return " ".join(text.lower().translate(_ASCII_PUNCTUATION).split())
+    if text.isascii():  # its tokens, joined by a space
+        return " ".join(tokens(text))
     return " ".join(_NOT_ALNUM_OR_SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())
 
 
