@@ -500,10 +500,12 @@ def _stage(
     return row
 
 
-def _fit_ahead(cfg: PrepareConfig) -> None:
-    """Fit the line classifiers in a driver thread while the executors ingest: fitted when their stage starts,
-    they left the executors idle for two seconds (a fit is memoised, and a stage that asks for one still
-    being fitted waits for it; a fit that fails here fails again, with its message, in its stage)."""
+def fit_ahead(cfg: PrepareConfig) -> None:
+    """Fit the line classifiers in a driver thread, started before the Spark session: the JVM's start (about
+    4 s, a core and a bit busy) hides the quality model's 2 s fit, which used to compete with ingest's
+    executors and, before that, left them idle between exact dedup and heuristics. A fit is memoised, and a
+    stage that asks for one still being fitted waits for it; a fit that fails here fails again, with its
+    message, in its stage."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="haina-fit")
     for section, model_of in (("quality", quality.model_of), ("safety", safety.model_of)):
         if getattr(cfg, section).enabled:
@@ -513,7 +515,6 @@ def _fit_ahead(cfg: PrepareConfig) -> None:
 
 def _run(spark: SparkSession, inputs: list[Path], tmp: Path, cfg: PrepareConfig, bar: Progress) -> dict[str, Any]:
     (tmp / "config.yaml").write_text(dump_prepare_config(cfg), encoding="utf-8")
-    _fit_ahead(cfg)
     stages_dir = tmp / "stages"
     ctx = StageContext(spark, cfg, tmp)
     resumed: list[str] = []

@@ -25,13 +25,14 @@ def prepare_main(
     """Run the whole job; a :class:`HainaError` (ConfigError, InputFileError) in one line for bad user input."""
     # pyspark only once a job runs: config errors and kept_files() come without it
     from haina.data_spark.ingest import check_inputs
-    from haina.data_spark.pipeline import run_pipeline
+    from haina.data_spark.pipeline import fit_ahead, run_pipeline
     from haina.data_spark.session import get_session, input_bytes
 
     cfg = load_prepare_config(config, overrides)
     inputs = check_inputs([Path(p) for p in inputs])
     if cfg.tokenize.model is not None and not Path(cfg.tokenize.model).is_file():
         raise ConfigError(f"tokenize.model={cfg.tokenize.model}: tokenizer model not found")
+    fit_ahead(cfg)
     spark = get_session(cfg.spark, master, input_bytes(inputs))
     return run_pipeline(spark, inputs, Path(output), cfg, progress=progress)
 

@@ -8,7 +8,11 @@ and code by line-shape rules only: English word rules would delete every Chinese
 from __future__ import annotations
 
 from collections import Counter
-from itertools import compress
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from haina.data_spark.config import HeuristicsConfig, RepetitionRules
 from haina.data_spark.text import cjk_fraction, tokens, words, words_with_letters
@@ -43,60 +47,79 @@ def clean_lines(text: str, kind: str, cfg: HeuristicsConfig) -> tuple[str, int]:
     return "\n".join(kept).strip("\n"), dropped
 
 
-class _Grams:
-    """The n-gram measures of one token list, each size counted only where a repeat can start.
-
-    An n-gram that occurs twice starts at positions where every shorter gram occurs twice too, so a size
-    looks only at the positions where the largest smaller size already counted found a repeat (all of
-    them for the first size): the same shares as counting every n-gram of the text for every n, for a
-    fraction of the work, since a text's pairs of words repeat far more often than its runs of five."""
-
-    def __init__(self, units: list[str]) -> None:
-        self.units, self.total = units, sum(map(len, units))
-        self.counted: dict[int, tuple[Counter, list[tuple[int, tuple[str, ...]]]]] = {}
-
-    def _count(self, n: int) -> tuple[Counter, list[tuple[int, tuple[str, ...]]]]:
-        """(counts of the n-grams at the positions looked at, (position, gram) of each one that repeats)."""
-        if n not in self.counted:
-            units, last = self.units, len(self.units) - n
-            below = [m for m in self.counted if m < n]
-            if below:
-                starts = [i for i, _ in self.counted[max(below)][1] if i <= last]
-                grams = [tuple(units[i : i + n]) for i in starts]
-            else:
-                starts = range(last + 1)
-                grams = list(zip(*(units[i:] for i in range(n)), strict=False))
-            counts = Counter(grams)
-            self.counted[n] = counts, [(i, g) for i, g in zip(starts, grams, strict=True) if counts[g] > 1]
-        return self.counted[n]
-
-    def top(self, n: int) -> float:
-        """The share of characters in the most frequent n-gram (the first of them), 0 when none repeats."""
-        if len(self.units) < n or not self.total:
-            return 0.0
-        counts, repeated = self._count(n)
-        if not repeated:
-            return 0.0
-        most = max(counts.values())
-        gram = next(g for _, g in repeated if counts[g] == most)
-        return most * sum(map(len, gram)) / self.total
-
-    def duplicated(self, n: int) -> float:
-        """The share of characters in repeated n-grams, counting only the second and later occurrences
-        (Gopher/datatrove's convention)."""
-        if len(self.units) < n or not self.total:
-            return 0.0
-        repeated = self._count(n)[1]
-        covered, seen = [False] * len(self.units), set()
-        for i, gram in repeated:
-            if gram in seen:
-                covered[i : i + n] = [True] * n
-            else:
-                seen.add(gram)
-        return sum(map(len, compress(self.units, covered))) / self.total if repeated else 0.0
+def _first_codes(keys: np.ndarray) -> np.ndarray:
+    """An id per distinct key, numbered in order of first appearance (Arrow's hash table, not a sort)."""
+    return pc.dictionary_encode(pa.array(keys, pa.int64())).indices.to_numpy().astype(np.int64)
 
 
-def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
+def gram_shares(
+    unit_lists: list[list[str]], top_sizes: Iterable[int], dup_sizes: Iterable[int]
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """({n: each list's top n-gram share}, {n: each list's duplicate n-gram share}) for many token lists at
+    once, in numpy, with Gopher/datatrove's definitions:
+
+    * top: the characters of the most frequent n-gram (the first of them by position), times its count,
+      over all the characters; 0 when no n-gram repeats;
+    * duplicate: the characters of the n-grams that repeat, counting only their second and later
+      occurrences (a character covered twice counts once), over all the characters.
+
+    A gram is numbered by the number of its (n-1)-gram prefix and its last token, so every n-gram of the
+    batch is told apart exactly (within its list). Each size is counted only at the positions where the
+    largest smaller size found a repeat: an n-gram that occurs twice starts where every shorter gram
+    occurs twice too, and a text's pairs of words repeat far more often than its runs of five. Arrow numbers
+    the grams in order of first appearance, so a gram's first occurrence is where its number exceeds every
+    number before it."""
+    tops, dups = set(top_sizes), set(dup_sizes)
+    lengths = np.fromiter(map(len, unit_lists), np.int64, len(unit_lists))
+    top = {n: np.zeros(len(unit_lists)) for n in tops}
+    dup = {n: np.zeros(len(unit_lists)) for n in dups}
+    flat = [unit for units in unit_lists for unit in units]
+    if not flat:
+        return top, dup
+    encoded = pa.array(flat, pa.large_string()).dictionary_encode()
+    token = encoded.indices.to_numpy().astype(np.int64)
+    width = len(encoded.dictionary)
+    chars = pc.utf8_length(encoded.dictionary).to_numpy().astype(np.int64)[token]
+    doc = np.repeat(np.arange(len(unit_lists)), lengths)
+    end = np.cumsum(lengths)[doc]  # one past each position's list
+    cum = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum(chars, out=cum[1:])
+    total = cum[np.cumsum(lengths)] - cum[np.r_[0, np.cumsum(lengths)[:-1]]]
+    pos = np.arange(len(flat))
+    gid = _first_codes(doc * width + token)
+    size = 1
+    for n in sorted(tops | dups):
+        while size < n:  # extend the grams by one token, at the positions where the shorter ones repeat
+            keep = (np.bincount(gid)[gid] > 1) & (pos + size < end[pos])
+            pos, gid = pos[keep], gid[keep]
+            gid = _first_codes(gid * width + token[pos + size])
+            size += 1
+        count = np.bincount(gid)[gid] if len(gid) else gid
+        repeated = np.flatnonzero(count > 1)
+        if not len(repeated):
+            continue
+        at, owner = pos[repeated], doc[pos[repeated]]
+        if n in tops:
+            seg = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            most = np.maximum.reduceat(count[repeated], seg)
+            best = count[repeated] == np.repeat(most, np.diff(np.r_[seg, len(at)]))
+            first = np.minimum.reduceat(np.where(best, at, len(flat)), seg)
+            docs = owner[seg]
+            top[n][docs] = most * (cum[first + n] - cum[first]) / total[docs]
+        if n in dups:
+            ids = gid[repeated]
+            later = at[ids <= np.maximum.accumulate(np.r_[-1, ids[:-1]])]
+            # the characters each later occurrence adds to those the one before it covered (the positions
+            # ascend, and a span never reaches into the next list)
+            start = np.maximum(later, np.r_[0, later[:-1] + n])
+            added = np.bincount(doc[later], weights=cum[later + n] - cum[start], minlength=len(unit_lists))
+            has = np.unique(doc[later])
+            dup[n][has] = added[has] / total[has]
+    return top, dup
+
+
+def _line_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
+    """The repetition rules over whole lines (the only ones for code)."""
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     if kind == "code":
         meaningful = [line for line in lines if len(line) >= 10]
@@ -114,20 +137,29 @@ def repetition_reason(text: str, kind: str, rep: RepetitionRules) -> str | None:
         total_chars = sum(len(line) for line in lines)
         if total_chars and dup_chars / total_chars > rep.max_dup_line_char_fraction:
             return f"duplicate line characters {dup_chars / total_chars:.2f}"
-    units = tokens(text)  # words for Latin text, single characters for CJK text
-    grams = _Grams(units)
-    # A Chinese word is about two characters, so character n-grams are scaled to cover as much text.
-    scale = rep.cjk_chars_per_word if kind == "zh" else 1.0
-    for n, limit in sorted(rep.max_top_ngram_fraction.items()):
-        n = max(1, round(n * scale))
-        share = grams.top(n)
-        if share > limit:
-            return f"top {n}-gram covers {share:.2f}"
-    for n, limit in sorted((max(1, round(n * scale)), limit) for n, limit in rep.max_dup_ngram_fraction.items()):
-        share = grams.duplicated(n)
-        if share > limit:
-            return f"duplicate {n}-grams cover {share:.2f}"
     return None
+
+
+def repetition_reasons(texts: list[str], kinds: list[str], rep: RepetitionRules) -> list[str | None]:
+    """The first failing repetition rule of each text: its lines, then (not for code) the top n-gram and
+    duplicate n-gram shares of its tokens (words for Latin text, single characters for CJK text), whose
+    n-grams :func:`gram_shares` counts for all the texts at once."""
+    reasons = [_line_reason(text, kind, rep) for text, kind in zip(texts, kinds, strict=True)]
+    counted = [i for i, (kind, reason) in enumerate(zip(kinds, reasons, strict=True)) if kind != "code" and not reason]
+    # A Chinese word is about two characters, so character n-grams are scaled to cover as much text.
+    rules = {}
+    for kind in {kinds[i] for i in counted}:
+        scale = rep.cjk_chars_per_word if kind == "zh" else 1.0
+        rules[kind] = ([(max(1, round(n * scale)), limit) for n, limit in sorted(rep.max_top_ngram_fraction.items())],
+                       sorted((max(1, round(n * scale)), limit) for n, limit in rep.max_dup_ngram_fraction.items()))
+    top, dup = gram_shares([tokens(texts[i]) for i in counted], {n for t, _ in rules.values() for n, _ in t},
+                           {n for _, d in rules.values() for n, _ in d})
+    for row, i in enumerate(counted):
+        top_rules, dup_rules = rules[kinds[i]]
+        reasons[i] = next((f"top {n}-gram covers {top[n][row]:.2f}" for n, limit in top_rules if top[n][row] > limit),
+                          None) or next((f"duplicate {n}-grams cover {dup[n][row]:.2f}" for n, limit in dup_rules
+                                         if dup[n][row] > limit), None)
+    return reasons
 
 
 def _english_reason(text: str, cfg: HeuristicsConfig) -> str | None:
@@ -192,15 +224,24 @@ def _code_reason(text: str, cfg: HeuristicsConfig) -> str | None:
     return None
 
 
+def document_reasons(texts: list[str], kinds: list[str], cfg: HeuristicsConfig) -> list[str | None]:
+    """The first failing document rule of each text for its kind, as ``"rule: detail"``; None if all pass."""
+    reasons: list[str | None] = []
+    for text, kind in zip(texts, kinds, strict=True):
+        lowered = text.lower()
+        phrase = next((p for p in cfg.doc_blocklist if p.lower() in lowered), None)
+        if phrase is not None:
+            reasons.append(f"c4: contains {phrase!r}")
+            continue
+        reason = {"en": _english_reason, "zh": _chinese_reason, "code": _code_reason}[kind](text, cfg)
+        reasons.append(f"gopher-quality: {reason}" if reason else None)
+    left = [i for i, reason in enumerate(reasons) if reason is None]
+    repeated = repetition_reasons([texts[i] for i in left], [kinds[i] for i in left], cfg.repetition)
+    for i, reason in zip(left, repeated, strict=True):
+        reasons[i] = f"gopher-repetition: {reason}" if reason else None
+    return reasons
+
+
 def document_reason(text: str, kind: str, cfg: HeuristicsConfig) -> str | None:
-    """The first failing document rule for ``kind``, as ``"rule: detail"``; None if all pass."""
-    lowered = text.lower()
-    for phrase in cfg.doc_blocklist:
-        if phrase.lower() in lowered:
-            return f"c4: contains {phrase!r}"
-    check = {"en": _english_reason, "zh": _chinese_reason, "code": _code_reason}[kind]
-    reason = check(text, cfg)
-    if reason:
-        return f"gopher-quality: {reason}"
-    reason = repetition_reason(text, kind, cfg.repetition)
-    return f"gopher-repetition: {reason}" if reason else None
+    """:func:`document_reasons` of one text."""
+    return document_reasons([text], [kind], cfg)[0]

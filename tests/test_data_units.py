@@ -14,7 +14,7 @@ from datasketch.lsh import _optimal_param
 from haina.core.errors import ConfigError
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.minhash import MinHasher, band_keys, candidate_probability, lsh_params, shingles
-from haina.data_spark.rules import _Grams, clean_lines, document_reason
+from haina.data_spark.rules import clean_lines, document_reason, gram_shares
 from haina.data_spark.stages.line_dedup import rebuild, split_units, unit_tokens
 from haina.data_spark.stages.weighting import bucket_name, category_factors
 from haina.data_spark.text import (
@@ -202,21 +202,28 @@ def _shares_counting_every_gram(units: list[str], n: int) -> tuple[float, float]
 
 
 def test_ngram_shares_equal_counting_every_gram() -> None:
-    """Each size counted only where the sizes before it found a repeat gives the shares of counting every
-    n-gram, whatever the order the sizes are asked in (Chinese scales them, a config may interleave them)."""
+    """The n-grams of a whole batch counted in numpy, each size only where the sizes before it found a
+    repeat, give every list the shares of counting all its n-grams on its own, for any set of sizes (Chinese
+    scales them, a config may leave gaps), with lists of every length side by side, empty ones included."""
     rng = np.random.default_rng(0)
     vocab = ["a", "bb", "ccc", "the", "of", "data", "数", "据"]
     texts = [list(rng.choice(vocab[: int(rng.integers(2, 9))], size=int(rng.integers(0, 80)))) for _ in range(300)]
-    texts += [tokens(en_doc(0)), tokens(SPAM_DOC), tokens("".join(ZH_SENTENCES)), tokens(en_doc(1) * 3)]
+    texts += [tokens(en_doc(0)), tokens(SPAM_DOC), tokens("".join(ZH_SENTENCES)), tokens(en_doc(1) * 3), []]
     orders = [[2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 6, 8, 9, 10, 12, 14, 15], [6, 3, 5, 1, 12, 2]]
     repeats = 0
-    for units in texts:
-        for order in orders:
-            grams = _Grams(units)
+    for order in orders:
+        top, dup = gram_shares(texts, order[::2], order[1::2] + order[:1])
+        for row, units in enumerate(texts):
             for n in order:
-                assert (grams.top(n), grams.duplicated(n)) == _shares_counting_every_gram(units, n), (units, order, n)
-                repeats += grams.duplicated(n) > 0
+                expected = _shares_counting_every_gram(units, n)
+                if n in order[::2]:
+                    assert top[n][row] == expected[0], (units, order, n)
+                if n in order[1::2] + order[:1]:
+                    assert dup[n][row] == expected[1], (units, order, n)
+                    repeats += dup[n][row] > 0
     assert repeats > 500  # the texts do repeat
+    empty_top, empty_dup = gram_shares([], [2], [5])
+    assert len(empty_top[2]) == len(empty_dup[5]) == 0
 
 
 def test_line_units_rebuild_exactly() -> None:

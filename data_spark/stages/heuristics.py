@@ -11,7 +11,7 @@ from pyspark.sql import types as T
 
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.config import HeuristicsConfig
-from haina.data_spark.rules import clean_lines, document_reason
+from haina.data_spark.rules import clean_lines, document_reasons
 from haina.data_spark.stages import quality
 from haina.data_spark.stages.base import StageContext, StageResult, removed_rows
 from haina.data_spark.text import approx_tokens
@@ -30,18 +30,19 @@ def _apply(cfg: HeuristicsConfig, score=None):
         kinds = texts(batch, "kind")
         for text, kind, ntok in zip(texts(batch), kinds, texts(batch, "ntok"), strict=True):
             cleaned, dropped = clean_lines(text, kind, cfg)
-            if not cleaned.strip():
-                reason = "c4: every line is boilerplate"
-                cleaned = text
-            else:
-                reason = document_reason(cleaned, kind, cfg)
+            empty = not cleaned.strip()
+            cleaned = text if empty else cleaned
             out["text"].append(cleaned)
             out["ntok"].append(approx_tokens(cleaned) if dropped else ntok)
             out["lines_removed"].append(dropped)
-            out["_reason"].append(reason)
+            out["_reason"].append("c4: every line is boilerplate" if empty else None)
+        judged = [i for i, reason in enumerate(out["_reason"]) if reason is None]
+        found = document_reasons([out["text"][i] for i in judged], [kinds[i] for i in judged], cfg)
+        for i, reason in zip(judged, found, strict=True):
+            out["_reason"][i] = reason
         if score is not None:  # the quality stage's first pass, on the documents kept
-            judged = [kind if reason is None else None for kind, reason in zip(kinds, out["_reason"], strict=True)]
-            out |= score(out["text"], judged)
+            judged_kinds = [kind if reason is None else None for kind, reason in zip(kinds, out["_reason"], strict=True)]
+            out |= score(out["text"], judged_kinds)
         return out
 
     return apply
