@@ -407,6 +407,22 @@ def test_kmeans_centres_are_deterministic_and_find_separated_clusters() -> None:
     assert len(fit_centers(np.ones((5, 3)), 3, seed=1, max_iter=5)) == 1  # one distinct point, one centre
 
 
+def test_cluster_sums_add_each_clusters_rows_in_order() -> None:
+    """k-means' sums equal adding each row to its cluster's sum one after another (``np.add.at``), bit for bit:
+    the fitted centres, and so every document's cluster, do not change with the way they are summed."""
+    from haina.data_spark.stages.embedding import cluster_sums
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n, k = int(rng.integers(1, 3000)), int(rng.integers(1, 12))
+        x = rng.standard_normal((n, 5)) * 10.0 ** rng.uniform(-4, 4, size=(n, 1))  # magnitudes that round apart
+        labels = rng.integers(0, k, n)
+        labels[labels == k - 1] = 0  # an empty cluster
+        expected = np.zeros((k, 5))
+        np.add.at(expected, labels, x)
+        assert np.array_equal(cluster_sums(x, labels, np.bincount(labels, minlength=k)), expected)
+
+
 def _two_passes(texts: list[str], min_chars: int) -> list[tuple[str, int, int]]:
     """Line dedup as two passes (paragraphs, then lines on what the first left), in plain Python."""
     from haina.data_spark.stages.line_dedup import unit_keys

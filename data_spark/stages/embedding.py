@@ -45,6 +45,19 @@ def nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.argmin(_squared_distances(np.asarray(x, np.float64), centers), axis=1).astype(np.int32)
 
 
+def cluster_sums(x: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The sum of the rows of each cluster, each cluster's rows added one after another in row order, as
+    ``np.add.at`` adds them, bit for bit, in a fraction of its time (its unbuffered loop took 60% of a fit):
+    the rows sorted by cluster, stably, and each run summed along its rows (a C-ordered reduction over the
+    first axis adds the rows in order; ``reduceat`` does not)."""
+    ordered = x[np.argsort(labels, kind="stable")]
+    ends = np.cumsum(counts)
+    sums = np.zeros((len(counts), x.shape[1]), dtype=x.dtype)
+    for c in np.flatnonzero(counts):
+        sums[c] = ordered[ends[c] - counts[c] : ends[c]].sum(axis=0)
+    return sums
+
+
 def fit_centers(x: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
     """k-means centres of the rows of ``x``: k-means++ seeding from ``seed``, then at most ``max_iter``
     rounds of Lloyd's algorithm (stopping when no assignment changes; an empty cluster keeps its centre).
@@ -68,11 +81,9 @@ def fit_centers(x: np.ndarray, k: int, seed: int, max_iter: int) -> np.ndarray:
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, x)
         counts = np.bincount(labels, minlength=len(centers))
         filled = counts > 0
-        centers[filled] = sums[filled] / counts[filled, None]
+        centers[filled] = cluster_sums(x, labels, counts)[filled] / counts[filled, None]
     return centers
 
 
