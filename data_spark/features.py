@@ -21,10 +21,9 @@ import zlib
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow as pa
 from scipy import sparse
 
-from haina.data_spark.text import approx_tokens, tokens
+from haina.data_spark.text import TokenTable, approx_tokens, tokens
 
 _PUNCT_RUN = re.compile(r"[^\w\s]{2,}")
 _URL = re.compile(r"https?://|www\.")
@@ -123,37 +122,7 @@ def _shift_table(n: int) -> np.ndarray:
     return table
 
 
-class _Tokens:
-    """The :func:`~haina.data_spark.text.tokens` of many texts, dictionary-encoded by Arrow: ``row`` and
-    ``token`` (an index into ``distinct``) of every token in order, and the texts' token counts.
-
-    A call per text: tokens() cuts an ASCII text by translation, in half the time of one regex pass over the
-    texts joined (and Arrow, not Python, finds the distinct tokens)."""
-
-    def __init__(self, texts: list[str]) -> None:
-        self.rows = len(texts)
-        flat: list[str] = []
-        self.lengths = np.zeros(len(texts), dtype=np.int64)
-        for i, text in enumerate(texts):
-            found = tokens(text)
-            flat += found
-            self.lengths[i] = len(found)
-        if not flat:
-            self.token, self.row, self.distinct = np.zeros(0, np.int64), np.zeros(0, np.int64), []
-            return
-        encoded = pa.array(flat, type=pa.large_string()).dictionary_encode()
-        self.token = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        self.distinct: list[str] = encoded.dictionary.to_pylist()
-        self.row = np.repeat(np.arange(len(texts), dtype=np.int64), self.lengths)
-
-    def per_row(self, per_token: np.ndarray) -> np.ndarray:
-        """The sum over each row's tokens of a value per distinct token."""
-        if not len(self.token):
-            return np.zeros(self.rows, dtype=np.int64)
-        return np.bincount(self.row, weights=per_token[self.token], minlength=self.rows).astype(np.int64)
-
-
-def _word_grams(found: _Tokens, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _word_grams(found: TokenTable, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, feature id) of every ``u:TOKEN`` and ``b:A B`` gram of each row's tokens, for all rows at once.
 
     The CRC-32 of ``u:TOKEN``, of ``b:A`` and of `` B`` is taken once per distinct token; a bigram's CRC is
@@ -312,7 +281,7 @@ def _other_gram_rows(chars: _Chars, symbol: np.ndarray, size: int) -> tuple[np.n
     return np.concatenate(rows).astype(np.int64), np.concatenate(ids)
 
 
-def _shape_grams(texts: list[str], chars: _Chars, found: _Tokens, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _shape_grams(texts: list[str], chars: _Chars, found: TokenTable, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, feature id) of :func:`shape_features` of every text, the same features text for text, all in
     numpy: the character classes of one code-point array for all texts, summed per text, and the token
     measures from the tokens' dictionary (a value per distinct token, summed per row)."""
@@ -395,7 +364,7 @@ class FeatureRows(NamedTuple):
         return sparse.csr_matrix((self.values.astype(dtype), self.ids, self.starts), shape=(len(self.starts) - 1, size))
 
 
-def _approx_tokens(texts: list[str], found: _Tokens, chars: _Chars, symbol: np.ndarray) -> np.ndarray:
+def _approx_tokens(texts: list[str], found: TokenTable, chars: _Chars, symbol: np.ndarray) -> np.ndarray:
     """:func:`~haina.data_spark.text.approx_tokens` of each text from what featurising found: its tokens
     (of the lower-cased text, which splits an ASCII text exactly as the text itself) and its symbols; a
     text with other characters is counted on its own (lower-casing may lengthen one, as ``İ``)."""
@@ -413,7 +382,7 @@ def feature_rows(texts: list[str], size: int, shape: bool = False) -> FeatureRow
     (boilerplate, copies) is featurised once."""
     index: dict[str, int] = {}
     distinct = [t for t in texts if t not in index and index.setdefault(t, len(index)) is not None]
-    found = _Tokens(distinct)
+    found = TokenTable.of_texts(distinct)
     word_row, word_id = _word_grams(found, size)
     chars = _Chars(distinct)
     symbol = chars.symbols()

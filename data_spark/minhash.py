@@ -24,9 +24,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
-from haina.data_spark.text import tokens
+from haina.data_spark.text import TokenTable, tokens
 
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64((1 << 32) - 1)
@@ -63,17 +62,11 @@ def _mix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(33))
 
 
-def token_hashes(units: list[str]) -> np.ndarray:
-    """uint64 hash of each token (8 bytes of BLAKE2b of its UTF-8 bytes, little-endian). Each distinct token
-    is hashed once: Arrow's dictionary encoding finds them and gives every token its index, so no Python
-    integer is made per token (numpy converts a list of big ints slowly)."""
-    if not units:
-        return np.zeros(0, dtype=np.uint64)
-    encoded = pa.array(units, type=pa.large_string()).dictionary_encode()
-    digests = b"".join(hashlib.blake2b(unit.encode("utf-8"), digest_size=8).digest()
-                       for unit in encoded.dictionary.to_pylist())
-    distinct = np.frombuffer(digests, dtype="<u8").astype(np.uint64)
-    return distinct[encoded.indices.to_numpy(zero_copy_only=False)]
+def token_hashes(found: TokenTable) -> np.ndarray:
+    """uint64 hash of each token of a table (8 bytes of BLAKE2b of its UTF-8 bytes, little-endian), taken once
+    per distinct token: no Python integer is made per token (numpy converts a list of big ints slowly)."""
+    digests = b"".join(hashlib.blake2b(unit.encode("utf-8"), digest_size=8).digest() for unit in found.distinct)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)[found.token]
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
@@ -87,17 +80,12 @@ def fast_shingle_hashes(texts: list[str | None], size: int) -> tuple[np.ndarray,
     ``len(texts) + 1``): the ``fast`` hash, for the whole batch in a few numpy passes. A text with fewer
     than ``size`` tokens has its whole token sequence as its one shingle (as :func:`shingles`); one without
     tokens has none."""
-    units: list[str] = []
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    for i, text in enumerate(texts):
-        found = tokens(text) if text else []
-        units += found
-        lengths[i] = len(found)
-    if not units:
+    found = TokenTable.of_texts(texts)
+    if not len(found.token):
         return np.zeros(0, np.uint32), np.zeros(len(texts) + 1, np.int64)
-    h = token_hashes(units)
+    h = token_hashes(found)
+    lengths, doc = found.lengths, found.row
     starts = _offsets(lengths)
-    doc = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
     with np.errstate(over="ignore"):
         # every window of ``size`` tokens of the batch; those that run past their text's end are dropped
         windows = max(0, len(h) - size + 1)

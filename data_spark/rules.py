@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from haina.data_spark.config import HeuristicsConfig, RepetitionRules
-from haina.data_spark.text import cjk_fraction, tokens, words, words_with_letters
+from haina.data_spark.text import TokenTable, cjk_fraction, words, words_with_letters
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "◦", "-", "*", "·", "‣")
@@ -53,10 +53,10 @@ def _first_codes(keys: np.ndarray) -> np.ndarray:
 
 
 def gram_shares(
-    unit_lists: list[list[str]], top_sizes: Iterable[int], dup_sizes: Iterable[int]
+    found: TokenTable, top_sizes: Iterable[int], dup_sizes: Iterable[int]
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """({n: each list's top n-gram share}, {n: each list's duplicate n-gram share}) for many token lists at
-    once, in numpy, with Gopher/datatrove's definitions:
+    """({n: each list's top n-gram share}, {n: each list's duplicate n-gram share}) of every token list of
+    ``found`` at once, in numpy, with Gopher/datatrove's definitions:
 
     * top: the characters of the most frequent n-gram (the first of them by position), times its count,
       over all the characters; 0 when no n-gram repeats;
@@ -70,22 +70,18 @@ def gram_shares(
     the grams in order of first appearance, so a gram's first occurrence is where its number exceeds every
     number before it."""
     tops, dups = set(top_sizes), set(dup_sizes)
-    lengths = np.fromiter(map(len, unit_lists), np.int64, len(unit_lists))
-    top = {n: np.zeros(len(unit_lists)) for n in tops}
-    dup = {n: np.zeros(len(unit_lists)) for n in dups}
-    flat = [unit for units in unit_lists for unit in units]
-    if not flat:
+    top = {n: np.zeros(found.rows) for n in tops}
+    dup = {n: np.zeros(found.rows) for n in dups}
+    if not len(found.token):
         return top, dup
-    encoded = pa.array(flat, pa.large_string()).dictionary_encode()
-    token = encoded.indices.to_numpy().astype(np.int64)
-    width = len(encoded.dictionary)
-    chars = pc.utf8_length(encoded.dictionary).to_numpy().astype(np.int64)[token]
-    doc = np.repeat(np.arange(len(unit_lists)), lengths)
-    end = np.cumsum(lengths)[doc]  # one past each position's list
-    cum = np.zeros(len(flat) + 1, np.int64)
+    token, doc, lengths, width = found.token, found.row, found.lengths, len(found.distinct)
+    chars = np.fromiter(map(len, found.distinct), np.int64, width)[token]
+    ends = np.cumsum(lengths)
+    end = ends[doc]  # one past each position's list
+    cum = np.zeros(len(token) + 1, np.int64)
     np.cumsum(chars, out=cum[1:])
-    total = cum[np.cumsum(lengths)] - cum[np.r_[0, np.cumsum(lengths)[:-1]]]
-    pos = np.arange(len(flat))
+    total = cum[ends] - cum[ends - lengths]
+    pos = np.arange(len(token))
     gid = _first_codes(doc * width + token)
     size = 1
     for n in sorted(tops | dups):
@@ -103,7 +99,7 @@ def gram_shares(
             seg = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
             most = np.maximum.reduceat(count[repeated], seg)
             best = count[repeated] == np.repeat(most, np.diff(np.r_[seg, len(at)]))
-            first = np.minimum.reduceat(np.where(best, at, len(flat)), seg)
+            first = np.minimum.reduceat(np.where(best, at, len(token)), seg)
             docs = owner[seg]
             top[n][docs] = most * (cum[first + n] - cum[first]) / total[docs]
         if n in dups:
@@ -112,7 +108,7 @@ def gram_shares(
             # the characters each later occurrence adds to those the one before it covered (the positions
             # ascend, and a span never reaches into the next list)
             start = np.maximum(later, np.r_[0, later[:-1] + n])
-            added = np.bincount(doc[later], weights=cum[later + n] - cum[start], minlength=len(unit_lists))
+            added = np.bincount(doc[later], weights=cum[later + n] - cum[start], minlength=found.rows)
             has = np.unique(doc[later])
             dup[n][has] = added[has] / total[has]
     return top, dup
@@ -152,7 +148,7 @@ def repetition_reasons(texts: list[str], kinds: list[str], rep: RepetitionRules)
         scale = rep.cjk_chars_per_word if kind == "zh" else 1.0
         rules[kind] = ([(max(1, round(n * scale)), limit) for n, limit in sorted(rep.max_top_ngram_fraction.items())],
                        sorted((max(1, round(n * scale)), limit) for n, limit in rep.max_dup_ngram_fraction.items()))
-    top, dup = gram_shares([tokens(texts[i]) for i in counted], {n for t, _ in rules.values() for n, _ in t},
+    top, dup = gram_shares(TokenTable.of_texts([texts[i] for i in counted]), {n for t, _ in rules.values() for n, _ in t},
                            {n for _, d in rules.values() for n, _ in d})
     for row, i in enumerate(counted):
         top_rules, dup_rules = rules[kinds[i]]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+import pyarrow as pa
+
 CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
 _CJK = re.compile(f"[{CJK_RANGES}]")
 # A token is a CJK character or a run of letters/digits (Unicode-aware, underscore excluded).
@@ -100,6 +103,37 @@ def approx_tokens(text: str) -> int:
         raw = text.encode("ascii")
         return (b" " + raw.translate(_ALNUM_RUNS)).count(b" a") + len(raw.translate(None, _NOT_SYMBOLS))
     return len(_TOKEN.findall(text)) + len(_SYMBOL.findall(text))
+
+
+class TokenTable:
+    """The :func:`tokens` of many texts (or any lists of tokens), dictionary-encoded by Arrow: ``token`` (an
+    index into ``distinct``) and ``row`` of every token in order, and each list's length. Arrow, not Python,
+    finds the distinct tokens, so what a batch needs per token (a hash, a length, a feature id) is taken once
+    per distinct token and spread in numpy."""
+
+    def __init__(self, unit_lists: list[list[str]]) -> None:
+        self.rows = len(unit_lists)
+        self.lengths = np.fromiter(map(len, unit_lists), np.int64, len(unit_lists))
+        flat = [unit for units in unit_lists for unit in units]
+        if not flat:
+            self.token, self.row, self.distinct = np.zeros(0, np.int64), np.zeros(0, np.int64), []
+            return
+        encoded = pa.array(flat, type=pa.large_string()).dictionary_encode()
+        self.token = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        self.distinct: list[str] = encoded.dictionary.to_pylist()
+        self.row = np.repeat(np.arange(len(unit_lists), dtype=np.int64), self.lengths)
+
+    @classmethod
+    def of_texts(cls, texts: list[str | None]) -> TokenTable:
+        """The table of each text's :func:`tokens` (none for a missing text). A call per text: tokens()
+        cuts an ASCII text by translation, in half the time of one regex pass over the texts joined."""
+        return cls([tokens(text) if text else [] for text in texts])
+
+    def per_row(self, per_token: np.ndarray) -> np.ndarray:
+        """The sum over each row's tokens of a value per distinct token."""
+        if not len(self.token):
+            return np.zeros(self.rows, dtype=np.int64)
+        return np.bincount(self.row, weights=per_token[self.token], minlength=self.rows).astype(np.int64)
 
 
 def sentences(line: str) -> list[str]:

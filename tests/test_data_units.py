@@ -22,6 +22,7 @@ from haina.data_spark.text import (
     _NOT_ALNUM_OR_SPACE,
     _TOKEN,
     _WORD,
+    TokenTable,
     approx_tokens,
     cjk_fraction,
     detect_kind,
@@ -212,7 +213,7 @@ def test_ngram_shares_equal_counting_every_gram() -> None:
     orders = [[2, 3, 4, 5, 6, 7, 8, 9, 10], [3, 4, 6, 8, 9, 10, 12, 14, 15], [6, 3, 5, 1, 12, 2]]
     repeats = 0
     for order in orders:
-        top, dup = gram_shares(texts, order[::2], order[1::2] + order[:1])
+        top, dup = gram_shares(TokenTable(texts), order[::2], order[1::2] + order[:1])
         for row, units in enumerate(texts):
             for n in order:
                 expected = _shares_counting_every_gram(units, n)
@@ -222,7 +223,7 @@ def test_ngram_shares_equal_counting_every_gram() -> None:
                     assert dup[n][row] == expected[1], (units, order, n)
                     repeats += dup[n][row] > 0
     assert repeats > 500  # the texts do repeat
-    empty_top, empty_dup = gram_shares([], [2], [5])
+    empty_top, empty_dup = gram_shares(TokenTable([]), [2], [5])
     assert len(empty_top[2]) == len(empty_dup[5]) == 0
 
 
