@@ -51,7 +51,7 @@ from haina.data_spark.minhash import (
     lsh_params,
     sha1_shingle_hashes,
 )
-from haina.data_spark.text import normalize
+from haina.data_spark.text import normalize_many
 
 KEY_FIELD = T.StructField("_key", T.BinaryType())
 SIG_FIELD = T.StructField("_sig", T.BinaryType())
@@ -132,7 +132,7 @@ def key_maker(cfg: PrepareConfig) -> Callable[[list[str | None]], dict[str, list
     signer = Signer.create(cfg.near_dedup) if cfg.near_dedup.enabled else None
 
     def keys(batch_texts: list[str | None]) -> dict[str, list | pa.Array]:
-        normalized = [None if text is None else normalize(text) for text in batch_texts]
+        normalized = normalize_many(batch_texts)
         out: dict[str, list | pa.Array] = {}
         if cfg.exact_dedup.enabled:
             out["_key"] = [None if text is None else exact_key(text) for text in normalized]

@@ -29,6 +29,7 @@ from haina.data_spark.text import (
     judged_sentences,
     normalize,
     normalize_lines,
+    normalize_many,
     sentences,
     sentences_by_line,
     tokens,
@@ -162,6 +163,13 @@ def test_text_fast_paths_equal_the_general_rules() -> None:
         letters = sum(map(str.isalpha, text))
         assert cjk_fraction(text) == (len(_CJK.findall(text)) / letters if letters else 0.0), repr(text)
     assert normalize(every_ascii) == "0123456789 abcdefghijklmnopqrstuvwxyz abcdefghijklmnopqrstuvwxyz"
+    assert normalize_many(texts + [None, "", "..."]) == [normalize(text) for text in texts] + [None, "", ""]
+    # the batch's token table (Arrow's cut of the translated bytes) holds each text's tokens, in order
+    batch = texts + [None, "", " \t ", "...", "数"]
+    table = TokenTable.of_texts(batch)
+    assert table.rows == len(batch) and list(table.lengths) == [len(tokens(text)) if text else 0 for text in batch]
+    assert [table.distinct[t] for t in table.token] == [t for text in batch if text for t in tokens(text)]
+    assert list(table.row) == [i for i, text in enumerate(batch) if text for _ in tokens(text)]
     # sentences_by_line and judged_sentences cut the whole text in one pass: the sentences of each line, as
     # sentences() cuts them
     breaks = list("aZ9 .!?;。！？；\n\n\r\t\x0b\x0c\x85\u2028\u3000")

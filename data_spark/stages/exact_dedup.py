@@ -12,11 +12,11 @@ from pyspark.sql import functions as F
 from haina.data_spark.arrow_batches import map_columns, texts
 from haina.data_spark.ingest_keys import KEY_FIELD, exact_key
 from haina.data_spark.stages.base import StageContext, StageResult, broadcast_if_small, removed_rows
-from haina.data_spark.text import normalize
+from haina.data_spark.text import normalize_many
 
 
 def _keys(batch: pa.RecordBatch) -> dict[str, list]:
-    return {"_key": [exact_key(normalize(t)) for t in texts(batch)]}
+    return {"_key": [exact_key(text) for text in normalize_many(texts(batch))]}
 
 
 def run(df, ctx: StageContext) -> StageResult:
