@@ -35,7 +35,19 @@ def _blank(text: str) -> bool:
     return not text.strip(" ")
 
 
-UNIT_TYPE = T.ArrayType(T.StructType([T.StructField("pos", T.IntegerType()), T.StructField("key", T.BinaryType())]))
+UNIT_TYPE = T.ArrayType(T.StructType([T.StructField("pos", T.IntegerType()), T.StructField("key", T.LongType())]))
+
+
+def _digest(norm: str) -> bytes:
+    """Eight bytes of BLAKE2b of a unit's normal form: a long, which the windows over 1.3 million units sort
+    and shuffle in about a fifth less time than 16 bytes. Two of a billion distinct units share one with a
+    chance of about 3%, and the cost of that is one line removed."""
+    return hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest()
+
+
+def unit_key(norm: str) -> int:
+    """The key of a unit from its normal form (:func:`_digest` as a signed little-endian long)."""
+    return int.from_bytes(_digest(norm), "little", signed=True)
 
 
 def split_units(text: str, unit: str) -> tuple[list[str], list[str]]:
@@ -53,7 +65,7 @@ def unit_keys(text: str, unit: str, min_chars: int) -> list[dict]:
     for pos, piece in enumerate(units):
         norm = normalize(piece)
         if len(norm) >= min_chars:
-            out.append({"pos": pos, "key": hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()})
+            out.append({"pos": pos, "key": unit_key(norm)})
     return out
 
 
@@ -132,14 +144,14 @@ def both_key_lists(batch_texts: list[str], min_chars: int) -> pa.Array:
     unit: list[int] = []
     pos: list[int] = []
     para: list[int] = []
-    keys: list[bytes] = []
+    keys: list[bytes] = []  # (digests, joined into one buffer of longs)
     counts: list[int] = []
 
     def add(kind: int, at: int, owner: int, norm: str) -> None:
         unit.append(kind)
         pos.append(at)
         para.append(owner)
-        keys.append(hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest())
+        keys.append(_digest(norm))
 
     for text in batch_texts:
         before = len(keys)
@@ -159,7 +171,7 @@ def both_key_lists(batch_texts: list[str], min_chars: int) -> pa.Array:
                 add(1, j, owner[j], norm)
         counts.append(len(keys) - before)
     fields = [pa.array(unit, pa.int8()), pa.array(pos, pa.int32()), pa.array(para, pa.int32()),
-              pa.array(keys, pa.binary())]
+              pa.array(np.frombuffer(b"".join(keys), dtype="<i8"))]
     offsets = np.zeros(len(counts) + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.StructArray.from_arrays(fields, ["unit", "pos", "para", "key"]))
@@ -196,7 +208,7 @@ def drop_both(text: str, paragraphs: set[int], lines: set[int], min_chars: int) 
 
 BOTH_TYPE = T.ArrayType(T.StructType([
     T.StructField("unit", T.ByteType()), T.StructField("pos", T.IntegerType()), T.StructField("para", T.IntegerType()),
-    T.StructField("key", T.BinaryType()),
+    T.StructField("key", T.LongType()),
 ]))
 
 
