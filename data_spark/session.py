@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from haina.data_spark import class_archive
 from haina.data_spark.config import SparkConfig
 
 # A JVM spends a short job compiling. At 50,000 documents on two cores the optimising JIT (C2) took 40-50
@@ -30,20 +31,24 @@ def input_bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def jit_options(chosen: str | None, conf: dict[str, str], size: int | None) -> dict[str, str]:
-    """``spark.driver.extraJavaOptions`` with :data:`QUICK_JIT` added for a short local job (``size``: its
-    input in bytes, None when unknown), unless the given options choose a JIT tier themselves."""
+def java_options(chosen: str | None, conf: dict[str, str], size: int | None) -> dict[str, str]:
+    """``spark.driver.extraJavaOptions`` for a local JVM: the given ones, with this machine's class archive
+    (:mod:`haina.data_spark.class_archive`) when there is one, and :data:`QUICK_JIT` for a short job
+    (``size``: its input in bytes, None when unknown) unless the given options choose a JIT tier themselves."""
     key = "spark.driver.extraJavaOptions"
     given = conf.get(key, "")
-    short = size is not None and size <= SHORT_JOB_BYTES
-    if not (chosen or "").startswith("local") or not short or "Tiered" in given:
-        return {key: given} if given else {}
-    return {key: f"{given} {QUICK_JIT}".strip()}
+    options = [given] if given else []
+    if (chosen or "").startswith("local"):
+        options.append(class_archive.java_option(given) or "")
+        if size is not None and size <= SHORT_JOB_BYTES and "Tiered" not in given:
+            options.append(QUICK_JIT)
+    joined = " ".join(o for o in options if o)
+    return {key: joined} if joined else {}
 
 
 def get_session(cfg: SparkConfig, master: str | None = None, size: int | None = None) -> SparkSession:
     """Create (or reuse) the session; spark-submit's own master wins over the config default. ``size``: the
-    bytes of input the job reads, which picks the JIT of a local JVM (:func:`jit_options`).
+    bytes of input the job reads, which picks the JIT of a local JVM (:func:`java_options`).
 
     spark-submit starts this driver with a gateway to its JVM (``PYSPARK_GATEWAY_PORT``); asking
     ``SparkConf()`` before any JVM is attached would see an empty conf and put ``local[*]`` in the place of
@@ -79,7 +84,7 @@ def get_session(cfg: SparkConfig, master: str | None = None, size: int | None = 
         # texts and ids that are nearly all distinct, for about a tenth of the JVM's time in a stage.
         "spark.sql.inMemoryColumnarStorage.compressed": "false",
         **cfg.conf,
-        **jit_options(None if submitted else chosen, cfg.conf, size),
+        **java_options(None if submitted else chosen, cfg.conf, size),
     }
     for key, value in settings.items():
         builder = builder.config(key, value)

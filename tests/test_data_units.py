@@ -524,21 +524,40 @@ def test_both_unit_keys_equal_each_units_own_keys() -> None:
             assert units == expected, text
 
 
-def test_quick_jit_for_short_local_jobs_only(tmp_path) -> None:
+def test_local_jvm_options_quick_jit_and_class_archive(tmp_path, monkeypatch) -> None:
     """C1 only for a local job on little input; a large one, a cluster, an unknown size and the user's own
-    choice of tier keep theirs; the user's other JVM options stay."""
+    choice of tier keep theirs; the user's other JVM options stay. A local JVM maps this machine's class
+    archive once one exists, unless the user's options choose class sharing themselves; the archive's name
+    follows the Java and the Spark installation."""
     import gzip
 
-    from haina.data_spark.session import QUICK_JIT, SHORT_JOB_BYTES, input_bytes, jit_options
+    from haina.data_spark import class_archive
+    from haina.data_spark.session import QUICK_JIT, SHORT_JOB_BYTES, input_bytes, java_options
 
+    monkeypatch.setenv("HAINA_CACHE_DIR", str(tmp_path / "cache"))
     key = "spark.driver.extraJavaOptions"
-    assert jit_options("local[2]", {}, 10) == {key: QUICK_JIT}
-    assert jit_options("local[*]", {key: "-Xss4m"}, SHORT_JOB_BYTES) == {key: f"-Xss4m {QUICK_JIT}"}
-    assert jit_options("local[2]", {}, SHORT_JOB_BYTES + 1) == {}
-    assert jit_options("local[2]", {}, None) == {}
-    assert jit_options("spark://host:7077", {}, 10) == {}
-    assert jit_options(None, {}, 10) == {}  # submitted: the JVM runs already
-    assert jit_options("local[2]", {key: "-XX:TieredStopAtLevel=4"}, 10) == {key: "-XX:TieredStopAtLevel=4"}
+    assert java_options("local[2]", {}, 10) == {key: QUICK_JIT}
+    assert java_options("local[*]", {key: "-Xss4m"}, SHORT_JOB_BYTES) == {key: f"-Xss4m {QUICK_JIT}"}
+    assert java_options("local[2]", {}, SHORT_JOB_BYTES + 1) == {}
+    assert java_options("local[2]", {}, None) == {}
+    assert java_options("spark://host:7077", {}, 10) == {}
+    assert java_options(None, {}, 10) == {}  # submitted: the JVM runs already
+    assert java_options("local[2]", {key: "-XX:TieredStopAtLevel=4"}, 10) == {key: "-XX:TieredStopAtLevel=4"}
+    archive = class_archive.archive_path()
+    assert archive is not None and archive.parent == tmp_path / "cache"
+    archive.parent.mkdir()
+    archive.write_bytes(b"classes")
+    mapped = f"-XX:SharedArchiveFile={archive} {class_archive.QUIET}"
+    assert java_options("local[2]", {}, 10) == {key: f"{mapped} {QUICK_JIT}"}
+    assert java_options("local[2]", {key: "-Xss4m"}, None) == {key: f"-Xss4m {mapped}"}
+    assert java_options("local[2]", {key: "-Xshare:off"}, None) == {key: "-Xshare:off"}
+    assert java_options("spark://host:7077", {}, 10) == {}
+    java = tmp_path / "jdk" / "bin" / "java"
+    java.parent.mkdir(parents=True)
+    java.write_bytes(b"another java")
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
+    assert class_archive.archive_path() not in (None, archive)
+    assert java_options("local[2]", {}, None) == {}
     plain = tmp_path / "a.jsonl"
     plain.write_bytes(b"x" * 1000)
     folder = tmp_path / "parquet"
