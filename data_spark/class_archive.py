@@ -81,31 +81,50 @@ def _sample(folder: Path) -> Path:
     return path
 
 
+def _end_jvm() -> int | None:
+    """Stop the session and its JVM and wait for the JVM to exit (it ends when its stdin does): its exit
+    code, None when no JVM was started."""
+    from pyspark import SparkContext
+
+    gateway = SparkContext._gateway
+    if gateway is None:
+        return None
+    if SparkContext._active_spark_context is not None:
+        SparkContext._active_spark_context.stop()
+    gateway.shutdown()
+    gateway.proc.stdin.close()
+    return gateway.proc.wait(timeout=600)
+
+
 def build(target: Path) -> Path:
-    """Run the sample job in a JVM that writes its classes to ``target`` as it exits; the archive is written
-    beside it and moved into place only once the JVM has exited cleanly, so a reader never maps half of one.
-    Must run in a process with no Spark session yet (it starts and ends its own JVM)."""
+    """Run the sample job in a JVM that writes its classes beside ``target`` as it exits, and move the
+    archive into place once the JVM has exited cleanly, so that no reader maps half of one; nothing is left
+    behind when the job or the JVM fails. Must run in a process with no Spark session yet: it starts and
+    ends its own JVM."""
     from pyspark import SparkContext
 
     from haina.data_spark.config import load_prepare_config
     from haina.data_spark.pipeline import run_pipeline
     from haina.data_spark.session import get_session
 
+    if SparkContext._gateway is not None:
+        raise RuntimeError("a JVM runs in this process already; its classes cannot be archived")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    with tempfile.TemporaryDirectory() as tmp:
-        sample = _sample(Path(tmp))
-        options = f"-XX:ArchiveClassesAtExit={partial} {QUIET}"
-        cfg = load_prepare_config(None, [f'spark.conf={{"spark.driver.extraJavaOptions": "{options}"}}'])
-        spark = get_session(cfg.spark, "local[2]", sample.stat().st_size)
-        run_pipeline(spark, [sample], Path(tmp) / "out", cfg, progress=False)
-        gateway = SparkContext._gateway
-        spark.stop()
-        gateway.shutdown()
-        gateway.proc.stdin.close()  # the JVM ends when its stdin does, and writes the archive on its way out
-        code = gateway.proc.wait(timeout=600)
-    if code != 0 or not partial.is_file() or not partial.stat().st_size:
-        partial.unlink(missing_ok=True)
+    ran = False
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = _sample(Path(tmp))
+            options = f"-XX:ArchiveClassesAtExit={partial} {QUIET}"
+            cfg = load_prepare_config(None, [f'spark.conf={{"spark.driver.extraJavaOptions": "{options}"}}'])
+            spark = get_session(cfg.spark, "local[2]", sample.stat().st_size)
+            run_pipeline(spark, [sample], Path(tmp) / "out", cfg, progress=False)
+            ran = True
+    finally:
+        code = _end_jvm()
+        if not ran or code != 0 or not partial.is_file() or not partial.stat().st_size:
+            partial.unlink(missing_ok=True)
+    if not partial.is_file():
         raise RuntimeError(f"the JVM exited with {code} without writing its class archive")
     os.replace(partial, target)
     return target

@@ -65,6 +65,7 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
+from haina.data_spark import class_archive
 from haina.data_spark.config import HeuristicsConfig, load_prepare_config
 from haina.data_spark.connected_components import components
 from haina.data_spark.installed_text import real_texts
@@ -497,6 +498,9 @@ def main(argv: list[str] | None = None) -> None:
     nd = cfg.near_dedup
     bands, rows = lsh_params(nd.lsh_threshold, nd.num_perm, nd.false_positive_weight, nd.false_negative_weight)
     MinHasher.create(nd.num_perm, nd.seed, nd.scheme)
+    archive = class_archive.archive_path()
+    print("local JVM class archive: " + (str(archive) if archive is not None and archive.is_file()
+                                         else "none (python -m haina.data_spark.class_archive writes it)"))
     table = []
     for n in sizes:
         started = time.perf_counter()
