@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m haina.tools.build_ops
 	# The local Spark JVM's classes in a class-data-sharing archive (~/.cache/haina), written once by a sample
 	# job: every later local session starts about 4 s sooner (haina.data_spark.class_archive says why)
-	$(PY) -m haina.data_spark.class_archive
+	$(PY) -m haina.data_spark.write_class_archive
 	touch $(STAMP)
 
 demo: setup

@@ -24,13 +24,13 @@ print(spark.range(5).count())
 
 def test_archive_is_written_once_and_mapped_by_the_next_session(tmp_path: Path) -> None:
     env = os.environ | {"HAINA_CACHE_DIR": str(tmp_path / "cache")}
-    made = subprocess.run([sys.executable, "-m", "haina.data_spark.class_archive"], env=env, capture_output=True,
+    made = subprocess.run([sys.executable, "-m", "haina.data_spark.write_class_archive"], env=env, capture_output=True,
                           text=True, timeout=540)
     assert made.returncode == 0, made.stderr[-2000:]
     archives = list((tmp_path / "cache").glob("spark-classes-*.jsa"))
     assert len(archives) == 1 and archives[0].stat().st_size > 10 << 20, (made.stdout, made.stderr[-2000:])
     assert not list((tmp_path / "cache").glob("*.partial"))
-    again = subprocess.run([sys.executable, "-m", "haina.data_spark.class_archive"], env=env, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "haina.data_spark.write_class_archive"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert "(exists)" in again.stdout
     log = tmp_path / "classes.log"

@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     MinHasher.create(nd.num_perm, nd.seed, nd.scheme)
     archive = class_archive.archive_path()
     print("local JVM class archive: " + (str(archive) if archive is not None and archive.is_file()
-                                         else "none (python -m haina.data_spark.class_archive writes it)"))
+                                         else "none (python -m haina.data_spark.write_class_archive writes it)"))
     table = []
     for n in sizes:
         started = time.perf_counter()
