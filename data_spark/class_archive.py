@@ -55,10 +55,16 @@ def archive_path() -> Path | None:
     return cache_dir() / f"spark-classes-{digest.hexdigest()[:16]}.jsa"
 
 
+def existing() -> Path | None:
+    """This installation's archive, if it has been written."""
+    path = archive_path()
+    return path if path is not None and path.is_file() else None
+
+
 def java_option(given: str) -> str | None:
-    """The options that map this machine's archive into a local JVM, or None: no archive yet, or the given
-    JVM options (``given``) choose class sharing themselves."""
+    """The options that map this installation's archive into a local JVM, or None: no archive yet, or the
+    given JVM options (``given``) choose class sharing themselves."""
     if any(flag in given for flag in SHARING_FLAGS):
         return None
-    path = archive_path()
-    return f"-XX:SharedArchiveFile={path} {QUIET}" if path is not None and path.is_file() else None
+    path = existing()
+    return f"-XX:SharedArchiveFile={path} {QUIET}" if path is not None else None

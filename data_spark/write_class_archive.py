@@ -14,8 +14,8 @@ from haina.data_spark.class_archive import QUIET, archive_path
 
 
 def _sample(folder: Path) -> Path:
-    """A few hundred documents of installed text (English prose, code, a copy, a near copy, a short one), so
-    the job runs every stage and its JVM loads what a real job's does."""
+    """About 270 documents of installed text (Python's reference topics and docstrings, exact and near copies
+    of some, one too short), so that the job runs every stage and its JVM loads what a real job's does."""
     import json
 
     from haina.data_spark.installed_text import reference_topics, stdlib_docstrings

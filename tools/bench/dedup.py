@@ -498,9 +498,8 @@ def main(argv: list[str] | None = None) -> None:
     nd = cfg.near_dedup
     bands, rows = lsh_params(nd.lsh_threshold, nd.num_perm, nd.false_positive_weight, nd.false_negative_weight)
     MinHasher.create(nd.num_perm, nd.seed, nd.scheme)
-    archive = class_archive.archive_path()
-    print("local JVM class archive: " + (str(archive) if archive is not None and archive.is_file()
-                                         else "none (python -m haina.data_spark.write_class_archive writes it)"))
+    archive = class_archive.existing()
+    print(f"local JVM class archive: {archive or 'none (python -m haina.data_spark.write_class_archive writes it)'}")
     table = []
     for n in sizes:
         started = time.perf_counter()
